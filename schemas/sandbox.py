@@ -1,0 +1,99 @@
+"""sandboxd's request/reply API over core NATS (client <-> sandboxd).
+
+Subjects: ``rs.sandbox.create`` (queue group ``sandboxd``: any instance may create), then
+``rs.sandbox.<owner>.<op>`` for a sandbox's operations (only its owner instance answers).
+Every reply is ``SandboxReply``: either ``ok`` with one result, or an error ``kind``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+ErrorKind = Literal["timeout", "oom", "not_found", "capacity", "startup_failed", "bad_request", "internal"]
+
+
+class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.create.v1", tag_field="kind"):
+    environment: str = "base"
+    image: str = ""  # explicit image tag; overrides ``environment``
+    cpus: float = 1.0
+    memory_mb: int = 512
+    pids: int = 256
+    env: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    ttl_s: float = 900.0
+
+
+class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec.v1", tag_field="kind"):
+    sandbox_id: str
+    command: str
+    cwd: str = "/work"
+    env: dict[str, str] = {}
+    timeout_s: float = 10.0
+    max_output_bytes: int = 16384
+
+
+class CloseRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.close.v1", tag_field="kind"):
+    sandbox_id: str
+
+
+class KeepaliveRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.keepalive.v1", tag_field="kind"):
+    sandbox_id: str
+    ttl_s: float = 900.0
+
+
+class WriteFileRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.write.v1", tag_field="kind"):
+    sandbox_id: str
+    path: str
+    data: bytes
+    mode: int = 0o644
+
+
+class ReadFileRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.read.v1", tag_field="kind"):
+    sandbox_id: str
+    path: str
+    max_bytes: int = 1 << 20
+
+
+SandboxRequest = (
+    CreateRequest | ExecRequest | CloseRequest | KeepaliveRequest | WriteFileRequest | ReadFileRequest
+)
+
+
+class Created(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.created.v1", tag_field="kind"):
+    sandbox_id: str
+    owner: str
+    image: str
+    startup_ms: float
+
+
+class ExecResult(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec_result.v1", tag_field="kind"):
+    exit_code: int
+    stdout: str
+    stderr: str
+    truncated: bool = False
+    timed_out: bool = False
+    oom_killed: bool = False
+    duration_ms: float = 0.0
+
+
+class FileData(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.file.v1", tag_field="kind"):
+    path: str
+    data: bytes
+    truncated: bool = False
+
+
+class Done(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.done.v1", tag_field="kind"):
+    pass
+
+
+class SandboxFault(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.fault.v1", tag_field="kind"):
+    error: ErrorKind
+    message: str
+
+
+SandboxReply = Created | ExecResult | FileData | Done | SandboxFault
+
+request_decoder = msgspec.msgpack.Decoder(SandboxRequest)
+reply_decoder = msgspec.msgpack.Decoder(SandboxReply)

@@ -1,0 +1,1 @@
+"""JetStream topology as data, the typed publish/consume layer, and the nats-server fixture."""

@@ -1,0 +1,1 @@
+"""Sandbox fixtures (real Docker engine); filled in by the sandboxd work."""
