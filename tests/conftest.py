@@ -31,7 +31,7 @@ def nats_server(store_dir: Path, tmp_path: Path) -> Iterator[NatsServer]:
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     client = await nats.connect(nats_server.url, max_reconnect_attempts=2)
     yield client
-    await client.drain()
+    await client.close()
 
 
 @pytest.fixture

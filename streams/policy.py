@@ -1,0 +1,66 @@
+"""Policy versions in KV ``rs_policy`` and weights in object store ``rs_weights``.
+
+The learner publishes weights to the object store first, then moves ``<run>.latest`` in KV, so a
+reader that sees a version can always fetch its weights. Readers verify the sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from schemas.codec import encode, policy_decoder
+from schemas.policy import PolicyVersion
+from streams.topology import POLICY_BUCKET, WEIGHTS_BUCKET, policy_key, weights_object
+
+
+class WeightsCorrupt(RuntimeError):
+    """Weights read from the object store do not match the published checksum."""
+
+
+async def publish_weights(js: JetStreamContext, run: str, version: int, data: bytes, *, step: int) -> PolicyVersion:
+    """Store the weights, then announce the version (in that order)."""
+    obs = await js.object_store(WEIGHTS_BUCKET)
+    name = weights_object(run, version)
+    await obs.put(name, data)
+    record = PolicyVersion(
+        version=version, object_name=name, sha256=hashlib.sha256(data).hexdigest(), step=step, time=time.time()
+    )
+    kv = await js.key_value(POLICY_BUCKET)
+    await kv.put(policy_key(run), encode(record))
+    return record
+
+
+async def latest(js: JetStreamContext, run: str) -> PolicyVersion | None:
+    """The latest announced version of this run's policy, or None before the first publication."""
+    kv: KeyValue = await js.key_value(POLICY_BUCKET)
+    try:
+        entry = await kv.get(policy_key(run))
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    if entry.value is None:
+        return None
+    return policy_decoder.decode(entry.value)
+
+
+async def fetch_weights(js: JetStreamContext, record: PolicyVersion) -> bytes:
+    """Read the weights of ``record`` and check them against its sha256."""
+    obs = await js.object_store(WEIGHTS_BUCKET)
+    result = await obs.get(record.object_name)
+    data = bytes(result.data or b"")
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise WeightsCorrupt(f"weights {record.object_name} do not match sha256 {record.sha256[:12]}")
+    return data
+
+
+async def delete_weights(js: JetStreamContext, run: str, version: int) -> None:
+    """Remove an old version's weights (readers never need versions older than latest - eta)."""
+    obs = await js.object_store(WEIGHTS_BUCKET)
+    try:
+        await obs.delete(weights_object(run, version))
+    except (NotFoundError, Exception):  # noqa: BLE001 - already gone is fine
+        pass

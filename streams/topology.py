@@ -1,0 +1,157 @@
+"""JetStream topology as data: streams, per-run durable consumers, the KV bucket, the object store.
+
+``ensure()`` is the only code in rollstream that creates streams or consumers; it is idempotent
+(running it twice, or from several processes at once, changes nothing).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+POLICY_BUCKET = "rs_policy"
+WEIGHTS_BUCKET = "rs_weights"
+MAX_MSG_BYTES = 8 * 1024 * 1024
+
+
+class TopologyError(ValueError):
+    """A run name or topology setting that JetStream cannot accept."""
+
+
+def check_run(run: str) -> str:
+    if not RUN_RE.match(run):
+        raise TopologyError(
+            f"run name {run!r} is invalid: use 1-64 letters, digits, '-' or '_' (it becomes part of subjects)."
+        )
+    return run
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * 24 * 3600
+    duplicate_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer shared by every process of one group, per run."""
+
+    group: str
+    stream: str
+    subject_template: str  # formatted with run=
+    ack_wait_s: float = 60.0
+    max_deliver: int = 5
+    max_ack_pending: int = 256
+
+    def durable(self, run: str) -> str:
+        return f"{self.group}-{check_run(run)}"
+
+    def subject(self, run: str) -> str:
+        return self.subject_template.format(run=check_run(run))
+
+
+TASKS = StreamSpec("RS_TASKS", ("rs.tasks.>",))
+TRAJ = StreamSpec("RS_TRAJ", ("rs.traj.>",))
+TRAIN = StreamSpec("RS_TRAIN", ("rs.train.>",))
+DLQ = StreamSpec("RS_DLQ", ("rs.dlq.>",), duplicate_window_s=0.0)
+STREAMS: tuple[StreamSpec, ...] = (TASKS, TRAJ, TRAIN, DLQ)
+
+# Episodes take minutes: rollout and reward heartbeat with in_progress() well inside ack_wait.
+ROLLOUT = ConsumerSpec("rollout", TASKS.name, "rs.tasks.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64)
+REWARD = ConsumerSpec("reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64)
+LEARNER = ConsumerSpec("learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=300.0, max_deliver=5, max_ack_pending=1024)
+LAKE_TASKS = ConsumerSpec("lake-tasks", TASKS.name, "rs.tasks.{run}", ack_wait_s=60.0, max_ack_pending=4096)
+LAKE_TRAJ = ConsumerSpec("lake-traj", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=60.0, max_ack_pending=4096)
+LAKE_TRAIN = ConsumerSpec("lake-train", TRAIN.name, "rs.train.log.{run}", ack_wait_s=60.0, max_ack_pending=4096)
+CONSUMERS: tuple[ConsumerSpec, ...] = (ROLLOUT, REWARD, LEARNER, LAKE_TASKS, LAKE_TRAJ, LAKE_TRAIN)
+
+
+def subject(kind: str, run: str) -> str:
+    """The subject for a record kind in a run: tasks, raw, scored, train, or dlq.<stage>."""
+    run = check_run(run)
+    if kind == "tasks":
+        return f"rs.tasks.{run}"
+    if kind == "raw":
+        return f"rs.traj.raw.{run}"
+    if kind == "scored":
+        return f"rs.traj.scored.{run}"
+    if kind == "train":
+        return f"rs.train.log.{run}"
+    if kind.startswith("dlq."):
+        return f"rs.dlq.{kind[4:]}.{run}"
+    raise TopologyError(f"unknown subject kind {kind!r}")
+
+
+def policy_key(run: str) -> str:
+    return f"{check_run(run)}.latest"
+
+
+def weights_object(run: str, version: int) -> str:
+    return f"{check_run(run)}/v{version:06d}.safetensors"
+
+
+def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s,
+        max_msg_size=MAX_MSG_BYTES,
+        duplicate_window=spec.duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+def consumer_config(spec: ConsumerSpec, run: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=spec.durable(run),
+        filter_subject=spec.subject(run),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait_s,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        max_waiting=512,
+    )
+
+
+async def ensure(js: JetStreamContext, run: str, *, replicas: int = 1) -> None:
+    """Create or update every stream, this run's consumers, the KV bucket and the object store."""
+    check_run(run)
+    for spec in STREAMS:
+        config = _stream_config(spec, replicas)
+        try:
+            await js.stream_info(spec.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:  # created concurrently by another process
+                await js.stream_info(spec.name)
+    for cspec in CONSUMERS:
+        await js.add_consumer(cspec.stream, consumer_config(cspec, run))
+    try:
+        await js.key_value(POLICY_BUCKET)
+    except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError by version
+        await js.create_key_value(KeyValueConfig(bucket=POLICY_BUCKET, history=16, replicas=replicas))
+    try:
+        await js.object_store(WEIGHTS_BUCKET)
+    except Exception:  # noqa: BLE001
+        await js.create_object_store(WEIGHTS_BUCKET, ObjectStoreConfig(replicas=replicas, max_bytes=-1))
