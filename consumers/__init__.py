@@ -1,0 +1,1 @@
+"""Consumers: the rollout group, the reward group and the lake writer."""

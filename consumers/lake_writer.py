@@ -1,0 +1,399 @@
+"""The lake's storage core: buffer decoded records, write them as Parquet parts, durably.
+
+Layout: ``<lake>/<table>/run=<run>/date=<YYYY-MM-DD>/part-<unix ns>-<writer id>-<seq>.parquet``.
+``run`` is stored in the files too (so every reader sees it as a string); ``date`` lives only in
+the path. The NATS consumer loop calls ``add_*`` per message, then ``flush()``, and acks only after
+``flush()`` returns: a flush that raises has made nothing it still buffers durable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.arrays import LOGPROB_DTYPE, TOKEN_DTYPE
+from schemas.task import TaskSample
+from schemas.train import StepStats, TrainRecord
+from schemas.trajectory import ScoredTrajectory
+
+TOKENS = pa.list_(pa.int32())
+LOGPROBS = pa.list_(pa.float32())
+STRINGS = pa.list_(pa.string())
+
+# Timestamps are float64 seconds since the Unix epoch (as on the wire), so they round-trip exactly.
+TRAJECTORIES = pa.schema(
+    [
+        ("traj_id", pa.string()),
+        ("run", pa.string()),
+        ("task_id", pa.string()),
+        ("family", pa.string()),
+        ("group_id", pa.string()),
+        ("sample_idx", pa.int64()),
+        ("source", pa.string()),
+        ("status", pa.string()),
+        ("abort_reason", pa.string()),
+        ("reward", pa.float64()),
+        ("chunk_rewards", pa.list_(pa.float64())),
+        ("valid", pa.bool_()),
+        ("invalid_reason", pa.string()),
+        ("replay", pa.bool_()),
+        ("replay_mode", pa.string()),
+        ("flags", STRINGS),
+        ("num_chunks", pa.int32()),
+        ("num_action_tokens", pa.int64()),
+        ("num_tokens", pa.int64()),
+        ("min_version", pa.int64()),
+        ("max_version", pa.int64()),
+        ("policy_version", pa.int64()),
+        ("sandbox_id", pa.string()),
+        ("sandbox_owner", pa.string()),
+        ("started_at", pa.float64()),
+        ("finished_at", pa.float64()),
+        ("scored_at", pa.float64()),
+        ("verifier_output", pa.string()),
+        ("prompt_tokens", TOKENS),
+        ("task", pa.string()),  # JSON of Trajectory.task (the Task it ran), null when absent
+    ]
+)
+
+CHUNKS = pa.schema(
+    [
+        ("traj_id", pa.string()),
+        ("run", pa.string()),
+        ("chunk_index", pa.int32()),
+        ("policy_version", pa.int64()),
+        ("tool_name", pa.string()),
+        ("tool_args", pa.string()),
+        ("tool_status", pa.string()),
+        ("action_tokens", TOKENS),
+        ("action_logprobs", LOGPROBS),
+        ("obs_tokens", TOKENS),
+        ("obs_text", pa.string()),
+        ("gen_ms", pa.float64()),
+        ("tool_ms", pa.float64()),
+        ("num_action_tokens", pa.int32()),
+    ]
+)
+
+TRAIN_LOG = pa.schema(
+    [
+        ("run", pa.string()),
+        ("traj_id", pa.string()),
+        ("task_id", pa.string()),
+        ("fate", pa.string()),
+        ("reason", pa.string()),
+        ("learner_version", pa.int64()),
+        ("min_version", pa.int64()),
+        ("staleness", pa.int64()),
+        ("max_staleness", pa.int64()),
+        ("step", pa.int64()),
+        ("reward", pa.float64()),
+        ("source", pa.string()),
+        ("loss", pa.float64()),
+        ("time", pa.float64()),
+    ]
+)
+
+TRAIN_STEPS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("step", pa.int64()),
+        ("version", pa.int64()),
+        ("loss", pa.float64()),
+        ("samples", pa.int64()),
+        ("dropped", pa.int64()),
+        ("mean_reward", pa.float64()),
+        ("mean_ratio", pa.float64()),
+        ("masked_fraction", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("time", pa.float64()),
+    ]
+)
+
+TASKS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("task_id", pa.string()),
+        ("sample_idx", pa.int64()),
+        ("family", pa.string()),
+        ("instruction", pa.string()),
+        ("environment", pa.string()),
+        ("setup", STRINGS),
+        ("verify", STRINGS),
+        ("difficulty", pa.int64()),
+        ("group_size", pa.int64()),
+        ("max_turns", pa.int64()),
+        ("metadata", pa.map_(pa.string(), pa.string())),
+        ("prefix_calls", STRINGS),
+        ("created_at", pa.float64()),
+    ]
+)
+
+# File schemas per table. Every view adds ``date`` (DATE) from the partition path.
+SCHEMAS: dict[str, pa.Schema] = {
+    "trajectories": TRAJECTORIES,
+    "chunks": CHUNKS,
+    "train_log": TRAIN_LOG,
+    "train_steps": TRAIN_STEPS,
+    "tasks": TASKS,
+}
+# Chunks are made durable before trajectories, so a visible trajectory row always has its chunks.
+FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps")
+_TOKEN_COLUMNS = {"prompt_tokens", "action_tokens", "obs_tokens"}
+_LOGPROB_COLUMNS = {"action_logprobs"}
+# A run or writer id becomes a path component: keep it to characters every reader parses as-is.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class LakeWriteError(Exception):
+    """A flush could not make a part durable; the records of that part are still buffered."""
+
+    def __init__(self, table: str, path: Path, cause: BaseException) -> None:
+        super().__init__(f"could not write {table} part {path}: {cause}")
+        self.table = table
+        self.path = path
+
+
+def partition_date(timestamp: float) -> str:
+    """The UTC date (``YYYY-MM-DD``) of a record's own timestamp, or of now when it has none.
+
+    Using the record's time keeps a redelivered record in the same partition as its first copy.
+    """
+    ts = timestamp if timestamp > 0 else time.time()
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Reject a run or writer id that would not survive as a hive path component."""
+    if not _SAFE_NAME.match(value):
+        raise ValueError(f"{kind} {value!r} must match {_SAFE_NAME.pattern} to name a lake partition")
+    return value
+
+
+def _token_bytes(kind: str, raw: bytes, width: int) -> bytes:
+    if len(raw) % width:
+        raise ValueError(f"{kind} has {len(raw)} bytes, not a multiple of {width}")
+    return raw
+
+
+def trajectory_row(scored: ScoredTrajectory) -> dict[str, Any]:
+    """One ``trajectories`` row; tokens stay packed bytes until the flush builds Arrow arrays."""
+    traj = scored.traj
+    num_action = sum(len(c.action_tokens) for c in traj.chunks) // 4
+    num_obs = sum(len(c.obs_tokens) for c in traj.chunks) // 4
+    return {
+        "traj_id": traj.traj_id,
+        "run": traj.run,
+        "task_id": traj.task_id,
+        "family": traj.family,
+        "group_id": traj.group_id,
+        "sample_idx": traj.sample_idx,
+        "source": traj.source,
+        "status": traj.status,
+        "abort_reason": traj.abort_reason,
+        "reward": scored.reward,
+        "chunk_rewards": list(scored.chunk_rewards),
+        "valid": scored.valid,
+        "invalid_reason": scored.invalid_reason,
+        "replay": scored.replay,
+        "replay_mode": scored.replay_mode,
+        "flags": list(scored.flags),
+        "num_chunks": len(traj.chunks),
+        "num_action_tokens": num_action,
+        "num_tokens": len(traj.prompt_tokens) // 4 + num_action + num_obs,
+        "min_version": traj.min_version,
+        "max_version": traj.max_version,
+        "policy_version": traj.min_version,
+        "sandbox_id": traj.sandbox_id,
+        "sandbox_owner": traj.sandbox_owner,
+        "started_at": traj.started_at,
+        "finished_at": traj.finished_at,
+        "scored_at": scored.scored_at,
+        "verifier_output": scored.verifier_output,
+        "prompt_tokens": _token_bytes("prompt_tokens", traj.prompt_tokens, 4),
+        "task": None if traj.task is None else msgspec.json.encode(traj.task).decode(),
+    }
+
+
+def chunk_rows(scored: ScoredTrajectory) -> Iterable[dict[str, Any]]:
+    """One ``chunks`` row per chunk of the trajectory."""
+    traj = scored.traj
+    for chunk in traj.chunks:
+        yield {
+            "traj_id": traj.traj_id,
+            "run": traj.run,
+            "chunk_index": chunk.index,
+            "policy_version": chunk.policy_version,
+            "tool_name": chunk.tool_name,
+            "tool_args": chunk.tool_args,
+            "tool_status": chunk.tool_status,
+            "action_tokens": _token_bytes("action_tokens", chunk.action_tokens, 4),
+            "action_logprobs": _token_bytes("action_logprobs", chunk.action_logprobs, 4),
+            "obs_tokens": _token_bytes("obs_tokens", chunk.obs_tokens, 4),
+            "obs_text": chunk.obs_text,
+            "gen_ms": chunk.gen_ms,
+            "tool_ms": chunk.tool_ms,
+            "num_action_tokens": len(chunk.action_tokens) // 4,
+        }
+
+
+def task_row(sample: TaskSample) -> dict[str, Any]:
+    """One ``tasks`` row: the sample and its task, flattened."""
+    task = sample.task
+    return {
+        "run": sample.run,
+        "task_id": task.task_id,
+        "sample_idx": sample.sample_idx,
+        "family": task.family,
+        "instruction": task.instruction,
+        "environment": task.environment,
+        "setup": list(task.setup),
+        "verify": list(task.verify),
+        "difficulty": task.difficulty,
+        "group_size": task.group_size,
+        "max_turns": task.max_turns,
+        "metadata": list(task.metadata.items()),
+        "prefix_calls": list(sample.prefix_calls),
+        "created_at": sample.created_at,
+    }
+
+
+def _packed_list(raws: list[bytes], dtype: np.dtype[Any], arrow_type: pa.DataType) -> pa.Array:
+    """A list array from packed little-endian buffers, built from one concatenation (no per-item work)."""
+    lengths = np.fromiter((len(r) // dtype.itemsize for r in raws), dtype=np.int64, count=len(raws))
+    offsets = np.zeros(len(raws) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.frombuffer(b"".join(raws), dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type))
+
+
+def build_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """An Arrow table with the table's explicit schema from buffered rows."""
+    schema = SCHEMAS[table]
+    columns = []
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        if field.name in _TOKEN_COLUMNS:
+            columns.append(_packed_list(values, TOKEN_DTYPE, pa.int32()))
+        elif field.name in _LOGPROB_COLUMNS:
+            columns.append(_packed_list(values, LOGPROB_DTYPE, pa.float32()))
+        else:
+            columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    """Create ``path`` and make each newly created directory entry durable in its parent."""
+    if path.is_dir():
+        return
+    _ensure_dir(path.parent)
+    path.mkdir(exist_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_part(directory: Path, name: str, table: pa.Table) -> Path:
+    """Write ``table`` as ``directory/name`` atomically: temp file, fsync, rename, fsync directory."""
+    _ensure_dir(directory)
+    final = directory / name
+    tmp = directory / f".{name}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+class LakeWriter:
+    """Buffers records per (table, run, date) and flushes each buffer as one Parquet part."""
+
+    def __init__(self, root: Path, *, writer_id: str) -> None:
+        self.root = Path(root)
+        self.writer_id = check_name("writer_id", writer_id)
+        self._seq = 0
+        self._buffers: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+
+    def _add(self, table: str, run: str, timestamp: float, rows: Iterable[dict[str, Any]]) -> None:
+        check_name("run", run)
+        rows = list(rows)  # build every row before buffering any: a bad record adds nothing
+        if rows:
+            self._buffers[(table, run, partition_date(timestamp))].extend(rows)
+
+    def add_task(self, sample: TaskSample) -> None:
+        """Buffer one task sample (``tasks`` row)."""
+        self._add("tasks", sample.run, sample.created_at, [task_row(sample)])
+
+    def add_scored(self, scored: ScoredTrajectory) -> None:
+        """Buffer one scored trajectory: a ``trajectories`` row and one ``chunks`` row per chunk."""
+        traj = scored.traj
+        check_name("run", traj.run)
+        when = traj.finished_at or scored.scored_at or traj.started_at
+        date = partition_date(when)
+        traj_row, chunks = trajectory_row(scored), list(chunk_rows(scored))
+        self._buffers[("trajectories", traj.run, date)].append(traj_row)
+        if chunks:
+            self._buffers[("chunks", traj.run, date)].extend(chunks)
+
+    def add_train(self, record: TrainRecord | StepStats) -> None:
+        """Buffer one learner record: a ``train_log`` row or a ``train_steps`` row."""
+        if isinstance(record, TrainRecord):
+            table, schema = "train_log", TRAIN_LOG
+        elif isinstance(record, StepStats):
+            table, schema = "train_steps", TRAIN_STEPS
+        else:
+            raise TypeError(f"add_train takes TrainRecord or StepStats, not {type(record).__name__}")
+        self._add(table, record.run, record.time, [{f: getattr(record, f) for f in schema.names}])
+
+    def pending(self) -> int:
+        """Rows buffered and not yet durable, over all tables."""
+        return sum(len(rows) for rows in self._buffers.values())
+
+    def _part_name(self) -> str:
+        self._seq += 1
+        return f"part-{time.time_ns()}-{self.writer_id}-{self._seq:06d}.parquet"
+
+    def flush(self) -> dict[str, int]:
+        """Write every buffer as a durable part and return the rows written per table.
+
+        Each part is written to a temporary file, fsynced, renamed and its directory fsynced; only
+        then is its buffer cleared. On failure this raises ``LakeWriteError``: the failed part and
+        every part not yet attempted stay buffered (parts already durable are not written twice).
+        """
+        written: dict[str, int] = {}
+        order = {name: i for i, name in enumerate(FLUSH_ORDER)}
+        for key in sorted(self._buffers, key=lambda k: (order[k[0]], k[1], k[2])):
+            table, run, date = key
+            rows = self._buffers[key]
+            directory = self.root / table / f"run={run}" / f"date={date}"
+            name = self._part_name()
+            try:
+                write_part(directory, name, build_table(table, rows))
+            except Exception as exc:
+                raise LakeWriteError(table, directory / name, exc) from exc
+            del self._buffers[key]
+            written[table] = written.get(table, 0) + len(rows)
+        return written

@@ -1,0 +1,93 @@
+"""Learner settings, decoded once from ``rollstream.toml`` (section ``[learner]``) and flags."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+LossName = Literal["ipa", "grpo", "sft"]
+
+
+class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the learner admits samples, computes its loss and steps the optimiser."""
+
+    max_staleness: Annotated[
+        int, msgspec.Meta(ge=0, description="η: train a sample only if N − min(chunk version) ≤ η.")
+    ] = 2
+    batch_size: Annotated[int, msgspec.Meta(ge=1, description="Samples per optimiser step.")] = 8
+    batch_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Step with a partial batch after this many seconds.")
+    ] = 20.0
+    lr: Annotated[float, msgspec.Meta(gt=0, description="AdamW learning rate.")] = 1e-3
+    weight_decay: Annotated[float, msgspec.Meta(ge=0, description="AdamW weight decay.")] = 0.0
+    grad_clip: Annotated[
+        float, msgspec.Meta(gt=0, description="Clip the global gradient norm to this value.")
+    ] = 1.0
+    grad_accum: Annotated[
+        int,
+        msgspec.Meta(ge=1, description="Split each batch into this many micro-batches (one optimiser step)."),
+    ] = 1
+    gamma: Annotated[
+        float, msgspec.Meta(ge=0, le=1, description="Chunk discount γ in G_k = Σ_{j≥k} γ^{j−k} r_j.")
+    ] = 1.0
+    loss: Annotated[LossName, msgspec.Meta(description="Default loss: ipa, grpo (baseline) or sft.")] = "ipa"
+    ipa_surrogate: Annotated[
+        Literal["weighted", "ppo_clip"],
+        msgspec.Meta(
+            description="weighted: the IPA two-branch loss; ppo_clip: chunk-level PPO clipped surrogate."
+        ),
+    ] = "weighted"
+    ppo_clip_eps: Annotated[
+        float, msgspec.Meta(gt=0, lt=1, description="ε of the PPO clip (IPA ppo_clip and GRPO).")
+    ] = 0.2
+    group_baseline: Annotated[
+        bool,
+        msgspec.Meta(
+            description="IPA: replace R by (R − group mean) / (group std + eps) per group_id before returns."
+        ),
+    ] = False
+    failure_reward: Annotated[
+        float,
+        msgspec.Meta(
+            le=0,
+            description=(
+                "Added to the reward of every failed trajectory (reward ≤ 0), so that with 0/1 rewards "
+                "a failure trains with this reward. 0 leaves rewards as scored."
+            ),
+        ),
+    ] = 0.0
+    mask_errors: Annotated[
+        bool, msgspec.Meta(description="Mask chunks whose tool call errored or failed to parse.")
+    ] = True
+    mismatch_ratio_low: Annotated[
+        float, msgspec.Meta(ge=0, description="Mask a chunk whose ratio ρ_k is below this bound.")
+    ] = 0.0
+    mismatch_ratio_high: Annotated[
+        float, msgspec.Meta(gt=0, description="Mask a chunk whose ratio ρ_k is above this bound.")
+    ] = 10.0
+    mismatch_max_prob_gap: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            le=1,
+            description="Mask a chunk whose mean |π_θ(y_t) − π_b(y_t)| over its tokens exceeds this.",
+        ),
+    ] = 1.0
+    sft_success_only: Annotated[
+        bool, msgspec.Meta(description="SFT imitates only trajectories with reward > 0.")
+    ] = True
+    publish_every: Annotated[
+        int, msgspec.Meta(ge=1, description="Publish weights every this many steps.")
+    ] = 1
+    checkpoint_every: Annotated[
+        int, msgspec.Meta(ge=1, description="Write a checkpoint every this many steps.")
+    ] = 10
+    seed: Annotated[int, msgspec.Meta(ge=0, description="Seed for torch (initialisation, sampling).")] = 0
+
+    def __post_init__(self) -> None:
+        if self.mismatch_ratio_low >= self.mismatch_ratio_high:
+            raise msgspec.ValidationError(
+                "learner.mismatch_ratio_low must be below learner.mismatch_ratio_high; "
+                f"got {self.mismatch_ratio_low} ≥ {self.mismatch_ratio_high}."
+            )

@@ -1,0 +1,187 @@
+"""The trainer: one padded forward/backward per optimiser step, weights as safetensors bytes,
+atomic checkpoints. Blocking only; the learner worker calls it through ``anyio.to_thread``.
+
+The model runs in eval mode (no dropout) so that ``π_θ`` is the same function the inference engine
+samples from and on-policy ratios are exactly 1; gradients flow as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM
+
+from learner.batch import Batch, build_batch
+from learner.checkpoint import (
+    CheckpointState,
+    checkpoint_path,
+    latest_checkpoint,
+    load_optimizer_state,
+    read_state,
+    write_checkpoint,
+)
+from learner.grpo import grpo_terms, sft_terms
+from learner.ipa import LossTerms, ipa_terms, token_logprobs
+from learner.settings import LearnerSettings
+from schemas.trajectory import ScoredTrajectory
+
+LossFn = Callable[[torch.Tensor, Batch, LearnerSettings], LossTerms]
+LOSSES: dict[str, LossFn] = {"ipa": ipa_terms, "grpo": grpo_terms, "sft": sft_terms}
+# Statistics that add up over micro-batches; the others are averaged.
+_SUMMED_STATS = frozenset({"tokens", "chunks"})
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one ``train_step`` did. ``skipped``: nothing trainable or a non-finite gradient norm,
+    so the optimiser did not step and ``step`` did not advance."""
+
+    step: int  # the trainer's step counter after this call
+    loss: float
+    grad_norm: float
+    samples: int
+    mean_reward: float
+    skipped: bool
+    per_sample_loss: list[float] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """AdamW on a causal LM loaded from a Hugging Face checkpoint directory (float32, CPU)."""
+
+    def __init__(self, checkpoint_dir: Path, settings: LearnerSettings) -> None:
+        torch.manual_seed(settings.seed)
+        self.settings = settings
+        self.source_dir = Path(checkpoint_dir)
+        self.model: Any = AutoModelForCausalLM.from_pretrained(self.source_dir, dtype=torch.float32)
+        self.model.train(False)  # eval mode: no dropout
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        pad = self.model.config.pad_token_id
+        self.pad_id: int = int(pad) if pad is not None else 0
+        self.version = 0  # the policy version N; the worker advances it after each publication
+        self.step = 0  # optimiser steps taken
+        self.resumed_extra: dict[str, Any] = {}  # ``extra`` of the checkpoint resumed from, if any
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, samples: Sequence[ScoredTrajectory], *, loss: str | None = None) -> StepResult:
+        """One optimiser step on ``samples`` with ``loss`` (default ``settings.loss``)."""
+        name = loss or self.settings.loss
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; use one of {sorted(LOSSES)}")
+        batch = build_batch(
+            samples,
+            pad_id=self.pad_id,
+            gamma=self.settings.gamma,
+            failure_reward=self.settings.failure_reward,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self._accumulate(batch, LOSSES[name])
+        mean_reward = sum(s.reward for s in samples) / len(samples)
+        stats = _merge_stats(terms)
+        per_sample = torch.cat([t.per_sample for t in terms]).tolist()
+        loss_value = sum(t.stats["loss"] for t in terms) / len(terms)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if stats.get("tokens", 0.0) == 0.0 or not params:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(self.step, loss_value, 0.0, len(samples), mean_reward, True, per_sample, stats)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip).item())
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+            self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(
+            self.step, loss_value, grad_norm, len(samples), mean_reward, skipped, per_sample, stats
+        )
+
+    def _accumulate(self, batch: Batch, loss_fn: LossFn) -> list[LossTerms]:
+        """Forward and backward each micro-batch; each loss weighs ``1 / micro-batches``."""
+        n_micro = min(self.settings.grad_accum, batch.size)
+        bounds = [round(i * batch.size / n_micro) for i in range(n_micro + 1)]
+        out: list[LossTerms] = []
+        for start, stop in itertools.pairwise(bounds):
+            micro = batch.rows(start, stop)
+            logits = self.model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+            terms = loss_fn(token_logprobs(logits, micro.input_ids), micro, self.settings)
+            torch.autograd.backward(terms.loss / n_micro)
+            out.append(terms)
+        return out
+
+    def publish_due(self) -> bool:
+        """Whether the current step should publish weights (every ``publish_every`` steps)."""
+        return self.step > 0 and self.step % self.settings.publish_every == 0
+
+    def checkpoint_due(self) -> bool:
+        """Whether the current step should write a checkpoint (every ``checkpoint_every`` steps)."""
+        return self.step > 0 and self.step % self.settings.checkpoint_every == 0
+
+    # -- weights and checkpoints ----------------------------------------------------------------
+
+    def weights_bytes(self) -> bytes:
+        """The full state dict as safetensors bytes.
+
+        Tied tensors (``lm_head.weight`` sharing ``embed_tokens.weight``) are written under both
+        names as separate copies, so ``model.load_state_dict(safetensors.torch.load(b), strict=False)``
+        restores any model of the same class, tied or not.
+        """
+        seen: set[int] = set()
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in self.model.state_dict().items():
+            t = tensor.detach()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if ptr in seen else t.contiguous()
+            seen.add(ptr)
+        return safetensors.torch.save(tensors, metadata={"format": "pt"})
+
+    def save_checkpoint(
+        self,
+        dir: Path,
+        *,
+        version: int | None = None,
+        step: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the model (HF format), optimiser state and ``state.json`` atomically at ``dir``."""
+        state = CheckpointState(
+            version=self.version if version is None else version,
+            step=self.step if step is None else step,
+            extra=extra or {},
+        )
+        return write_checkpoint(dir, self.model, self.optimizer, state, tokenizer_source=self.source_dir)
+
+    def checkpoint(self, root: Path, *, extra: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the current version and step at ``<root>/step-<step>``."""
+        return self.save_checkpoint(checkpoint_path(root, self.step), extra=extra)
+
+    @classmethod
+    def resume(cls, checkpoint_root: Path, base_checkpoint: Path, settings: LearnerSettings) -> Trainer:
+        """The trainer of the latest complete checkpoint under ``checkpoint_root``, or a fresh one
+        from ``base_checkpoint`` at version 0, step 0."""
+        latest = latest_checkpoint(checkpoint_root)
+        if latest is None:
+            return cls(base_checkpoint, settings)
+        trainer = cls(latest, settings)
+        load_optimizer_state(latest, trainer.optimizer)
+        state = read_state(latest)
+        trainer.version, trainer.step = state.version, state.step
+        trainer.resumed_extra = state.extra
+        return trainer
+
+
+def _merge_stats(terms: Sequence[LossTerms]) -> dict[str, float]:
+    """Combine micro-batch statistics: counts add up, everything else is averaged."""
+    merged: dict[str, float] = {}
+    for key in terms[0].stats:
+        values = [t.stats.get(key, 0.0) for t in terms]
+        merged[key] = sum(values) if key in _SUMMED_STATS else sum(values) / len(values)
+    return merged

@@ -1,0 +1,1 @@
+"""Operations: the command line, configuration, status, queries over the lake, reports."""
