@@ -10,6 +10,7 @@ is trained twice.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +38,14 @@ RECENT_IDS_KEPT = 4096
 class Learner:
     """State of one learner process around a ``Trainer``."""
 
-    def __init__(self, trainer: Trainer, settings: LearnerSettings, js: JetStreamContext, run: str,
-                 checkpoint_root: Path) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        settings: LearnerSettings,
+        js: JetStreamContext,
+        run: str,
+        checkpoint_root: Path,
+    ) -> None:
         self.trainer, self.settings, self.js, self.run = trainer, settings, js, run
         self.checkpoint_root = checkpoint_root
         self.pub = Publisher(js)
@@ -67,15 +74,29 @@ class Learner:
         if old >= 0:
             await policy.delete_weights(self.js, self.run, old)
 
-    def _record(self, s: ScoredTrajectory, fate: str, reason: str, staleness: int, step: int, loss: float = 0.0) -> TrainRecord:
+    def _record(
+        self, s: ScoredTrajectory, fate: str, reason: str, staleness: int, step: int, loss: float = 0.0
+    ) -> TrainRecord:
         return TrainRecord(
-            run=self.run, traj_id=s.traj.traj_id, task_id=s.traj.task_id, fate=fate,  # type: ignore[arg-type]
-            reason=reason, learner_version=self.version, min_version=s.traj.min_version, staleness=staleness,
-            max_staleness=self.settings.max_staleness, step=step, reward=s.reward,
-            source="replay" if s.replay else "online", loss=loss, time=time.time(),
+            run=self.run,
+            traj_id=s.traj.traj_id,
+            task_id=s.traj.task_id,
+            fate=fate,  # type: ignore[arg-type]
+            reason=reason,
+            learner_version=self.version,
+            min_version=s.traj.min_version,
+            staleness=staleness,
+            max_staleness=self.settings.max_staleness,
+            step=step,
+            reward=s.reward,
+            source="replay" if s.replay else "online",
+            loss=loss,
+            time=time.time(),
         )
 
-    def triage(self, batch: Sequence[Delivery[ScoredTrajectory]]) -> tuple[list[Delivery[ScoredTrajectory]], list[TrainRecord]]:
+    def triage(
+        self, batch: Sequence[Delivery[ScoredTrajectory]]
+    ) -> tuple[list[Delivery[ScoredTrajectory]], list[TrainRecord]]:
         """Split a batch into trainable deliveries and drop records (with reasons)."""
         keep: list[Delivery[ScoredTrajectory]] = []
         drops: list[TrainRecord] = []
@@ -83,31 +104,48 @@ class Learner:
             s = d.record
             ok, stale = admit(self.version, s.traj, self.settings.max_staleness)
             if s.traj.traj_id in self._recent_set:
-                drops.append(self._record(s, "dropped", "duplicate: already trained", stale, self.trainer.step))
+                drops.append(
+                    self._record(s, "dropped", "duplicate: already trained", stale, self.trainer.step)
+                )
             elif not s.valid:
-                drops.append(self._record(s, "dropped", f"invalid: {s.invalid_reason}"[:500], stale, self.trainer.step))
+                drops.append(
+                    self._record(s, "dropped", f"invalid: {s.invalid_reason}"[:500], stale, self.trainer.step)
+                )
             elif not s.traj.chunks:
                 drops.append(self._record(s, "dropped", "empty: no chunks", stale, self.trainer.step))
             elif not ok and not s.replay:
-                drops.append(self._record(s, "dropped", f"stale: s={stale} > eta={self.settings.max_staleness}", stale, self.trainer.step))
+                drops.append(
+                    self._record(
+                        s,
+                        "dropped",
+                        f"stale: s={stale} > eta={self.settings.max_staleness}",
+                        stale,
+                        self.trainer.step,
+                    )
+                )
             else:
                 keep.append(d)
         return keep, drops
 
-    async def step(self, keep: list[Delivery[ScoredTrajectory]]) -> tuple[StepResult | None, list[TrainRecord]]:
+    async def step(
+        self, keep: list[Delivery[ScoredTrajectory]]
+    ) -> tuple[StepResult | None, list[TrainRecord]]:
         samples = [d.record for d in keep]
         sft = [s for s in samples if s.replay and s.replay_mode == "sft"]
         rest = [s for s in samples if not (s.replay and s.replay_mode == "sft")]
         result: StepResult | None = None
         records: list[TrainRecord] = []
-        for group, loss in ((sft, "sft"), (rest, None)):
+        groups: list[tuple[list[ScoredTrajectory], str | None]] = [(sft, "sft"), (rest, None)]
+        for group, loss in groups:
             if not group:
                 continue
-            result = await anyio.to_thread.run_sync(lambda g=group, lo=loss: self.trainer.train_step(g, loss=lo))
-            per = result.per_sample_loss or [result.loss] * len(group)
+            step = functools.partial(self.trainer.train_step, group, loss=loss)
+            done: StepResult = await anyio.to_thread.run_sync(step)
+            result = done
+            per = done.per_sample_loss or [done.loss] * len(group)
             for s, sample_loss in zip(group, per, strict=False):
                 stale = self.version - s.traj.min_version
-                records.append(self._record(s, "trained", "", stale, result.step, float(sample_loss)))
+                records.append(self._record(s, "trained", "", stale, done.step, float(sample_loss)))
         for r in records:
             self._remember(r.traj_id)
         return result, records
@@ -127,7 +165,9 @@ class Learner:
         self.unacked.clear()
 
 
-async def _collect(consumer: Consumer[ScoredTrajectory], size: int, timeout_s: float) -> list[Delivery[ScoredTrajectory]]:
+async def _collect(
+    consumer: Consumer[ScoredTrajectory], size: int, timeout_s: float
+) -> list[Delivery[ScoredTrajectory]]:
     batch: list[Delivery[ScoredTrajectory]] = []
     deadline = time.monotonic() + timeout_s
     while len(batch) < size:
@@ -138,7 +178,9 @@ async def _collect(consumer: Consumer[ScoredTrajectory], size: int, timeout_s: f
     return batch
 
 
-async def run(cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     """Train from the shared ``learner`` consumer until cancelled. ``cfg`` is an ``ops.config.Config``."""
     settings: LearnerSettings = cfg.learner
     ckpt_root = cfg.state / "checkpoints" / cfg.run
@@ -147,7 +189,12 @@ async def run(cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] =
     await learner.sync_version()
     consumer = await Consumer(js, LEARNER, cfg.run, scored_decoder).bind()
     task_status.started()
-    log.info("learner_started", policy_version=learner.version, eta=settings.max_staleness, batch=settings.batch_size)
+    log.info(
+        "learner_started",
+        policy_version=learner.version,
+        eta=settings.max_staleness,
+        batch=settings.batch_size,
+    )
     while True:
         batch = await _collect(consumer, settings.batch_size, settings.batch_timeout_s)
         for d in learner.unacked:
@@ -163,18 +210,36 @@ async def run(cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] =
         if stepped and learner.trainer.publish_due():
             await learner.publish_weights()
         for r in drops + trained:
-            await learner.pub.publish_async(subject("train", cfg.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}")
+            await learner.pub.publish_async(
+                subject("train", cfg.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}"
+            )
         if result is not None:
             stats = StepStats(
-                run=cfg.run, step=result.step, version=learner.version, loss=result.loss, samples=len(keep),
-                dropped=len(drops), mean_reward=result.mean_reward, mean_ratio=result.stats.get("mean_ratio", 1.0),
-                masked_fraction=result.stats.get("masked_fraction", 0.0), grad_norm=result.grad_norm, time=time.time(),
+                run=cfg.run,
+                step=result.step,
+                version=learner.version,
+                loss=result.loss,
+                samples=len(keep),
+                dropped=len(drops),
+                mean_reward=result.mean_reward,
+                mean_ratio=result.stats.get("mean_ratio", 1.0),
+                masked_fraction=result.stats.get("masked_fraction", 0.0),
+                grad_norm=result.grad_norm,
+                time=time.time(),
             )
-            await learner.pub.publish_async(subject("train", cfg.run), stats, msg_id=f"step:{result.step}:{learner.version}")
+            await learner.pub.publish_async(
+                subject("train", cfg.run), stats, msg_id=f"{cfg.run}:step:{result.step}:{learner.version}"
+            )
         await learner.pub.flush()
         for d in batch:
             if d not in keep:
                 await d.ack()
-        log.info("learner_step", policy_version=learner.version, step=learner.trainer.step, trained=len(trained),
-                 dropped=len(drops), loss=round(result.loss, 4) if result else None,
-                 reward=round(result.mean_reward, 3) if result else None)
+        log.info(
+            "learner_step",
+            policy_version=learner.version,
+            step=learner.trainer.step,
+            trained=len(trained),
+            dropped=len(drops),
+            loss=round(result.loss, 4) if result else None,
+            reward=round(result.mean_reward, 3) if result else None,
+        )

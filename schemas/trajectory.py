@@ -11,6 +11,8 @@ from typing import Literal
 
 import msgspec
 
+from schemas.task import Task
+
 ToolStatus = Literal["ok", "error", "timeout", "parse_error", "none"]
 TrajStatus = Literal["completed", "truncated", "aborted"]
 
@@ -55,6 +57,8 @@ class Trajectory(msgspec.Struct, frozen=True, kw_only=True, tag="traj.v1", tag_f
     finished_at: float = 0.0
     # Where it came from: "online" rollout, "expert" script, "proxy" (OpenAI-compatible proxy).
     source: str = "online"
+    # The task it ran (set by the rollout worker) so that the verifier is self-contained.
+    task: Task | None = None
 
 
 class ScoredTrajectory(msgspec.Struct, frozen=True, kw_only=True, tag="scored.v1", tag_field="kind"):

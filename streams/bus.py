@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import anyio
 import msgspec
 import structlog
 from nats.aio.msg import Msg
@@ -42,7 +43,9 @@ class Publisher:
         self._pending: set[asyncio.Future[PubAck]] = set()
         self._timeout_s = timeout_s
 
-    async def publish(self, subj: str, record: Any, *, msg_id: str, headers: dict[str, str] | None = None) -> PubAck:
+    async def publish(
+        self, subj: str, record: Any, *, msg_id: str, headers: dict[str, str] | None = None
+    ) -> PubAck:
         """Publish and wait for the stream's ack. A duplicate id within the window is stored once."""
         hdrs = {MSG_ID: msg_id, **(headers or {})}
         return await self._js.publish(subj, encode(record), timeout=self._timeout_s, headers=hdrs)
@@ -121,7 +124,9 @@ class Consumer(Generic[T]):
 
     async def bind(self) -> Consumer[T]:
         """Bind to the durable consumer that ``streams.topology.ensure`` created."""
-        self._sub = await self.js.pull_subscribe_bind(durable=self.spec.durable(self.run), stream=self.spec.stream)
+        self._sub = await self.js.pull_subscribe_bind(
+            durable=self.spec.durable(self.run), stream=self.spec.stream
+        )
         return self
 
     async def fetch(self, batch: int, timeout_s: float) -> list[Delivery[T]]:
@@ -129,7 +134,7 @@ class Consumer(Generic[T]):
         assert self._sub is not None, "call bind() first"
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout_s)
-        except (NatsTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, NatsTimeoutError):
             return []
         out: list[Delivery[T]] = []
         for msg in msgs:
@@ -165,7 +170,9 @@ class Consumer(Generic[T]):
         )
         seq = msg.metadata.sequence.stream
         await self.js.publish(
-            subject(f"dlq.{self.stage}", self.run), encode(record), headers={MSG_ID: f"dlq:{self.stage}:{seq}"}
+            subject(f"dlq.{self.stage}", self.run),
+            encode(record),
+            headers={MSG_ID: f"dlq:{self.stage}:{seq}"},
         )
         await msg.term()
         self.stats.dead_lettered += 1
@@ -173,5 +180,48 @@ class Consumer(Generic[T]):
 
     async def pending(self) -> tuple[int, int, int]:
         """(num_pending, num_ack_pending, num_redelivered) as the broker sees them."""
-        info = await self.js.consumer_info(self.spec.stream, self.spec.durable(self.run))
-        return int(info.num_pending or 0), int(info.num_ack_pending or 0), int(info.num_redelivered or 0)
+        return await backlog(self.js, self.spec, self.run)
+
+
+async def backlog(js: JetStreamContext, spec: ConsumerSpec, run: str) -> tuple[int, int, int]:
+    """(num_pending, num_ack_pending, num_redelivered) of a group's consumer, as the broker sees them."""
+    info = await js.consumer_info(spec.stream, spec.durable(run))
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0), int(info.num_redelivered or 0)
+
+
+async def serve(
+    consumer: Consumer[T],
+    concurrency: int,
+    handle: Callable[[Delivery[T]], Awaitable[None]],
+    *,
+    fetch_timeout_s: float = 2.0,
+) -> None:
+    """Process deliveries with at most ``concurrency`` handlers at once, until cancelled.
+
+    Fetches only as many messages as there are free handler slots (the rest stay with the broker
+    for other processes of the group). A handler that raises has its message retried with
+    backoff or dead-lettered; it acks itself on success.
+    """
+    slots = anyio.Semaphore(concurrency)
+
+    async def one(d: Delivery[T]) -> None:
+        try:
+            await handle(d)
+        except Exception as exc:
+            log.exception("handler_failed", stage=consumer.stage)
+            await consumer.fail(d, f"{type(exc).__name__}: {exc}")
+        finally:
+            slots.release()
+
+    async with anyio.create_task_group() as tg:
+        while True:
+            await slots.acquire()  # one free slot, then every other free one
+            held = 1
+            while slots.value > 0:
+                slots.acquire_nowait()
+                held += 1
+            deliveries = await consumer.fetch(held, timeout_s=fetch_timeout_s)
+            for _ in range(held - len(deliveries)):
+                slots.release()
+            for d in deliveries:
+                tg.start_soon(one, d)

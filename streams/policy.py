@@ -22,13 +22,19 @@ class WeightsCorrupt(RuntimeError):
     """Weights read from the object store do not match the published checksum."""
 
 
-async def publish_weights(js: JetStreamContext, run: str, version: int, data: bytes, *, step: int) -> PolicyVersion:
+async def publish_weights(
+    js: JetStreamContext, run: str, version: int, data: bytes, *, step: int
+) -> PolicyVersion:
     """Store the weights, then announce the version (in that order)."""
     obs = await js.object_store(WEIGHTS_BUCKET)
     name = weights_object(run, version)
     await obs.put(name, data)
     record = PolicyVersion(
-        version=version, object_name=name, sha256=hashlib.sha256(data).hexdigest(), step=step, time=time.time()
+        version=version,
+        object_name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        step=step,
+        time=time.time(),
     )
     kv = await js.key_value(POLICY_BUCKET)
     await kv.put(policy_key(run), encode(record))

@@ -61,19 +61,31 @@ class NatsServer:
             self.port = free_port()
         elif port_in_use(self.port, self.host):
             raise NatsServerError(
-                f"port {self.port} is already in use: stop what listens there or set nats.port in rollstream.toml."
+                f"port {self.port} is already in use: stop what listens there "
+                "or set nats.port in rollstream.toml."
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port)]
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+        ]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
         args += self.extra_args
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise NatsServerError(f"nats-server exited with code {self.proc.returncode}; see {self.log_file}")
+                raise NatsServerError(
+                    f"nats-server exited with code {self.proc.returncode}; see {self.log_file}"
+                )
             if port_in_use(self.port, self.host):
                 return self
             time.sleep(0.05)

@@ -35,7 +35,8 @@ class TopologyError(ValueError):
 def check_run(run: str) -> str:
     if not RUN_RE.match(run):
         raise TopologyError(
-            f"run name {run!r} is invalid: use 1-64 letters, digits, '-' or '_' (it becomes part of subjects)."
+            f"run name {run!r} is invalid: use 1-64 letters, digits, '-' or '_' "
+            "(it becomes part of subjects)."
         )
     return run
 
@@ -73,12 +74,22 @@ DLQ = StreamSpec("RS_DLQ", ("rs.dlq.>",), duplicate_window_s=0.0)
 STREAMS: tuple[StreamSpec, ...] = (TASKS, TRAJ, TRAIN, DLQ)
 
 # Episodes take minutes: rollout and reward heartbeat with in_progress() well inside ack_wait.
-ROLLOUT = ConsumerSpec("rollout", TASKS.name, "rs.tasks.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64)
-REWARD = ConsumerSpec("reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64)
-LEARNER = ConsumerSpec("learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=300.0, max_deliver=5, max_ack_pending=1024)
+ROLLOUT = ConsumerSpec(
+    "rollout", TASKS.name, "rs.tasks.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64
+)
+REWARD = ConsumerSpec(
+    "reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64
+)
+LEARNER = ConsumerSpec(
+    "learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=300.0, max_deliver=5, max_ack_pending=1024
+)
 LAKE_TASKS = ConsumerSpec("lake-tasks", TASKS.name, "rs.tasks.{run}", ack_wait_s=60.0, max_ack_pending=4096)
-LAKE_TRAJ = ConsumerSpec("lake-traj", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=60.0, max_ack_pending=4096)
-LAKE_TRAIN = ConsumerSpec("lake-train", TRAIN.name, "rs.train.log.{run}", ack_wait_s=60.0, max_ack_pending=4096)
+LAKE_TRAJ = ConsumerSpec(
+    "lake-traj", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=60.0, max_ack_pending=4096
+)
+LAKE_TRAIN = ConsumerSpec(
+    "lake-train", TRAIN.name, "rs.train.log.{run}", ack_wait_s=60.0, max_ack_pending=4096
+)
 CONSUMERS: tuple[ConsumerSpec, ...] = (ROLLOUT, REWARD, LEARNER, LAKE_TASKS, LAKE_TRAJ, LAKE_TRAIN)
 
 

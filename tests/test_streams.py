@@ -43,7 +43,9 @@ async def test_record_published_twice_with_the_same_id_is_stored_once(js: JetStr
     assert info.state.messages == 1
 
 
-async def test_poison_goes_to_the_dead_letter_subject_and_the_consumer_keeps_going(js: JetStreamContext) -> None:
+async def test_poison_goes_to_the_dead_letter_subject_and_the_consumer_keeps_going(
+    js: JetStreamContext,
+) -> None:
     await ensure(js, RUN)
     pub = Publisher(js)
     await js.publish(subject("tasks", RUN), b"\x00\x01garbage")
@@ -60,7 +62,9 @@ async def test_poison_goes_to_the_dead_letter_subject_and_the_consumer_keeps_goi
     assert all(letter.reason.startswith("decode:") for letter in letters)
 
 
-async def test_unacked_message_is_redelivered_then_dead_lettered_after_its_budget(js: JetStreamContext) -> None:
+async def test_unacked_message_is_redelivered_then_dead_lettered_after_its_budget(
+    js: JetStreamContext,
+) -> None:
     await ensure(js, RUN)
     s = sample(7)
     await Publisher(js).publish(subject("tasks", RUN), s, msg_id=s.msg_id)

@@ -1,0 +1,5 @@
+"""The agent loop: prompt and context management, tool calls, chunk segmentation, inference engines.
+
+Public entry points: ``loop.run_episode``, ``engine.InferenceEngine`` (``torch_engine.TorchEngine``,
+``sglang_engine.SGLangEngine``, ``expert.ScriptedExpert``), ``policy_init.create_tiny_policy``.
+"""

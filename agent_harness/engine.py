@@ -1,0 +1,49 @@
+"""The inference-engine contract: token ids in, sampled token ids and behaviour log-probs out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenRequest:
+    """Continue ``prompt_tokens`` by at most ``max_new_tokens`` tokens.
+
+    Generation stops after (and includes) the first token in ``stop_token_ids`` or the first token
+    whose decoded continuation contains one of ``stop_strings``.
+    """
+
+    prompt_tokens: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    stop_token_ids: list[int] | None = None
+    stop_strings: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """Sampled tokens with their behaviour log-probabilities (one per token).
+
+    ``version`` is the policy version that produced the tokens when the engine knows it exactly
+    (it may differ from ``engine.version`` read before the call if weights moved meanwhile).
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    version: int | None = field(default=None)
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What the agent loop needs from a policy: a version, a tokenizer, generation, weight loading."""
+
+    version: int
+    tokenizer: Any  # a Hugging Face tokenizer (PreTrainedTokenizerFast)
+
+    async def generate(self, requests: list[GenRequest]) -> list[Generation]: ...
+
+    async def load_weights(self, safetensors_bytes: bytes, version: int) -> None: ...

@@ -1,0 +1,36 @@
+"""Settings of the agent loop (decoded once from ``rollstream.toml`` and flags, passed down)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+
+class HarnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Budgets of one episode: tokens per turn and in total, observation size, time."""
+
+    max_new_tokens_per_turn: Annotated[
+        int, msgspec.Meta(ge=1, description="Tokens the policy may generate in one turn.")
+    ] = 64
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, description="Sampling temperature (0 = greedy).")] = (
+        1.0
+    )
+    max_total_tokens: Annotated[
+        int,
+        msgspec.Meta(ge=16, description="Budget of the whole sequence (prompt, actions, observations)."),
+    ] = 1024
+    max_observation_tokens: Annotated[
+        int,
+        msgspec.Meta(ge=8, description="Longer tool outputs keep their head and tail and drop the middle."),
+    ] = 128
+    command_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0.0, description="Wall-clock limit of one bash command in the sandbox.")
+    ] = 10.0
+    episode_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0.0, description="Wall-clock limit of one episode; then it is truncated.")
+    ] = 300.0
+    sandbox_ttl_s: Annotated[
+        float,
+        msgspec.Meta(gt=0.0, description="TTL asked of sandboxd; the reward worker closes it earlier."),
+    ] = 900.0

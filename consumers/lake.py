@@ -1,0 +1,69 @@
+"""The lake writer process: tasks, scored trajectories and the train log into Parquet.
+
+Steps, as a checkpoint does: add (buffer) -> flush (temp file, fsync, rename) -> ack. A failed
+flush acks nothing, so the broker redelivers and the views hide the duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+
+from consumers.lake_writer import LakeWriter
+from schemas.codec import scored_decoder, tasks_decoder, train_decoder
+from streams.bus import Consumer, Delivery
+from streams.topology import LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
+
+log = structlog.get_logger(__name__)
+
+
+async def run(
+    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Write the lake from the three ``lake-*`` consumers until cancelled; flush on the way out."""
+    writer = LakeWriter(cfg.lake_root, writer_id=f"{socket.gethostname()[:16]}-{os.getpid()}")
+    tasks = await Consumer(js, LAKE_TASKS, cfg.run, tasks_decoder, stage="lake").bind()
+    traj = await Consumer(js, LAKE_TRAJ, cfg.run, scored_decoder, stage="lake").bind()
+    train = await Consumer(js, LAKE_TRAIN, cfg.run, train_decoder, stage="lake").bind()
+    unacked: list[Delivery[Any]] = []
+    task_status.started()
+    log.info("lake_started", root=str(cfg.lake_root))
+
+    async def flush() -> None:
+        if not unacked:
+            return
+        rows = await anyio.to_thread.run_sync(writer.flush)
+        for d in unacked:
+            await d.ack()
+        log.info("lake_flush", messages=len(unacked), **rows)
+        unacked.clear()
+
+    last_flush = time.monotonic()
+    try:
+        while True:
+            got = 0
+            for consumer, add in (
+                (tasks, writer.add_task),
+                (traj, writer.add_scored),
+                (train, writer.add_train),
+            ):
+                for d in await consumer.fetch(min(256, cfg.lake.max_batch), timeout_s=0.5):
+                    add(d.record)
+                    unacked.append(d)
+                    got += 1
+            due = time.monotonic() - last_flush >= cfg.lake.flush_interval_s
+            if len(unacked) >= cfg.lake.max_batch or (due and unacked):
+                await flush()
+                last_flush = time.monotonic()
+            elif not got:
+                await anyio.sleep(0.2)
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            await flush()

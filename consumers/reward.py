@@ -1,0 +1,119 @@
+"""The reward group: raw trajectories in, scored trajectories out.
+
+Verification runs the task's verify commands in the trajectory's own sandbox while it is alive;
+if it is gone, a fresh sandbox re-runs setup and the trajectory's bash calls first. An agent
+failure scores 0.0; an infrastructure failure (aborted episode, sandbox lost and not rebuildable,
+a verify command that hangs) is published with ``valid=False`` and its reason, never trained on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from ops.config import Config
+from sandboxd.client import SandboxClient
+from sandboxd.errors import SandboxError, SandboxNotFound
+from schemas.codec import raw_traj_decoder
+from schemas.trajectory import ScoredTrajectory, Trajectory
+from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.topology import REWARD, subject
+
+log = structlog.get_logger(__name__)
+
+
+class InfraFailure(Exception):
+    """Verification could not be carried out; the sample is not a training sample."""
+
+
+async def _run_checks(
+    sandbox: SandboxClient, sandbox_id: str, commands: list[str], timeout_s: float
+) -> tuple[bool, str]:
+    outputs: list[str] = []
+    for cmd in commands:
+        res = await sandbox.exec(sandbox_id, cmd, timeout_s=timeout_s, max_output_bytes=4096)
+        if res.timed_out:
+            raise InfraFailure(f"verify command timed out after {timeout_s:.0f}s: {cmd[:80]}")
+        outputs.append(f"$ {cmd}\n[{res.exit_code}] {res.stdout}{res.stderr}")
+        if res.exit_code != 0:
+            return False, "\n".join(outputs)[-4000:]
+    return True, "\n".join(outputs)[-4000:]
+
+
+async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float) -> str:
+    """A fresh sandbox with the task set up and the trajectory's bash calls re-executed."""
+    assert traj.task is not None
+    created = await sandbox.create(traj.task.environment, labels={"rollstream.traj": traj.traj_id[:60]})
+    for cmd in traj.task.setup:
+        await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
+    for chunk in traj.chunks:
+        if chunk.tool_name == "bash" and chunk.tool_status in ("ok", "error", "timeout"):
+            try:
+                args = msgspec.json.decode(chunk.tool_args)
+                command = str(args.get("command", "")) if isinstance(args, dict) else ""
+            except msgspec.DecodeError:
+                continue
+            if command:
+                await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
+    return created.sandbox_id
+
+
+async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float) -> ScoredTrajectory:
+    """Verify one trajectory; never raises for agent or infrastructure failures."""
+
+    def invalid(reason: str) -> ScoredTrajectory:
+        return ScoredTrajectory(
+            traj=traj, reward=0.0, valid=False, invalid_reason=reason, scored_at=time.time()
+        )
+
+    if traj.status == "aborted":
+        return invalid(f"aborted: {traj.abort_reason}")
+    if traj.task is None or not traj.task.verify:
+        return invalid("no verify commands")
+    sandbox_id = traj.sandbox_id
+    rebuilt = ""
+    try:
+        try:
+            if not sandbox_id:
+                raise SandboxNotFound("no sandbox recorded")
+            ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
+        except SandboxNotFound:
+            rebuilt = await _rebuild(sandbox, traj, verify_timeout_s)
+            ok, out = await _run_checks(sandbox, rebuilt, traj.task.verify, verify_timeout_s)
+            out = "[re-executed in a fresh sandbox]\n" + out
+    except InfraFailure as exc:
+        return invalid(str(exc))
+    except SandboxError as exc:
+        return invalid(f"sandbox: {type(exc).__name__}: {exc}")
+    finally:
+        with anyio.move_on_after(10, shield=True):
+            for sid in {sandbox_id, rebuilt} - {""}:
+                try:
+                    await sandbox.close(sid)
+                except SandboxError:
+                    pass
+    return ScoredTrajectory(traj=traj, reward=1.0 if ok else 0.0, verifier_output=out, scored_at=time.time())
+
+
+async def run(
+    cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Score trajectories from the shared ``reward`` consumer until cancelled."""
+    consumer = await Consumer(js, REWARD, cfg.run, raw_traj_decoder).bind()
+    pub = Publisher(js)
+    sandbox = SandboxClient(nc)
+
+    async def handle(d: Delivery[Trajectory]) -> None:
+        scored = await score(d.record, sandbox, cfg.reward.verify_timeout_s)
+        await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{d.record.traj_id}")
+        await d.ack()
+
+    task_status.started()
+    log.info("reward_started", concurrency=cfg.reward.concurrency)
+    await serve(consumer, cfg.reward.concurrency, handle)

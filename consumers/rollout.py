@@ -1,0 +1,115 @@
+"""The rollout group: tasks in, raw trajectories out, every chunk stamped with its policy version.
+
+Each process runs ``rollout.concurrency`` episodes at once against one inference engine. Before
+every turn it swaps in newer weights if the learner announced some, so no episode starts (or goes
+on) with weights older than ``latest - eta``; a trajectory may span versions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from agent_harness.engine import InferenceEngine
+from agent_harness.loop import run_episode
+from ops.config import Config
+from sandboxd.client import SandboxClient
+from schemas.codec import tasks_decoder
+from schemas.task import TaskSample
+from schemas.trajectory import Trajectory
+from streams import policy
+from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.topology import ROLLOUT, subject
+
+log = structlog.get_logger(__name__)
+
+
+def make_engine(cfg: Config) -> InferenceEngine:
+    """The engine named in the config: local torch (CPU/GPU) or an sglang server."""
+    if cfg.rollout.engine == "sglang":
+        from agent_harness.sglang_engine import SGLangEngine
+
+        return SGLangEngine(cfg.rollout.sglang_url, cfg.policy_dir)
+    from agent_harness.torch_engine import TorchEngine
+
+    return TorchEngine(cfg.policy_dir)
+
+
+class WeightSync:
+    """Keeps the engine on the learner's latest announced version."""
+
+    def __init__(self, js: JetStreamContext, run: str, engine: InferenceEngine) -> None:
+        self.js, self.run, self.engine = js, run, engine
+        self._lock = anyio.Lock()
+        self.loads = 0
+
+    async def refresh(self) -> None:
+        latest = await policy.latest(self.js, self.run)
+        if latest is None or latest.version <= self.engine.version:
+            return
+        async with self._lock:
+            if latest.version <= self.engine.version:
+                return
+            data = await policy.fetch_weights(self.js, latest)
+            await self.engine.load_weights(data, latest.version)
+            self.loads += 1
+            log.info("weights_loaded", policy_version=latest.version)
+
+
+async def _heartbeat(delivery: Delivery[Any], every_s: float) -> None:
+    while True:
+        await anyio.sleep(every_s)
+        await delivery.in_progress()
+
+
+async def run(
+    cfg: Config,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    engine: InferenceEngine | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run episodes from the shared ``rollout`` consumer until cancelled."""
+    engine = engine or await anyio.to_thread.run_sync(make_engine, cfg)
+    consumer = await Consumer(js, ROLLOUT, cfg.run, tasks_decoder).bind()
+    pub = Publisher(js)
+    sync = WeightSync(js, cfg.run, engine)
+    sandbox = SandboxClient(nc)
+    counts = {"episodes": 0}
+
+    async def handle(delivery: Delivery[TaskSample]) -> None:
+        sample = delivery.record
+        with structlog.contextvars.bound_contextvars(traj_id=sample.msg_id):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_heartbeat, delivery, cfg.rollout.heartbeat_s)
+                await sync.refresh()
+                traj: Trajectory = await run_episode(
+                    sample,
+                    engine=engine,
+                    sandbox=sandbox,
+                    settings=cfg.rollout.harness,
+                    before_turn=sync.refresh,
+                )
+                traj = msgspec.structs.replace(traj, task=sample.task)
+                await pub.publish(subject("raw", cfg.run), traj, msg_id=f"raw:{traj.traj_id}")
+                tg.cancel_scope.cancel()
+            await delivery.ack()
+        counts["episodes"] += 1
+        if counts["episodes"] % 20 == 0:
+            log.info(
+                "rollout_progress",
+                episodes=counts["episodes"],
+                policy_version=engine.version,
+                weight_loads=sync.loads,
+            )
+
+    task_status.started()
+    log.info("rollout_started", concurrency=cfg.rollout.concurrency, policy_version=engine.version)
+    await serve(consumer, cfg.rollout.concurrency, handle)

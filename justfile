@@ -1,0 +1,54 @@
+# rollstream's everyday commands. `just` alone lists them.
+# Every recipe calls the `rollstream` console script of the project's virtualenv.
+
+set positional-arguments
+
+venv := justfile_directory() / ".venv"
+rs := venv / "bin/rollstream"
+py := venv / "bin/python"
+
+# List the recipes
+default:
+    @just --list --unsorted
+
+# Start the broker and every worker; show progress until Ctrl-C (extra args go to `rollstream up`)
+up *args:
+    {{rs}} up "$@"
+
+# Stop everything `just up` started: no process and no sandbox container is left
+down:
+    {{rs}} down
+
+# Per-group processes, backlog, redeliveries, policy version and lake totals
+status:
+    {{rs}} status
+
+# SQL over the trajectory lake, e.g. just query "SELECT count(*) FROM trajectories"
+query sql *args:
+    {{rs}} query "$@"
+
+# Change process counts of a running deployment, e.g. just scale rollout=3 reward=2
+scale +counts:
+    {{rs}} scale "$@"
+
+# Follow the workers' logs (JSON lines under .rollstream/logs)
+logs:
+    tail -n 20 -F .rollstream/logs/*.log
+
+# Build a sandbox environment image from sandboxd/envs/NAME.toml
+env-build name:
+    {{rs}} env build {{name}}
+
+# Lint (ruff) and type-check (mypy, strict on schemas/ streams/ learner/)
+lint:
+    {{venv}}/bin/ruff check .
+    {{venv}}/bin/ruff format --check .
+    {{venv}}/bin/mypy schemas streams learner
+
+# The whole test suite (real nats-server, real Docker, real torch), after lint
+test *args: lint
+    {{venv}}/bin/pytest -q "$@"
+
+# Transport benchmark: typed layer vs raw nats-py
+bench-transport:
+    {{py}} -m ops.bench.transport

@@ -1,0 +1,173 @@
+"""One configuration, ``rollstream.toml``: every part's settings as frozen msgspec Structs.
+
+Decoded once (file, then ``--set section.key=value`` flags) and passed down; workers never read
+``os.environ``. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from agent_harness.settings import HarnessSettings
+from learner.settings import LearnerSettings
+from sandboxd.settings import SandboxdSettings
+
+
+class ConfigError(ValueError):
+    """A configuration problem, in one sentence naming the key and the fix."""
+
+
+def _meta(description: str, **kw: float) -> msgspec.Meta:
+    return msgspec.Meta(description=description, **kw)
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: Annotated[str, _meta("Broker URL the workers connect to; empty = the one `just up` starts.")] = ""
+    host: Annotated[str, _meta("Address the embedded nats-server listens on.")] = "127.0.0.1"
+    port: Annotated[int, _meta("Port of the embedded nats-server.", ge=1, le=65535)] = 4222
+    creds_dir: Annotated[str, _meta("Directory of per-role credentials; empty = no auth (tests).")] = ""
+
+
+class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    source: Annotated[Literal["builtin", "jsonl"], _meta("Where tasks come from.")] = "builtin"
+    path: Annotated[str, _meta("JSONL task file when source = jsonl.")] = ""
+    seed: Annotated[int, _meta("Seed of the built-in task family.")] = 0
+    levels: Annotated[
+        tuple[int, ...], _meta("Difficulty levels of the built-in family (tool calls needed).")
+    ] = (1, 2)
+    group_size: Annotated[int, _meta("Samples per task (a group, for group baselines).", ge=1)] = 1
+    max_inflight: Annotated[
+        int, _meta("Samples published but not yet finished by rollout, at most.", ge=1)
+    ] = 16
+    total: Annotated[int, _meta("Stop after this many tasks; 0 = run forever.", ge=0)] = 0
+
+
+class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    concurrency: Annotated[int, _meta("Episodes one rollout process runs at once.", ge=1)] = 4
+    engine: Annotated[Literal["torch", "sglang"], _meta("Inference engine.")] = "torch"
+    sglang_url: Annotated[str, _meta("sglang server URL when engine = sglang.")] = ""
+    heartbeat_s: Annotated[
+        float, _meta("Seconds between in_progress heartbeats of a long episode.", gt=0)
+    ] = 20.0
+    harness: HarnessSettings = HarnessSettings()
+
+
+class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    concurrency: Annotated[int, _meta("Trajectories one reward process verifies at once.", ge=1)] = 4
+    verify_timeout_s: Annotated[
+        float, _meta("Limit of one verify command; a hang is an infra failure.", gt=0)
+    ] = 20.0
+
+
+class LakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    path: Annotated[str, _meta("Lake root; relative paths are under state_dir.")] = "lake"
+    flush_interval_s: Annotated[float, _meta("Seconds between flushes.", gt=0)] = 5.0
+    max_batch: Annotated[int, _meta("Flush when this many messages wait.", ge=1)] = 512
+
+
+class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    sandboxd: Annotated[int, _meta("sandboxd processes.", ge=0)] = 1
+    producer: Annotated[int, _meta("Task producers.", ge=0, le=1)] = 1
+    rollout: Annotated[int, _meta("Rollout group processes.", ge=0)] = 1
+    reward: Annotated[int, _meta("Reward group processes.", ge=0)] = 1
+    learner: Annotated[int, _meta("Learner processes.", ge=0, le=1)] = 1
+    lake: Annotated[int, _meta("Lake writer processes.", ge=0)] = 1
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    run: Annotated[str, _meta("Run name; part of every subject.", pattern=r"^[A-Za-z0-9_-]{1,64}$")] = (
+        "default"
+    )
+    state_dir: Annotated[str, _meta("Where broker data, the policy, logs and the lake live.")] = ".rollstream"
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], _meta("Log level.")] = "info"
+    nats: NatsSettings = NatsSettings()
+    producer: ProducerSettings = ProducerSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    reward: RewardSettings = RewardSettings()
+    learner: LearnerSettings = LearnerSettings()
+    lake: LakeSettings = LakeSettings()
+    sandboxd: SandboxdSettings = SandboxdSettings()
+    processes: ProcessCounts = ProcessCounts()
+
+    @property
+    def state(self) -> Path:
+        return Path(self.state_dir).resolve()
+
+    @property
+    def lake_root(self) -> Path:
+        p = Path(self.lake.path)
+        return p if p.is_absolute() else self.state / p
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.state / "policy" / "base"
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url or f"nats://{self.nats.host}:{self.nats.port}"
+
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _explain(exc: msgspec.ValidationError | msgspec.DecodeError, source: str) -> ConfigError:
+    msg = str(exc)
+    where = _PATH_RE.search(msg)
+    section = where.group(1).replace("[", ".").replace("]", "") if where else ""
+    unknown = re.search(r"unknown field `([^`]+)`", msg)
+    if unknown:
+        key = f"{section}.{unknown.group(1)}" if section else unknown.group(1)
+        return ConfigError(
+            f"{source}: unknown key `{key}`; remove it or check its spelling (see README, Configuration)."
+        )
+    head = _PATH_RE.sub("", msg).strip(" -")
+    return ConfigError(f"{source}: {head}" + (f" (key `{section}`)" if section else ""))
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: use section.key=value, e.g. --set learner.max_staleness=1")
+    key, raw = item.split("=", 1)
+    try:
+        value: object = msgspec.toml.decode(f"v = {raw}".encode())["v"]
+    except msgspec.DecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (or ``rollstream.toml`` if present), apply ``section.key=value`` overrides."""
+    data: dict[str, object] = {}
+    source = "defaults"
+    if path is None and Path("rollstream.toml").exists():
+        path = Path("rollstream.toml")
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist.")
+        source = str(path)
+        try:
+            data = msgspec.toml.decode(path.read_bytes())
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: `{k}` is not a section")
+            node = child
+        node[keys[-1]] = value
+        source = f"{source} + --set"
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def to_toml(config: Config) -> str:
+    return msgspec.toml.encode(config).decode()

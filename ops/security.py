@@ -1,0 +1,294 @@
+"""Per-role broker credentials and a nats-server config that lets each role do its job and nothing else.
+
+One user per role (producer, rollout, reward, learner, lake, sandboxd, ops). Passwords are random,
+stored in plain text in ``<creds_dir>/<role>.json`` (mode 0600, directory 0700) and in the server
+config (also 0600): nats-server accepts plain passwords, and bcrypt hashes would add a dependency
+while the config file must stay private anyway. There is no ``no_auth_user``, so anonymous
+connections are refused.
+
+Least privilege, in subjects:
+
+- Only ``ops`` (the supervisor, status and scale CLI) may call JetStream admin APIs; it runs
+  ``streams.topology.ensure()``. Workers only use the durable consumers ``ensure()`` created.
+- A consumer role may pull from and ack its own durable consumers only
+  (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>``, ``$JS.ACK.<stream>.<durable>.>``), read their
+  info, and dead-letter to ``rs.dlq.<its stage>.<run>``.
+- Each role publishes records to the one subject its stage feeds, reads KV ``rs_policy`` keys it
+  needs through direct gets, and only the learner writes ``<run>.latest`` and the weights objects.
+- Replies come back on a private inbox prefix per role (``_INBOX.<role>``, see ``inbox_prefix``),
+  so no role can subscribe to another's replies; sandboxd answers with ``allow_responses``.
+
+Run as ``python -m ops.security <conf> <creds_dir> [--run RUN]`` to write both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams.topology import (
+    LAKE_TASKS,
+    LAKE_TRAIN,
+    LAKE_TRAJ,
+    LEARNER,
+    POLICY_BUCKET,
+    REWARD,
+    ROLLOUT,
+    WEIGHTS_BUCKET,
+    ConsumerSpec,
+    check_run,
+)
+
+ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "ops")
+API = "$JS.API"
+KV_STREAM = f"KV_{POLICY_BUCKET}"
+OBJ_STREAM = f"OBJ_{WEIGHTS_BUCKET}"
+MAX_PAYLOAD = "8MB"
+
+
+class SecurityError(RuntimeError):
+    """Credentials or the server config cannot be written or read."""
+
+
+def inbox_prefix(role: str) -> str:
+    """The reply-inbox prefix a role must connect with (``nats.connect(inbox_prefix=...)``)."""
+    return f"_INBOX.{role}"
+
+
+@dataclass
+class Grants:
+    """Subjects one role may publish to and subscribe to."""
+
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    allow_responses: bool = False
+
+
+# -- what each role needs --------------------------------------------------------------------------
+
+
+def _pull(spec: ConsumerSpec, run: str | None) -> list[str]:
+    """Pull from, ack, and read the info of one durable consumer (any run's if ``run`` is None)."""
+    durable = spec.durable(run) if run else "*"
+    return [
+        f"{API}.CONSUMER.MSG.NEXT.{spec.stream}.{durable}",
+        f"{API}.CONSUMER.INFO.{spec.stream}.{durable}",
+        f"$JS.ACK.{spec.stream}.{durable}.>",
+    ]
+
+
+def _kv_read(key: str) -> list[str]:
+    # The bucket is created without allow_direct, so nats-py reads through STREAM.MSG.GET, whose
+    # request body (not subject) names the key: any key of rs_policy is readable, none writable.
+    # With KeyValueConfig(direct=True) in topology the MSG.GET grant could go.
+    return [
+        f"{API}.STREAM.INFO.{KV_STREAM}",
+        f"{API}.STREAM.MSG.GET.{KV_STREAM}",
+        f"{API}.DIRECT.GET.{KV_STREAM}.$KV.{POLICY_BUCKET}.{key}",
+    ]
+
+
+def _weights_read() -> list[str]:
+    # get_info reads the meta message by subject; the chunks arrive through an ordered push
+    # consumer (ephemeral, created unnamed) with flow control; nats-py finds its stream by subject
+    # through STREAM.NAMES (read-only, lists stream names).
+    return [
+        f"{API}.STREAM.INFO.{OBJ_STREAM}",
+        f"{API}.STREAM.NAMES",
+        f"{API}.STREAM.MSG.GET.{OBJ_STREAM}",
+        f"{API}.CONSUMER.CREATE.{OBJ_STREAM}",
+        f"$JS.FC.{OBJ_STREAM}.>",
+    ]
+
+
+def _weights_write() -> list[str]:
+    return [*_weights_read(), f"{API}.STREAM.PURGE.{OBJ_STREAM}", f"$O.{WEIGHTS_BUCKET}.>"]
+
+
+SANDBOX_CALLS = ["rs.sandbox.create", "rs.sandbox.*.*"]
+
+
+def role_grants(role: str, run: str | None) -> Grants:
+    """The subjects ``role`` needs for ``run`` (None: any run, with per-stream consumer wildcards)."""
+    r = check_run(run) if run else "*"
+    inbox = f"{inbox_prefix(role)}.>"
+    if role == "producer":
+        cursor = f"{r}.producer_cursor"
+        pub = [
+            f"rs.tasks.{r}",
+            f"$KV.{POLICY_BUCKET}.{cursor}",
+            *_kv_read(cursor),
+            f"{API}.CONSUMER.INFO.{ROLLOUT.stream}.{ROLLOUT.durable(run) if run else '*'}",
+        ]
+        return Grants(pub, [inbox])
+    if role == "rollout":
+        pub = [
+            *_pull(ROLLOUT, run),
+            f"rs.traj.raw.{r}",
+            f"rs.dlq.rollout.{r}",
+            *_kv_read(f"{r}.latest"),
+            *_weights_read(),
+            *SANDBOX_CALLS,
+        ]
+        return Grants(pub, [inbox])
+    if role == "reward":
+        return Grants(
+            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS], [inbox]
+        )
+    if role == "learner":
+        pub = [
+            *_pull(LEARNER, run),
+            f"rs.train.log.{r}",
+            f"rs.dlq.learner.{r}",
+            *_kv_read(f"{r}.latest"),
+            f"$KV.{POLICY_BUCKET}.{r}.latest",
+            *_weights_write(),
+        ]
+        return Grants(pub, [inbox])
+    if role == "lake":
+        pub = [*_pull(LAKE_TASKS, run), *_pull(LAKE_TRAJ, run), *_pull(LAKE_TRAIN, run), f"rs.dlq.lake.{r}"]
+        return Grants(pub, [inbox])
+    if role == "sandboxd":
+        # Serves create in queue group sandboxd and its own rs.sandbox.<owner>.<op>; the reaper
+        # pings other owners. Replies go to the requesters' inboxes via allow_responses.
+        return Grants(
+            ["rs.sandbox.*.ping"],
+            ["rs.sandbox.create sandboxd", "rs.sandbox.*.*", inbox],
+            allow_responses=True,
+        )
+    if role == "ops":
+        # The supervisor, status and scale CLI: JetStream admin (ensure), every rollstream subject,
+        # the KV bucket and the object store; it answers rs.ops.scale.<run> requests.
+        pub = [
+            f"{API}.>",
+            "rs.>",
+            f"$KV.{POLICY_BUCKET}.>",
+            f"$O.{WEIGHTS_BUCKET}.>",
+            "$JS.ACK.>",
+            "$JS.FC.>",
+        ]
+        return Grants(pub, ["rs.>", inbox], allow_responses=True)
+    raise SecurityError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+
+
+# -- credentials -----------------------------------------------------------------------------------
+
+
+def _creds_file(creds_dir: Path, role: str) -> Path:
+    return creds_dir / f"{role}.json"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only (never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _read_creds(path: Path) -> tuple[str, str]:
+    try:
+        data = json.loads(path.read_bytes())
+        return str(data["user"]), str(data["password"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SecurityError(
+            f"credentials file {path} is malformed ({exc}); delete it and rerun `just up`."
+        ) from None
+
+
+def ensure_credentials(creds_dir: Path) -> dict[str, tuple[str, str]]:
+    """Each role's (user, password), creating ``<creds_dir>/<role>.json`` (0600) where missing."""
+    creds_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(creds_dir, 0o700)
+    out: dict[str, tuple[str, str]] = {}
+    for role in ROLES:
+        path = _creds_file(creds_dir, role)
+        if not path.exists():
+            body = {"user": role, "password": secrets.token_urlsafe(32)}
+            _write_private(path, json.dumps(body).encode())
+        out[role] = _read_creds(path)
+    return out
+
+
+def role_credentials(cfg: Any, role: str) -> tuple[str, str]:
+    """(user, password) of ``role`` from ``<cfg.nats.creds_dir>/<role>.json``."""
+    if role not in ROLES:
+        raise SecurityError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    path = _creds_file(Path(cfg.nats.creds_dir), role)
+    if not path.exists():
+        raise SecurityError(
+            f"credentials file {path} does not exist: generate the per-role credentials with "
+            f"`python -m ops.security <server.conf> {cfg.nats.creds_dir}` (the supervisor does this when it "
+            "starts the broker) or set nats.creds_dir to the directory that holds them."
+        )
+    return _read_creds(path)
+
+
+# -- server config ---------------------------------------------------------------------------------
+
+
+def _q(s: str) -> str:
+    return json.dumps(s)  # a double-quoted string is valid in the nats-server config syntax
+
+
+def _user_block(user: str, password: str, grants: Grants) -> str:
+    pub = ", ".join(_q(s) for s in grants.publish)
+    sub = ", ".join(_q(s) for s in grants.subscribe)
+    lines = [
+        f"    {{ user: {_q(user)}, password: {_q(password)}, permissions: {{",
+        f"        publish: {{ allow: [{pub}] }}",
+        f"        subscribe: {{ allow: [{sub}] }}",
+    ]
+    if grants.allow_responses:
+        lines.append("        allow_responses: true")
+    lines.append("    } }")
+    return "\n".join(lines)
+
+
+def server_config(creds: dict[str, tuple[str, str]], *, run: str | None = None, extra: str = "") -> str:
+    """The nats-server config text for these credentials (JetStream itself is enabled by flag)."""
+    users = "\n".join(_user_block(*creds[role], role_grants(role, run)) for role in ROLES)
+    return (
+        "# Written by rollstream ops.security; holds plain passwords: keep it 0600.\n"
+        f"max_payload: {MAX_PAYLOAD}\n"
+        "authorization {\n"
+        "  users: [\n"
+        f"{users}\n"
+        "  ]\n"
+        "}\n"
+        f"{extra}\n"
+    )
+
+
+def write_server_config(path: Path, creds_dir: Path, *, extra: str = "", run: str | None = None) -> None:
+    """Write the server config to ``path`` (0600), creating any missing credentials in ``creds_dir``.
+
+    ``run`` narrows every role to that run's subjects and durable consumers; without it a role may
+    use the consumer of its stage in any run (``<stream>.*`` durables). ``extra`` is appended verbatim.
+    """
+    creds = ensure_credentials(creds_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, server_config(creds, run=run, extra=extra).encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ops.security", description=__doc__.split("\n")[0])
+    ap.add_argument("conf", type=Path, help="nats-server config file to write")
+    ap.add_argument("creds_dir", type=Path, help="directory of per-role credentials")
+    ap.add_argument("--run", default=None, help="narrow permissions to this run")
+    args = ap.parse_args(argv)
+    write_server_config(args.conf, args.creds_dir, run=args.run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""``rollstream status`` and ``rollstream scale``: ask the broker and the supervisor."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from rich.console import Console
+from rich.table import Table
+
+from streams import policy
+from streams.bus import backlog
+from streams.topology import CONSUMERS
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py reports connection errors here; the caller turns them into one sentence."""
+
+
+async def _connect(cfg: Any) -> nats.aio.client.Client:
+    try:
+        with anyio.fail_after(8):
+            return await nats.connect(
+                cfg.nats_url,
+                connect_timeout=3,
+                max_reconnect_attempts=0,
+                allow_reconnect=False,
+                error_cb=_quiet,
+            )
+    except Exception:  # noqa: BLE001 - nats raises several kinds for "nobody there"
+        raise ConnectionError(f"no broker answers at {cfg.nats_url}: is `just up` running?") from None
+
+
+def processes(cfg: Any) -> dict[str, int]:
+    path = cfg.state / "processes.json"
+    if not path.exists():
+        return {}
+    counts: dict[str, int] = {}
+    for w in json.loads(path.read_text()).get("workers", []):
+        counts[w["name"]] = counts.get(w["name"], 0) + 1
+    return counts
+
+
+async def _status(cfg: Any, console: Console) -> None:
+    nc = await _connect(cfg)
+    try:
+        js = nc.jetstream(timeout=5)
+        latest = await policy.latest(js, cfg.run)
+        procs = processes(cfg)
+        t = Table(title=f"rollstream · run {cfg.run} · policy version {latest.version if latest else '-'}")
+        for col in ("group", "processes", "pending", "ack pending", "redelivered"):
+            t.add_column(col, justify="right" if col != "group" else "left")
+        for spec in CONSUMERS:
+            try:
+                pending, ack_pending, redelivered = await backlog(js, spec, cfg.run)
+            except Exception:  # noqa: BLE001 - consumer not created yet
+                pending = ack_pending = redelivered = -1
+            proc_name = spec.group.split("-")[0]
+            t.add_row(
+                spec.group, str(procs.get(proc_name, 0)), str(pending), str(ack_pending), str(redelivered)
+            )
+        console.print(t)
+    finally:
+        await nc.close()
+    from ops.lake_query import QueryError, query
+
+    try:
+        table = query(
+            cfg.lake_root,
+            "SELECT count(*) AS trajectories, avg(reward) AS success, "
+            "count(DISTINCT policy_version) AS versions, max(policy_version) AS newest FROM trajectories",
+        )
+        row = table.to_pylist()[0]
+        drops = query(
+            cfg.lake_root,
+            "SELECT count(*) FILTER (fate = 'dropped') AS dropped, count(*) AS total, "
+            "max(staleness) FILTER (fate = 'trained') AS max_trained_staleness FROM train_log",
+        ).to_pylist()[0]
+        success = f"{row['success']:.1%}" if row["success"] is not None else "-"
+        console.print(
+            f"lake: {row['trajectories']} trajectories, success {success}, {row['versions']} policy versions "
+            f"(newest {row['newest']}); train log: {drops['dropped']} of {drops['total']} samples dropped, "
+            f"max trained staleness {drops['max_trained_staleness']} (bound {cfg.learner.max_staleness})"
+        )
+    except QueryError as exc:
+        console.print(f"lake: {exc}")
+
+
+def show_status(cfg: Any, console: Console) -> None:
+    anyio.run(_status, cfg, console)
+
+
+async def _scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
+    nc = await _connect(cfg)
+    try:
+        msg = await nc.request(f"rs.ops.scale.{cfg.run}", msgspec.json.encode(want), timeout=10)
+        return dict(msgspec.json.decode(msg.data))
+    except nats.errors.NoRespondersError:
+        raise ConnectionError("no supervisor answers for this run: start it with `just up`.") from None
+    finally:
+        await nc.close()
+
+
+def request_scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
+    return anyio.run(_scale, cfg, want)

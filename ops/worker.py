@@ -1,0 +1,95 @@
+"""One worker process: load settings, connect, start the named worker, stop on SIGINT/SIGTERM.
+
+``main()`` only loads settings, opens one task group and starts the worker in it; a signal
+cancels the root scope and each worker finalises under a shielded budget.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from ops.config import Config
+from streams.topology import ensure
+
+log = structlog.get_logger(__name__)
+WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake")
+
+
+async def connect(cfg: Config, role: str) -> NATS:
+    """Connect to the broker, with this role's credentials when the deployment has them."""
+    opts: dict[str, Any] = {
+        "name": f"rollstream-{role}-{os.getpid()}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+    }
+    if cfg.nats.creds_dir:
+        from ops.security import role_credentials
+
+        user, password = role_credentials(cfg, role)
+        opts |= {"user": user, "password": password}
+    return await nats.connect(cfg.nats_url, **opts)
+
+
+def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable[..., Awaitable[Any]]:
+    if name == "sandboxd":
+        from sandboxd import daemon
+
+        return lambda task_status: daemon.run(cfg.sandboxd, nc, task_status=task_status)
+    if name == "producer":
+        from producers import tasks
+
+        return lambda task_status: tasks.run(cfg, js, task_status=task_status)
+    if name == "rollout":
+        from consumers import rollout
+
+        return lambda task_status: rollout.run(cfg, js, nc, task_status=task_status)
+    if name == "reward":
+        from consumers import reward
+
+        return lambda task_status: reward.run(cfg, js, nc, task_status=task_status)
+    if name == "learner":
+        from learner import worker
+
+        return lambda task_status: worker.run(cfg, js, task_status=task_status)
+    if name == "lake":
+        from consumers import lake
+
+        return lambda task_status: lake.run(cfg, js, task_status=task_status)
+    raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
+
+
+async def _watch_signals(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def run_worker(name: str, cfg: Config) -> None:
+    """Run worker ``name`` until a signal arrives."""
+    structlog.contextvars.bind_contextvars(run=cfg.run, worker=name, pid=os.getpid())
+    nc = await connect(cfg, name)
+    try:
+        js = nc.jetstream(timeout=10)
+        if name != "sandboxd":
+            await ensure(js, cfg.run)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, scope)
+                await tg.start(_starter(name, cfg, js, nc))
+                log.info("worker_ready")
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.close()
+        log.info("worker_stopped")

@@ -1,0 +1,5 @@
+"""sandboxd: Docker sandboxes for tool-using agents, served over NATS request/reply.
+
+``daemon.run`` serves the API, ``client.SandboxClient`` calls it, ``envhub`` builds environment
+images from TOML specs, ``reaper`` removes containers nobody owns any more.
+"""

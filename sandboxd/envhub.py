@@ -1,0 +1,217 @@
+"""EnvHub: environment images built locally from TOML specs, tagged by the hash of their spec.
+
+A spec ``sandboxd/envs/<name>.toml`` names a Debian suite, an mmdebstrap variant, packages and
+optional setup commands. Its image is ``rollstream-env/<name>:<12 hex of sha256(spec)>``, so the
+same spec always gives the same tag and a changed spec gives a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import structlog
+
+from sandboxd.errors import EnvHubError
+
+ENVS_DIR = Path(__file__).parent / "envs"
+MIRROR = "http://deb.debian.org/debian"
+WORKDIR = "/work"
+
+log = structlog.get_logger()
+
+Progress = Callable[[str], None]
+
+
+class EnvSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What an environment image contains."""
+
+    suite: Annotated[str, msgspec.Meta(description="Debian suite, e.g. `bookworm`.")] = "bookworm"
+    variant: Annotated[str, msgspec.Meta(description="mmdebstrap variant, e.g. `minbase`.")] = "minbase"
+    packages: Annotated[list[str], msgspec.Meta(description="Debian packages to include.")] = []
+    setup: Annotated[
+        list[str],
+        msgspec.Meta(description="Shell commands run once in the image (no network), then committed."),
+    ] = []
+
+
+class EnvInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    tag: str
+    built: bool
+    size_bytes: int | None
+
+
+def spec_path(name: str) -> Path:
+    return ENVS_DIR / f"{name}.toml"
+
+
+def env_names() -> list[str]:
+    """Names of all environment specs shipped in ``sandboxd/envs``."""
+    return sorted(p.stem for p in ENVS_DIR.glob("*.toml"))
+
+
+def load_spec(name: str) -> EnvSpec:
+    """Read and validate ``envs/<name>.toml``; a bad spec raises EnvHubError naming the problem."""
+    path = spec_path(name)
+    if not path.is_file():
+        known = ", ".join(env_names()) or "none"
+        raise EnvHubError(f"unknown environment {name!r}: no {path} (known: {known}).")
+    try:
+        return msgspec.toml.decode(path.read_bytes(), type=EnvSpec)
+    except msgspec.ValidationError as exc:
+        raise EnvHubError(f"invalid environment spec {path}: {exc}; fix that field.") from exc
+    except msgspec.DecodeError as exc:
+        raise EnvHubError(f"{path} is not valid TOML: {exc}.") from exc
+
+
+def spec_hash(spec: EnvSpec) -> str:
+    """First 12 hex digits of the sha256 of the canonical (sorted-key JSON) spec."""
+    canonical = msgspec.json.encode(msgspec.to_builtins(spec, order="sorted"))
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def image_tag(name: str) -> str:
+    """The image tag of environment ``name``: ``rollstream-env/<name>:<spec hash>``."""
+    return f"rollstream-env/{name}:{spec_hash(load_spec(name))}"
+
+
+def _docker() -> str:
+    exe = shutil.which("docker")
+    if exe is None:
+        raise EnvHubError(
+            "the docker command line is missing: install it with `apt-get install -y docker.io`."
+        )
+    probe = subprocess.run(
+        [exe, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        raise EnvHubError(
+            "no Docker engine answers at /var/run/docker.sock: start dockerd "
+            "(`dockerd --iptables=false --bridge=none >/tmp/dockerd.log 2>&1 &`)."
+        )
+    return exe
+
+
+def image_size(tag: str) -> int | None:
+    """Size in bytes of a local image, or None if it is not built."""
+    out = subprocess.run(
+        [_docker(), "image", "inspect", "--format", "{{.Size}}", tag], capture_output=True, text=True
+    )
+    return int(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def image_exists(tag: str) -> bool:
+    return image_size(tag) is not None
+
+
+def list_envs() -> list[EnvInfo]:
+    """Every shipped spec with its tag and whether its image is built."""
+    infos = []
+    for name in env_names():
+        tag = image_tag(name)
+        size = image_size(tag)
+        infos.append(EnvInfo(name=name, tag=tag, built=size is not None, size_bytes=size))
+    return infos
+
+
+def ensure_image(name: str, *, progress: Progress | None = None) -> str:
+    """The tag of environment ``name``, building its image first if it is missing."""
+    return build(name, force=False, progress=progress)
+
+
+def build(name: str, *, force: bool = False, progress: Progress | None = None) -> str:
+    """Build the image of environment ``name`` (skipped if present unless ``force``); returns its tag."""
+    spec = load_spec(name)
+    tag = image_tag(name)
+    docker = _docker()
+    if not force and image_exists(tag):
+        return tag
+    mmdebstrap = shutil.which("mmdebstrap")
+    if mmdebstrap is None:
+        raise EnvHubError("mmdebstrap is missing: install it with `apt-get install -y mmdebstrap`.")
+    log.info("env.build.start", env=name, tag=tag, packages=spec.packages)
+    base_tag = f"{tag}-base" if spec.setup else tag
+    _bootstrap(mmdebstrap, docker, spec, base_tag, progress or (lambda _line: None))
+    if spec.setup:
+        _run_setup(docker, spec, base_tag, tag, progress or (lambda _line: None))
+    log.info("env.build.done", env=name, tag=tag)
+    return tag
+
+
+def _bootstrap(mmdebstrap: str, docker: str, spec: EnvSpec, tag: str, progress: Progress) -> None:
+    """mmdebstrap a root filesystem as a tar on stdout and pipe it into ``docker import``."""
+    cmd = [mmdebstrap, f"--variant={spec.variant}", "--mode=root", "--format=tar"]
+    if spec.packages:
+        cmd.append("--include=" + ",".join(spec.packages))
+    cmd += [spec.suite, "-", MIRROR]
+    tail: deque[str] = deque(maxlen=30)
+    with tempfile.TemporaryFile() as import_out:
+        debstrap = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+        assert debstrap.stdout is not None and debstrap.stderr is not None
+        importer = subprocess.Popen(
+            [docker, "import", "--change", f"WORKDIR {WORKDIR}", "-", tag],
+            stdin=debstrap.stdout,
+            stdout=import_out,
+            stderr=subprocess.STDOUT,
+        )
+        debstrap.stdout.close()  # the importer holds the pipe now
+        for raw in debstrap.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            progress(line)
+        debstrap_rc = debstrap.wait()
+        import_rc = importer.wait()
+        import_out.seek(0)
+        import_msg = import_out.read().decode(errors="replace").strip()
+    if debstrap_rc != 0:
+        details = "\n".join(tail)
+        raise EnvHubError(f"mmdebstrap failed (exit {debstrap_rc}) building {tag}:\n{details}")
+    if import_rc != 0:
+        raise EnvHubError(f"docker import failed (exit {import_rc}) for {tag}: {import_msg}")
+
+
+def _run_setup(docker: str, spec: EnvSpec, base_tag: str, tag: str, progress: Progress) -> None:
+    """Run the spec's setup commands in a container of ``base_tag`` (no network), commit it as ``tag``."""
+    script = "set -e\n" + "\n".join(spec.setup)
+    name = f"rollstream-envbuild-{tag.rsplit(':', 1)[-1]}"
+    subprocess.run([docker, "rm", "-f", name], capture_output=True)
+    progress("running setup commands")
+    run = subprocess.run(
+        [
+            docker,
+            "run",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "--workdir",
+            WORKDIR,
+            base_tag,
+            "bash",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        if run.returncode != 0:
+            raise EnvHubError(f"setup of {tag} failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+        commit = subprocess.run(
+            [docker, "commit", "--change", f"WORKDIR {WORKDIR}", "--change", 'CMD ["bash"]', name, tag],
+            capture_output=True,
+            text=True,
+        )
+        if commit.returncode != 0:
+            raise EnvHubError(f"docker commit failed for {tag}: {commit.stderr.strip()}")
+    finally:
+        subprocess.run([docker, "rm", "-f", name], capture_output=True)
+        subprocess.run([docker, "rmi", base_tag], capture_output=True)

@@ -1,0 +1,104 @@
+"""Garbage collection of sandbox containers.
+
+A pass removes (1) containers whose owner instance does not answer a ping on
+``rs.sandbox.<owner>.ping`` and (2) this instance's own containers past their expiry, or unknown
+to it (left by an earlier run under the same name, or by a create cut short). A reaper only
+looks at containers labelled with its own ``rollstream.scope``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Protocol
+
+import anyio
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from sandboxd.docker_ops import LABEL_OWNER, DockerOps
+
+OWNER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+UNKNOWN_GRACE_S = 120.0  # an own container unknown for this long was not a create in flight
+
+log = structlog.get_logger()
+
+
+class Registry(Protocol):
+    """What the reaper needs from the daemon's table of live sandboxes."""
+
+    def expiry_of(self, container_id: str) -> float | None: ...
+
+    def forget(self, container_id: str) -> None: ...
+
+
+async def owner_alive(nc: NATS, owner: str, timeout_s: float) -> bool:
+    """True if sandboxd instance ``owner`` answers its ping in time."""
+    if not OWNER_RE.match(owner):
+        return False
+    try:
+        await nc.request(f"rs.sandbox.{owner}.ping", b"", timeout=timeout_s)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return False
+    return True
+
+
+def _own_container_is_stale(info: dict[str, Any], registry: Registry, *, startup: bool, now: float) -> bool:
+    known = registry.expiry_of(info["Id"])
+    if known is not None:
+        return now > known
+    if startup:
+        return True
+    return now - float(info.get("Created", now)) > UNKNOWN_GRACE_S
+
+
+async def reap_once(
+    ops: DockerOps,
+    nc: NATS,
+    registry: Registry,
+    *,
+    owner: str,
+    scope: str,
+    ping_timeout_s: float = 2.0,
+    startup: bool = False,
+) -> list[str]:
+    """One pass over the containers of ``scope``; returns the ids of the containers it removed."""
+    now = time.time()
+    doomed: list[tuple[str, str]] = []  # (container id, reason)
+    others: dict[str, list[str]] = {}
+    for info in await ops.list_sandboxes(scope=scope):
+        labels = info.get("Labels") or {}
+        who = labels.get(LABEL_OWNER, "")
+        if who == owner:
+            if _own_container_is_stale(info, registry, startup=startup, now=now):
+                doomed.append((info["Id"], "expired" if registry.expiry_of(info["Id"]) else "unknown"))
+        else:
+            others.setdefault(who, []).append(info["Id"])
+    for who, ids in others.items():
+        if not await owner_alive(nc, who, ping_timeout_s):
+            doomed += [(cid, f"owner {who or '?'} is dead") for cid in ids]
+    for cid, reason in doomed:
+        registry.forget(cid)
+        if await ops.remove(cid):
+            log.info("sandbox.reaped", container=cid[:12], reason=reason)
+    return [cid for cid, _ in doomed]
+
+
+async def run_reaper(
+    ops: DockerOps,
+    nc: NATS,
+    registry: Registry,
+    *,
+    owner: str,
+    scope: str,
+    interval_s: float,
+    ping_timeout_s: float,
+) -> None:
+    """Reap every ``interval_s`` until cancelled; a failed pass is logged and retried next time."""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            await reap_once(ops, nc, registry, owner=owner, scope=scope, ping_timeout_s=ping_timeout_s)
+        except Exception:
+            log.exception("reaper.pass_failed", owner=owner)

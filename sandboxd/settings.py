@@ -1,0 +1,66 @@
+"""Settings of one sandboxd instance (decoded once, passed down; never read from the environment)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+
+class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Limits and defaults of one sandboxd instance and of the containers it creates."""
+
+    instance: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^([A-Za-z0-9_-]+)?$",
+            description="Owner name of this instance (NATS token); empty picks `sbx-<6 hex>`.",
+        ),
+    ] = ""
+    scope: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            description="Reaper scope (label `rollstream.scope`): a reaper judges only containers of its "
+            "own scope, so separate NATS deployments (e.g. test runs) can share one Docker host.",
+        ),
+    ] = "default"
+    max_sandboxes: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1, description="Live sandboxes this instance holds at most; more fail with `capacity`."
+        ),
+    ] = 32
+    default_ttl_s: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0, description="Seconds a sandbox lives without keepalive when the request gives none."
+        ),
+    ] = 900.0
+    reaper_interval_s: Annotated[
+        float,
+        msgspec.Meta(gt=0, description="Seconds between reaper passes (expired and orphaned containers)."),
+    ] = 10.0
+    default_memory_mb: Annotated[
+        int, msgspec.Meta(ge=16, description="Memory (and memory+swap) limit of a sandbox in MiB.")
+    ] = 512
+    default_pids: Annotated[int, msgspec.Meta(ge=8, description="Process limit of a sandbox.")] = 256
+    default_cpus: Annotated[float, msgspec.Meta(gt=0, description="CPU quota of a sandbox, in cores.")] = 1.0
+    scratch_mb: Annotated[
+        int, msgspec.Meta(ge=1, description="Size of each tmpfs scratch mount (/work and /tmp) in MiB.")
+    ] = 256
+    nofile: Annotated[
+        int, msgspec.Meta(ge=64, description="Open-file limit (ulimit nofile) in a sandbox.")
+    ] = 1024
+    read_only_rootfs: Annotated[
+        bool, msgspec.Meta(description="Mount the image read-only; only /work and /tmp are writable.")
+    ] = True
+    ping_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Seconds the reaper waits for another owner's ping reply.")
+    ] = 2.0
+    shutdown_budget_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Seconds allowed to remove this instance's containers on exit.")
+    ] = 30.0
+    max_concurrent_requests: Annotated[
+        int, msgspec.Meta(ge=1, description="Requests this instance handles at once; more wait.")
+    ] = 256

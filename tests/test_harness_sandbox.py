@@ -1,0 +1,103 @@
+"""The agent loop in real sandboxes (real sandboxd on a real nats-server, real Docker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from transformers import AutoTokenizer
+
+from agent_harness.expert import ScriptedExpert
+from agent_harness.loop import run_episode
+from agent_harness.settings import HarnessSettings
+from agent_harness.torch_engine import TorchEngine
+from producers.builtin import builtin_tasks
+from sandboxd.client import SandboxClient
+from schemas.task import TaskSample
+from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
+
+pytestmark = pytest.mark.docker
+
+SETTINGS = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=600, command_timeout_s=5.0)
+
+
+async def _verify(client: SandboxClient, sandbox_id: str, commands: list[str]) -> list[int]:
+    return [(await client.exec(sandbox_id, c)).exit_code for c in commands]
+
+
+async def test_expert_episodes_solve_tasks_in_real_sandboxes(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    for i, task in enumerate(builtin_tasks(seed=5, count=3)):  # levels 1, 2, 3
+        expert = RecordingEngine(ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=i))
+        traj = await run_episode(
+            TaskSample(run="it", task=task),
+            engine=expert,
+            sandbox=sandbox_client,
+            settings=SETTINGS,
+            source="expert",
+        )
+        try:
+            assert traj.status == "completed", traj.abort_reason
+            assert traj.sandbox_id and traj.sandbox_owner
+            assert len(traj.chunks) == int(task.metadata["level"]) + 1
+            assert_exact_accounting(traj, expert.calls)
+            assert await _verify(sandbox_client, traj.sandbox_id, task.verify) == [0] * len(task.verify)
+        finally:
+            with anyio.move_on_after(30, shield=True):
+                await sandbox_client.close(traj.sandbox_id)
+
+
+async def test_random_policy_and_a_wrong_answer_fail_verification_in_a_real_sandbox(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    task = builtin_tasks(seed=6, count=2)[1]
+    engine = RecordingEngine(TorchEngine(tiny_policy, seed=0))
+    settings = HarnessSettings(max_new_tokens_per_turn=16, max_total_tokens=260)
+    traj = await run_episode(
+        TaskSample(run="it", task=task), engine=engine, sandbox=sandbox_client, settings=settings
+    )
+    try:
+        assert traj.status in ("truncated", "completed")
+        assert_exact_accounting(traj, engine.calls)
+        codes = await _verify(sandbox_client, traj.sandbox_id, task.verify)
+        assert codes != [0] * len(codes)
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            await sandbox_client.close(traj.sandbox_id)
+
+
+async def test_a_sandbox_closed_under_the_episode_aborts_it(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    expert = ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=0)
+    created: list[str] = []
+
+    class Closing:
+        """Closes the sandbox just before the policy's first command runs."""
+
+        async def create(self, environment: str = "base", **kw: object):  # type: ignore[no-untyped-def]
+            c = await sandbox_client.create(environment, **kw)  # type: ignore[arg-type]
+            created.append(c.sandbox_id)
+            return c
+
+        async def exec(self, sandbox_id: str, command: str, **kw: object):  # type: ignore[no-untyped-def]
+            if not command.startswith("printf"):
+                await sandbox_client.close(sandbox_id)
+            return await sandbox_client.exec(sandbox_id, command, **kw)  # type: ignore[arg-type]
+
+        async def close(self, sandbox_id: str) -> None:
+            await sandbox_client.close(sandbox_id)
+
+    task = builtin_tasks(seed=6, count=2)[1]
+    traj = await run_episode(
+        TaskSample(run="it", task=task), engine=expert, sandbox=Closing(), settings=SETTINGS
+    )
+    assert traj.status == "aborted" and traj.abort_reason.startswith("exec failed")
+    assert traj.sandbox_id == created[0]
