@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,10 +22,14 @@ async def _quiet(exc: Exception) -> None:
 
 
 async def _connect(cfg: Any) -> nats.aio.client.Client:
+    """Connect as the ops role (with the deployment's credentials when it has them)."""
+    from ops.worker import connect
+
     try:
         with anyio.fail_after(8):
-            return await nats.connect(
-                cfg.nats_url,
+            return await connect(
+                cfg,
+                "ops",
                 connect_timeout=3,
                 max_reconnect_attempts=0,
                 allow_reconnect=False,
@@ -89,8 +94,18 @@ async def _status(cfg: Any, console: Console) -> None:
         console.print(f"lake: {exc}")
 
 
+def _as_ops(cfg: Any) -> Any:
+    """The config the ops role connects with: the deployment's credentials, which must exist."""
+    from ops.supervisor import with_credentials
+
+    cfg = with_credentials(cfg)
+    if cfg.nats.creds_dir and not Path(cfg.nats.creds_dir).exists():
+        raise ConnectionError(f"no broker answers at {cfg.nats_url}: is `just up` running?")
+    return cfg
+
+
 def show_status(cfg: Any, console: Console) -> None:
-    anyio.run(_status, cfg, console)
+    anyio.run(_status, _as_ops(cfg), console)
 
 
 async def _scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
@@ -105,4 +120,4 @@ async def _scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
 
 
 def request_scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
-    return anyio.run(_scale, cfg, want)
+    return anyio.run(_scale, _as_ops(cfg), want)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -180,7 +181,12 @@ class Supervisor:
         if self.cfg.nats.url:
             return self.cfg.nats.url
         conf = self.state / "nats.conf"
-        conf.write_text("max_payload: 8MB\n")
+        if self.cfg.nats.creds_dir:
+            from ops.security import write_server_config
+
+            write_server_config(conf, Path(self.cfg.nats.creds_dir), run=self.cfg.run)
+        else:
+            conf.write_text("max_payload: 8MB\n")
         self.nats = NatsServer(
             store_dir=self.state / "nats",
             host=self.cfg.nats.host,
@@ -196,8 +202,10 @@ class Supervisor:
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.state / "supervisor.pid").write_text(str(os.getpid()))
         self.config_path.write_text(to_toml(self.cfg))
-        url = self.start_broker()
-        nc = await nats.connect(url, name="rollstream-supervisor", max_reconnect_attempts=-1)
+        self.start_broker()
+        from ops.worker import connect
+
+        nc = await connect(self.cfg, "ops")
         try:
             await ensure(nc.jetstream(timeout=10), self.cfg.run)
             self.reconcile()
@@ -304,9 +312,18 @@ def down(cfg: Config, timeout_s: float = 60.0) -> list[str]:
     return done
 
 
+def with_credentials(cfg: Config) -> Config:
+    """The embedded broker always runs with per-role users: default their directory to the state."""
+    if cfg.nats.url or cfg.nats.creds_dir:
+        return cfg
+    creds = str(cfg.state / "creds")
+    return msgspec.structs.replace(cfg, nats=msgspec.structs.replace(cfg.nats, creds_dir=creds))
+
+
 def up(cfg: Config, *, duration_s: float = 0.0, quiet: bool = False) -> None:
     """Preflight, then supervise until interrupted (or for ``duration_s`` seconds)."""
     preflight(cfg, quiet=quiet)
+    cfg = with_credentials(cfg)
     try:
         anyio.run(lambda: Supervisor(cfg).run(duration_s=duration_s, quiet=quiet))
     except NatsServerError as exc:

@@ -24,19 +24,20 @@ log = structlog.get_logger(__name__)
 WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake")
 
 
-async def connect(cfg: Config, role: str) -> NATS:
-    """Connect to the broker, with this role's credentials when the deployment has them."""
+async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
+    """Connect to the broker as ``role``, with its credentials when the deployment has them."""
     opts: dict[str, Any] = {
         "name": f"rollstream-{role}-{os.getpid()}",
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
+        **extra,
     }
     if cfg.nats.creds_dir:
-        from ops.security import role_credentials
+        from ops.security import inbox_prefix, role_credentials
 
         user, password = role_credentials(cfg, role)
-        opts |= {"user": user, "password": password}
+        opts |= {"user": user, "password": password, "inbox_prefix": inbox_prefix(role)}
     return await nats.connect(cfg.nats_url, **opts)
 
 
@@ -82,7 +83,9 @@ async def run_worker(name: str, cfg: Config) -> None:
     nc = await connect(cfg, name)
     try:
         js = nc.jetstream(timeout=10)
-        if name != "sandboxd":
+        if name != "sandboxd" and not cfg.nats.creds_dir:
+            # Without per-role credentials (development, tests) a worker may create the topology
+            # itself; with them only the ops role (the supervisor) may, and already has.
             await ensure(js, cfg.run)
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
