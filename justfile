@@ -9,7 +9,7 @@ py := venv / "bin/python"
 
 # List the recipes
 default:
-    @just --list --unsorted
+    @{{just_executable()}} --list --unsorted
 
 # Start the broker and every worker; show progress until Ctrl-C (extra args go to `rollstream up`)
 up *args:
@@ -49,6 +49,26 @@ lint:
 test *args: lint
     {{venv}}/bin/pytest -q "$@"
 
-# Transport benchmark: typed layer vs raw nats-py
+# Write PNG plots and a summary of the lake to ./report
+report *args:
+    {{rs}} report "$@"
+
+# Transport benchmark: typed layer vs raw nats-py on one server
 bench-transport:
     {{py}} -m ops.bench.transport
+
+# Sandbox benchmark: cold start, warm acquire, session vs docker exec round trip, 64 at once
+bench-sandbox:
+    {{py}} -m ops.bench.sandbox
+
+# Rollout benchmark: episodes/s and tokens/s per worker by concurrency, harness overhead
+bench-rollout:
+    {{py}} -m ops.bench.rollout
+
+# Asynchrony benchmark: samples/s, learner idle and staleness at eta = 0, 1, 2, 4
+bench-async:
+    {{py}} -m ops.bench.async_bench
+
+# Lake benchmark: ingest rate and query latency over 1M+ chunk rows
+bench-lake:
+    {{py}} -m ops.bench.lake
