@@ -56,10 +56,13 @@ def main(
     instance: Annotated[str, typer.Option(help="Owner name of this instance (default: sbx-<6 hex>).")] = "",
     max_sandboxes: Annotated[int, typer.Option(help="Live sandboxes held at most.")] = 32,
     scope: Annotated[str, typer.Option(help="Reaper scope label.")] = "default",
+    warm_pool: Annotated[int, typer.Option(help="Ready containers kept per warm environment.")] = 2,
 ) -> None:
     """Run a sandbox daemon on NATS until interrupted; its containers are removed on exit."""
     _configure_logging()
-    settings = SandboxdSettings(instance=instance, max_sandboxes=max_sandboxes, scope=scope)
+    settings = SandboxdSettings(
+        instance=instance, max_sandboxes=max_sandboxes, scope=scope, warm_pool=warm_pool
+    )
     anyio.run(_main, settings, nats_url)
 
 

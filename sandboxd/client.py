@@ -23,6 +23,11 @@ from schemas.sandbox import (
     SandboxFault,
     SandboxReply,
     SandboxRequest,
+    SessionCloseRequest,
+    SessionInterruptRequest,
+    SessionOpened,
+    SessionOpenRequest,
+    SessionRunRequest,
     WriteFileRequest,
     reply_decoder,
 )
@@ -31,7 +36,7 @@ CREATE_SUBJECT = "rs.sandbox.create"
 SANDBOX_ID_RE = re.compile(r"^([A-Za-z0-9_-]+):[0-9a-f]{12}$")
 EXEC_SLACK_S = 15.0  # beyond the command's own timeout: container start-up of the exec, kill sweep
 
-R = TypeVar("R", Created, ExecResult, FileData, Done)
+R = TypeVar("R", Created, ExecResult, FileData, Done, SessionOpened)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -117,6 +122,44 @@ class SandboxClient:
     async def read_file(self, sandbox_id: str, path: str, max_bytes: int = 1 << 20) -> bytes:
         req = ReadFileRequest(sandbox_id=sandbox_id, path=path, max_bytes=max_bytes)
         return (await self._call(self._subject(sandbox_id, "read"), req, FileData)).data
+
+    # -- sessions: a resident shell whose cwd and exports carry over between commands --
+    async def session_open(
+        self, sandbox_id: str, *, cwd: str = "/work", env: dict[str, str] | None = None
+    ) -> str:
+        """Start a persistent shell in the sandbox; returns its session id."""
+        req = SessionOpenRequest(sandbox_id=sandbox_id, cwd=cwd, env=dict(env or {}))
+        return (await self._call(self._subject(sandbox_id, "session"), req, SessionOpened)).session_id
+
+    async def session_run(
+        self,
+        sandbox_id: str,
+        session_id: str,
+        command: str,
+        *,
+        timeout_s: float = 10.0,
+        max_output_bytes: int = 16384,
+    ) -> ExecResult:
+        """Run ``command`` in the session (its own process group); timeouts return ``timed_out=True``."""
+        req = SessionRunRequest(
+            sandbox_id=sandbox_id,
+            session_id=session_id,
+            command=command,
+            timeout_s=timeout_s,
+            max_output_bytes=max_output_bytes,
+        )
+        timeout = max(self.request_timeout_s, timeout_s + EXEC_SLACK_S)
+        return await self._call(self._subject(sandbox_id, "session"), req, ExecResult, timeout_s=timeout)
+
+    async def session_interrupt(self, sandbox_id: str, session_id: str, *, kill: bool = False) -> None:
+        """SIGINT (SIGKILL with ``kill``) the session's running command; a no-op when it is idle."""
+        req = SessionInterruptRequest(sandbox_id=sandbox_id, session_id=session_id, kill=kill)
+        await self._call(self._subject(sandbox_id, "session"), req, Done)
+
+    async def session_close(self, sandbox_id: str, session_id: str) -> None:
+        """End the session (what still runs in it is killed); closing twice is fine."""
+        req = SessionCloseRequest(sandbox_id=sandbox_id, session_id=session_id)
+        await self._call(self._subject(sandbox_id, "session"), req, Done)
 
     # -- plumbing --
     @staticmethod

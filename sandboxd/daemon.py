@@ -7,7 +7,6 @@ from __future__ import annotations
 import posixpath
 import secrets
 import time
-from typing import Any
 
 import anyio
 import msgspec
@@ -19,7 +18,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from sandboxd import envhub, reaper
-from sandboxd.docker_ops import DockerOps, ExecOutcome, container_config
+from sandboxd.commands import FILE_OP_DEADLINE_S, Commands, Sandbox
+from sandboxd.docker_ops import DockerOps, container_config
 from sandboxd.errors import (
     EnvHubError,
     SandboxBadRequest,
@@ -30,6 +30,8 @@ from sandboxd.errors import (
     SandboxStartupFailed,
     SandboxTimeout,
 )
+from sandboxd.pool import Pooled, WarmPool
+from sandboxd.session import Session
 from sandboxd.settings import SandboxdSettings
 from schemas.sandbox import (
     CloseRequest,
@@ -38,28 +40,22 @@ from schemas.sandbox import (
     Done,
     ErrorKind,
     ExecRequest,
-    ExecResult,
     FileData,
     KeepaliveRequest,
     ReadFileRequest,
     SandboxFault,
     SandboxReply,
     SandboxRequest,
+    SessionCloseRequest,
+    SessionInterruptRequest,
+    SessionOpenRequest,
+    SessionRunRequest,
     WriteFileRequest,
     request_decoder,
 )
 
 CREATE_SUBJECT = "rs.sandbox.create"
 QUEUE = "sandboxd"
-EXEC_GRACE_S = 5.0  # output stream may outlive `timeout` (a background child holds it): then we kill
-FILE_OP_DEADLINE_S = 30.0
-MARKER = "RS_EXEC"  # env var tagging every process an exec starts, to find escaped ones
-# Kills every process whose environment carries the exec's marker (setsid'd or daemonised children too).
-SWEEP = 'for p in /proc/[0-9]*; do grep -qsz "^$1=$2\\$" "$p/environ" && kill -9 "${p##*/}"; done; true'
-OOM_COUNT = (
-    "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null"
-    " | awk '$1==\"oom_kill\"{print $2}'"
-)
 WRITE = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && chmod "$2" -- "$1"'
 READ = 'test -f "$1" || { echo "no such regular file: $1" >&2; exit 2; }; head -c "$2" -- "$1"'
 
@@ -76,19 +72,12 @@ log = structlog.get_logger()
 encoder = msgspec.msgpack.Encoder()
 
 
-class Sandbox(msgspec.Struct, kw_only=True):
-    sandbox_id: str
-    container_id: str
-    expires: float
-    oom_kills: int = 0
-
-
 def fault_of(exc: SandboxError) -> SandboxFault:
     kind: ErrorKind = next((k for cls, k in FAULT_KINDS if isinstance(exc, cls)), "internal")
     return SandboxFault(error=kind, message=exc.message)
 
 
-class Daemon:
+class Daemon(Commands):
     """Request handlers and the table of this instance's live sandboxes."""
 
     def __init__(self, settings: SandboxdSettings, nc: NATS, ops: DockerOps, owner: str) -> None:
@@ -101,25 +90,23 @@ class Daemon:
         self.env_images: dict[str, str] = {}  # environment name -> image tag (spec read once)
         self.limiter = anyio.CapacityLimiter(settings.max_concurrent_requests)
         self.log = log.bind(sandboxd=owner)
+        self.pool = WarmPool(settings.warm_pool, self._make_pooled, self._warm_images)
 
     # -- registry (used by the reaper) --
     def expiry_of(self, container_id: str) -> float | None:
+        if self.pool.holds(container_id):
+            return float("inf")
         sb = self.sandboxes.get(self._sid(container_id))
         return sb.expires if sb else None
 
     def forget(self, container_id: str) -> None:
-        self.sandboxes.pop(self._sid(container_id), None)
+        self.pool.forget(container_id)
+        sb = self.sandboxes.pop(self._sid(container_id), None)
+        for session in sb.all_sessions() if sb is not None else []:
+            session.abandon()  # the reaper removes the container: its streams end with it
 
     def _sid(self, container_id: str) -> str:
         return f"{self.owner}:{container_id[:12]}"
-
-    def _get(self, sandbox_id: str) -> Sandbox:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is None:
-            raise SandboxNotFound(
-                "no such sandbox (closed, expired, or never created)", sandbox_id=sandbox_id
-            )
-        return sb
 
     # -- serving --
     async def serve(self, sub: Subscription, tg: TaskGroup) -> None:
@@ -176,6 +163,18 @@ class Daemon:
                 return await self.write_file(req)
             case ReadFileRequest():
                 return await self.read_file(req)
+            case SessionOpenRequest():
+                return await self.session_open(req)
+            case SessionRunRequest():
+                return await self.session_run(req)
+            case SessionInterruptRequest():
+                await self._session(req.sandbox_id, req.session_id).signal(kill=req.kill)
+                return Done()
+            case SessionCloseRequest():
+                session = self._get(req.sandbox_id).sessions.pop(req.session_id, None)
+                if session is not None:
+                    await session.close()
+                return Done()
         raise SandboxBadRequest(f"unexpected request {type(req).__name__}")
 
     # -- operations --
@@ -216,89 +215,74 @@ class Daemon:
             req = self._with_defaults(req)
             image = await self._resolve_image(req)
             expires = time.time() + req.ttl_s
-            config = container_config(
-                req, image=image, owner=self.owner, expires=expires, settings=self.settings
-            )
-            container_id = await self.ops.create(config)
+            pooled = self.pool.take(image) if self._poolable(req) else None
+            if pooled is not None:
+                container_id, session = pooled.container_id, pooled.session
+            else:
+                config = container_config(
+                    req, image=image, owner=self.owner, expires=expires, settings=self.settings
+                )
+                container_id, session = await self.ops.create(config), None
             sandbox_id = self._sid(container_id)
             self.sandboxes[sandbox_id] = Sandbox(
-                sandbox_id=sandbox_id, container_id=container_id, expires=expires
+                sandbox_id=sandbox_id,
+                container_id=container_id,
+                expires=expires,
+                labels=dict(req.labels),
+                exec_session=session,
             )
         finally:
             self.pending_creates -= 1
         startup_ms = (time.monotonic() - started) * 1000
-        self.log.debug("sandbox.created", sandbox_id=sandbox_id, image=image, startup_ms=round(startup_ms, 1))
+        self.log.debug(
+            "sandbox.created",
+            sandbox_id=sandbox_id,
+            image=image,
+            warm=pooled is not None,
+            ms=round(startup_ms, 1),
+        )
         return Created(sandbox_id=sandbox_id, owner=self.owner, image=image, startup_ms=startup_ms)
+
+    def _poolable(self, req: CreateRequest) -> bool:
+        """A pool container fits a request for the default limits and no env (both fixed at creation)."""
+        s = self.settings
+        defaults = (s.default_memory_mb, s.default_pids, s.default_cpus)
+        return not req.env and (req.memory_mb, req.pids, req.cpus) == defaults
+
+    async def _warm_images(self) -> list[str]:
+        images = []
+        for name in self.settings.warm_environments:
+            try:
+                images.append(await self._resolve_image(CreateRequest(environment=name)))
+            except SandboxError as exc:
+                self.log.debug("pool.image_unavailable", environment=name, error=exc.message)
+        return images
+
+    async def _make_pooled(self, image: str) -> Pooled:
+        req = self._with_defaults(CreateRequest(memory_mb=0, pids=0, cpus=0.0, ttl_s=0.0))
+        config = container_config(
+            req, image=image, owner=self.owner, expires=time.time() + 365 * 86400, settings=self.settings
+        )
+        container_id = await self.ops.create(config)
+        session = None
+        if self.settings.exec_via_session:
+            try:
+                session = await Session.open(self.ops.streams_client, container_id)
+                await session.run(
+                    "true", prelude="", keep=False, timeout_s=10, max_output_bytes=64
+                )  # warm it
+            except SandboxError as exc:  # the first exec will try again, or use docker exec
+                self.log.debug("pool.session_failed", error=exc.message)
+        return Pooled(container_id=container_id, session=session, since=time.time())
 
     async def close(self, req: CloseRequest) -> Done:
         sb = self.sandboxes.pop(req.sandbox_id, None)
         if sb is not None:
+            for session in sb.all_sessions():
+                await session.close()
             await self.ops.remove(sb.container_id)
             self.log.debug("sandbox.closed", sandbox_id=sb.sandbox_id)
         return Done()
-
-    async def exec(self, req: ExecRequest) -> ExecResult:
-        sb = self._get(req.sandbox_id)
-        if req.timeout_s <= 0 or req.max_output_bytes < 2:
-            raise SandboxBadRequest("timeout_s must be > 0 and max_output_bytes >= 2")
-        token = secrets.token_hex(8)
-        argv = ["timeout", "-s", "KILL", f"{req.timeout_s:.3f}", "bash", "-c", req.command]
-        outcome = await self._exec_in(
-            sb,
-            argv,
-            env=dict(req.env) | {MARKER: token},
-            cwd=req.cwd,
-            max_output_bytes=req.max_output_bytes,
-            deadline_s=req.timeout_s + EXEC_GRACE_S,
-        )
-        timed_out = not outcome.finished or (
-            outcome.exit_code in (124, 137) and outcome.duration_ms >= req.timeout_s * 1000 * 0.95
-        )
-        if timed_out:
-            await self._exec_in(sb, ["sh", "-c", SWEEP, "sh", MARKER, token], deadline_s=FILE_OP_DEADLINE_S)
-        oom = outcome.exit_code == 137 and not timed_out and await self._oom_happened(sb)
-        stdout, stderr = outcome.stdout.text(), outcome.stderr.text()
-        if outcome.exit_code == 126 and stdout.startswith("OCI runtime exec failed"):
-            # Docker could not start the command (e.g. cwd does not exist): report it as a shell would.
-            stdout, stderr = "", stdout.strip() + "\n"
-        return ExecResult(
-            exit_code=outcome.exit_code if outcome.exit_code is not None else -1,
-            stdout=stdout,
-            stderr=stderr,
-            truncated=outcome.stdout.truncated or outcome.stderr.truncated,
-            timed_out=timed_out,
-            oom_killed=oom,
-            duration_ms=outcome.duration_ms,
-        )
-
-    async def _exec_in(self, sb: Sandbox, argv: list[str], **kwargs: Any) -> ExecOutcome:
-        """Run in ``sb``'s container; if the container died meanwhile, say so (``oom`` or ``not_found``)."""
-        try:
-            outcome = await self.ops.exec(sb.container_id, argv, **kwargs)
-        except SandboxNotFound:
-            outcome = None
-        if outcome is not None and outcome.exit_code not in (None, 137):
-            return outcome
-        state = await self.ops.state(sb.container_id)
-        if state is not None and state.get("Running"):
-            if outcome is None:
-                raise SandboxNotFound("container refused the exec", sandbox_id=sb.sandbox_id)
-            return outcome
-        self.sandboxes.pop(sb.sandbox_id, None)
-        if state is not None and state.get("OOMKilled"):
-            raise SandboxOOM("the sandbox ran out of memory and died", sandbox_id=sb.sandbox_id)
-        detail = f"exited with {state.get('ExitCode')}" if state else "was removed"
-        raise SandboxNotFound(f"the sandbox's container {detail}", sandbox_id=sb.sandbox_id)
-
-    async def _oom_happened(self, sb: Sandbox) -> bool:
-        """True if the kernel OOM-killed something in ``sb`` since the last check (cgroup counter)."""
-        outcome = await self._exec_in(sb, ["sh", "-c", OOM_COUNT], deadline_s=FILE_OP_DEADLINE_S)
-        try:
-            count = int(outcome.stdout.raw().split()[0])
-        except (IndexError, ValueError):
-            return False
-        happened, sb.oom_kills = count > sb.oom_kills, count
-        return happened
 
     async def write_file(self, req: WriteFileRequest) -> Done:
         sb = self._get(req.sandbox_id)
@@ -326,7 +310,11 @@ class Daemon:
         return FileData(path=path, data=data[: req.max_bytes], truncated=len(data) > req.max_bytes)
 
     async def remove_all(self) -> int:
-        """Remove every container of this owner (registry or not); returns how many."""
+        """Remove every container of this owner (registry or not, pooled too); returns how many."""
+        sessions = [x for sb in self.sandboxes.values() for x in sb.all_sessions()]
+        sessions += [p.session for p in self.pool.drain() if p.session is not None]
+        for session in sessions:
+            await session.close()
         infos = await self.ops.list_sandboxes(owner=self.owner)
         self.sandboxes.clear()
         async with anyio.create_task_group() as tg:
@@ -379,6 +367,7 @@ async def run(
                         ping_timeout_s=settings.ping_timeout_s,
                     )
                 )
+                tg.start_soon(daemon.pool.run)
                 daemon.log.info("sandboxd.started", max_sandboxes=settings.max_sandboxes)
                 task_status.started(owner)
         finally:

@@ -166,6 +166,11 @@ class DockerOps:
         assert self.streams is not None
         return self.streams
 
+    @property
+    def streams_client(self) -> aiodocker.Docker:
+        """The client for long-lived exec streams (sessions); never used for control calls."""
+        return self._str
+
     async def image_exists(self, image: str) -> bool:
         try:
             await self._ctl.images.inspect(image)

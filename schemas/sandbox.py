@@ -56,8 +56,56 @@ class ReadFileRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.read.v
     max_bytes: int = 1 << 20
 
 
+class SessionOpenRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_open.v1", tag_field="kind"
+):
+    """Start a persistent shell in a sandbox: its cwd and exported variables carry over between runs."""
+
+    sandbox_id: str
+    cwd: str = "/work"
+    env: dict[str, str] = {}
+
+
+class SessionRunRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_run.v1", tag_field="kind"
+):
+    """Run one command in a session (replies ``ExecResult``); commands of one session run one at a time."""
+
+    sandbox_id: str
+    session_id: str
+    command: str
+    timeout_s: float = 10.0
+    max_output_bytes: int = 16384
+
+
+class SessionInterruptRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_interrupt.v1", tag_field="kind"
+):
+    """SIGINT (or, with ``kill``, SIGKILL) the process group of the session's running command."""
+
+    sandbox_id: str
+    session_id: str
+    kill: bool = False
+
+
+class SessionCloseRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_close.v1", tag_field="kind"
+):
+    sandbox_id: str
+    session_id: str
+
+
 SandboxRequest = (
-    CreateRequest | ExecRequest | CloseRequest | KeepaliveRequest | WriteFileRequest | ReadFileRequest
+    CreateRequest
+    | ExecRequest
+    | CloseRequest
+    | KeepaliveRequest
+    | WriteFileRequest
+    | ReadFileRequest
+    | SessionOpenRequest
+    | SessionRunRequest
+    | SessionInterruptRequest
+    | SessionCloseRequest
 )
 
 
@@ -93,7 +141,12 @@ class SandboxFault(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.fault.v1"
     message: str
 
 
-SandboxReply = Created | ExecResult | FileData | Done | SandboxFault
+class SessionOpened(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_opened.v1", tag_field="kind"):
+    sandbox_id: str
+    session_id: str
+
+
+SandboxReply = Created | ExecResult | FileData | Done | SandboxFault | SessionOpened
 
 request_decoder = msgspec.msgpack.Decoder(SandboxRequest)
 reply_decoder = msgspec.msgpack.Decoder(SandboxReply)

@@ -18,14 +18,16 @@ from sandboxd.settings import SandboxdSettings
 
 
 def settings_for_tests(nc: NATS, **overrides: object) -> SandboxdSettings:
-    """Settings for a test daemon: few sandboxes (capacity is cheap to hit), a fast reaper, and a
-    reaper scope of this test's own nats-server, so parallel test runs never reap each other."""
+    """Settings for a test daemon: few sandboxes (capacity is cheap to hit), a fast reaper, no warm
+    pool (tests count containers; pool tests ask for one), and a reaper scope of this test's own
+    nats-server, so parallel test runs never reap each other."""
     port = nc.connected_url.port if nc.connected_url else 0
     fields: dict[str, object] = {
         "max_sandboxes": 3,
         "reaper_interval_s": 0.5,
         "ping_timeout_s": 0.5,
         "scope": f"test-{port}",
+        "warm_pool": 0,
     }
     return SandboxdSettings(**(fields | overrides))  # type: ignore[arg-type]
 
