@@ -13,5 +13,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dlq.v1", tag_fi
     reason: str
     deliveries: int
     headers: dict[str, str]
-    payload: bytes
+    payload: bytes  # the original bytes, cut to what fits the broker
     time: float
+    payload_size: int = 0  # the original payload's size (0 in letters written before this field)

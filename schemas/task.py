@@ -9,8 +9,12 @@ import msgspec
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """One task: what the agent is asked, where it runs, and how success is checked."""
+class Task(msgspec.Struct, frozen=True, kw_only=True, tag="task.v1", tag_field="kind"):
+    """One task: what the agent is asked, where it runs, and how success is checked.
+
+    Nested in ``TaskSample`` and read from JSONL task files; the tag is optional on input (a record
+    without ``kind`` decodes as ``task.v1``), so untagged task files keep working.
+    """
 
     task_id: NonEmpty
     family: NonEmpty

@@ -17,10 +17,11 @@ ToolStatus = Literal["ok", "error", "timeout", "parse_error", "none"]
 TrajStatus = Literal["completed", "truncated", "aborted"]
 
 
-class Chunk(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class Chunk(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag="chunk.v1", tag_field="kind"):
     """One policy turn up to and including a tool call (or the final answer).
 
-    ``tool_status`` is ``none`` for a final answer that calls no tool.
+    ``tool_status`` is ``none`` for a final answer that calls no tool. Chunks written before the
+    tag existed (no ``kind``) still decode as ``chunk.v1``.
     """
 
     index: int

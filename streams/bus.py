@@ -5,7 +5,10 @@
 - ``Consumer`` binds a durable pull consumer (one per group and run, shared by all processes of
   the group), decodes at the edge, and sends poison to the dead-letter subject: a message that does
   not decode is dead-lettered and terminated at once; a message whose processing keeps failing is
-  nak'ed with backoff and dead-lettered once its delivery budget is spent. Never a nak loop.
+  nak'ed with backoff and dead-lettered once its delivery budget is spent; a handler that raises
+  ``PermanentError`` (e.g. ``RecordTooLarge``) has its message dead-lettered at once. Never a nak loop.
+- Records larger than the broker accepts (``max_payload`` of the connected server, or the streams'
+  ``max_msg_size``) are refused before publishing with ``RecordTooLarge``, naming size and limit.
 """
 
 from __future__ import annotations
@@ -24,37 +27,97 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from schemas.codec import encode
+from schemas.codec import encode, explain
 from schemas.dlq import DeadLetter
-from streams.topology import ConsumerSpec, subject
+from streams.topology import MAX_MSG_BYTES, ConsumerSpec, subject
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
+DEFAULT_MAX_INFLIGHT = 4096
+# A dead letter carries at most this much of the original payload, so that it fits the broker too.
+DLQ_PAYLOAD_HEADROOM = 64 * 1024
+
+
+class StreamError(RuntimeError):
+    """Base of the errors the typed publish/consume layer raises."""
+
+
+class PermanentError(StreamError):
+    """Processing this message can never succeed: a handler raising it gets it dead-lettered at once."""
+
+
+class RecordTooLarge(PermanentError):
+    """A record whose encoded size (payload + headers) exceeds what the broker accepts."""
+
+    def __init__(self, subject: str, size: int, limit: int) -> None:
+        self.subject, self.size, self.limit = subject, size, limit
+        super().__init__(
+            f"record for {subject} is {size:,} bytes, over the broker limit of {limit:,} bytes "
+            "(payload + headers): shrink the record, or raise max_payload in the nats-server config"
+        )
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes the NATS/1.0 header block takes on the wire (the server counts it against max_payload)."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def broker_limit(js: JetStreamContext) -> int:
+    """The largest message (payload + headers) the connected server and our streams accept."""
+    return min(int(js._nc.max_payload), MAX_MSG_BYTES)
 
 
 class Publisher:
-    """Publish records to JetStream with de-duplication ids."""
+    """Publish records to JetStream with de-duplication ids.
 
-    def __init__(self, js: JetStreamContext, *, max_inflight: int = 256, timeout_s: float = 10.0) -> None:
+    ``max_inflight`` bounds the async publishes awaiting their ack. It is a memory and fairness
+    bound, not admission control (that is the consumers' ``max_ack_pending``): a low value makes the
+    publisher wait a round trip every ``max_inflight`` messages.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, *, max_inflight: int = DEFAULT_MAX_INFLIGHT, timeout_s: float = 10.0
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, not {max_inflight}")
         self._js = js
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: set[asyncio.Future[PubAck]] = set()
         self._timeout_s = timeout_s
+        self.max_inflight = max_inflight
+
+    def _encode(self, subj: str, record: Any, headers: dict[str, str]) -> bytes:
+        data = encode(record)
+        limit = broker_limit(self._js)
+        if len(data) + 1024 > limit:  # only then is the exact header size worth computing
+            size = len(data) + headers_size(headers)
+            if size > limit:
+                raise RecordTooLarge(subj, size, limit)
+        return data
 
     async def publish(
         self, subj: str, record: Any, *, msg_id: str, headers: dict[str, str] | None = None
     ) -> PubAck:
-        """Publish and wait for the stream's ack. A duplicate id within the window is stored once."""
+        """Publish and wait for the stream's ack. A duplicate id within the window is stored once.
+
+        Raises ``RecordTooLarge`` (before anything is sent) if the broker would refuse the record.
+        """
         hdrs = {MSG_ID: msg_id, **(headers or {})}
-        return await self._js.publish(subj, encode(record), timeout=self._timeout_s, headers=hdrs)
+        data = self._encode(subj, record, hdrs)
+        return await self._js.publish(subj, data, timeout=self._timeout_s, headers=hdrs)
 
     async def publish_async(self, subj: str, record: Any, *, msg_id: str) -> None:
-        """Publish without waiting for the ack; at most ``max_inflight`` acks are outstanding."""
+        """Publish without waiting for the ack; at most ``max_inflight`` acks are outstanding.
+
+        Raises ``RecordTooLarge`` (before anything is sent) if the broker would refuse the record.
+        """
+        hdrs = {MSG_ID: msg_id}
+        data = self._encode(subj, record, hdrs)
         await self._slots.acquire()
         try:
-            fut = await self._js.publish_async(subj, encode(record), headers={MSG_ID: msg_id})
+            fut = await self._js.publish_async(subj, data, headers=hdrs)
         except BaseException:
             self._slots.release()
             raise
@@ -88,6 +151,10 @@ class Delivery(Generic[T]):
     async def ack(self) -> None:
         await self.msg.ack()
 
+    async def ack_sync(self, timeout_s: float = 5.0) -> None:
+        """Ack and wait for the broker to confirm it (for effects that must not repeat on failover)."""
+        await self.msg.ack_sync(timeout=timeout_s)
+
     async def in_progress(self) -> None:
         """Heartbeat: reset the ack timer while long work (an episode) goes on."""
         await self.msg.in_progress()
@@ -95,6 +162,8 @@ class Delivery(Generic[T]):
 
 @dataclass
 class ConsumerStats:
+    """What this process's consumer did, for summary log lines and tests."""
+
     received: int = 0
     dead_lettered: int = 0
     naked: int = 0
@@ -136,20 +205,25 @@ class Consumer(Generic[T]):
             msgs = await self._sub.fetch(batch, timeout=timeout_s)
         except (TimeoutError, NatsTimeoutError):
             return []
+        self.stats.received += len(msgs)
+        decode = self.decoder.decode
         out: list[Delivery[T]] = []
         for msg in msgs:
-            self.stats.received += 1
             try:
-                record = self.decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.dead_letter(msg, f"decode: {exc}")
-                continue
-            out.append(Delivery(record, msg))
+                out.append(Delivery(decode(msg.data), msg))
+            except msgspec.DecodeError as exc:  # poison: never returned, never retried
+                await self.dead_letter(msg, f"decode: {explain(self.decoder, exc)}")
         return out
 
-    async def fail(self, delivery: Delivery[T], reason: str) -> None:
-        """Processing failed: retry later with backoff, or dead-letter once the budget is spent."""
+    async def fail(self, delivery: Delivery[T], reason: str, *, permanent: bool = False) -> None:
+        """Processing failed: retry later with backoff, or dead-letter once the budget is spent.
+
+        ``permanent`` failures (retrying cannot help) are dead-lettered at once.
+        """
         n = delivery.deliveries
+        if permanent:
+            await self.dead_letter(delivery.msg, f"permanent failure: {reason}")
+            return
         if n >= self.spec.max_deliver:
             await self.dead_letter(delivery.msg, f"failed {n} times: {reason}")
             return
@@ -158,15 +232,20 @@ class Consumer(Generic[T]):
         await delivery.msg.nak(delay=delay)
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
-        """Publish the message to ``rs.dlq.<stage>.<run>`` with why, then terminate it."""
+        """Publish the message to ``rs.dlq.<stage>.<run>`` with why, then terminate it.
+
+        The original payload is kept up to what fits the broker; ``payload_size`` keeps its size.
+        """
+        room = max(0, broker_limit(self.js) - DLQ_PAYLOAD_HEADROOM)
         record = DeadLetter(
             stage=self.stage,
             subject=msg.subject,
             reason=reason[:2000],
             deliveries=int(msg.metadata.num_delivered),
-            headers={k: str(v) for k, v in (msg.headers or {}).items()},
-            payload=msg.data[: 1 << 20],
+            headers={k[:256]: str(v)[:1024] for k, v in list((msg.headers or {}).items())[:32]},
+            payload=msg.data[:room],
             time=time.time(),
+            payload_size=len(msg.data),
         )
         seq = msg.metadata.sequence.stream
         await self.js.publish(
@@ -200,13 +279,16 @@ async def serve(
 
     Fetches only as many messages as there are free handler slots (the rest stay with the broker
     for other processes of the group). A handler that raises has its message retried with
-    backoff or dead-lettered; it acks itself on success.
+    backoff or dead-lettered (at once for ``PermanentError``); it acks itself on success.
     """
     slots = anyio.Semaphore(concurrency)
 
     async def one(d: Delivery[T]) -> None:
         try:
             await handle(d)
+        except PermanentError as exc:
+            log.warning("handler_failed_permanently", stage=consumer.stage, error=str(exc)[:200])
+            await consumer.fail(d, f"{type(exc).__name__}: {exc}", permanent=True)
         except Exception as exc:
             log.exception("handler_failed", stage=consumer.stage)
             await consumer.fail(d, f"{type(exc).__name__}: {exc}")

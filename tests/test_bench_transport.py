@@ -5,7 +5,16 @@ No timing assertions: timing goals live in the benchmark itself.
 
 from __future__ import annotations
 
-from ops.bench.transport import LAYERS, Case, make_record, render, run_benchmark
+from ops.bench.transport import (
+    LAYERS,
+    Case,
+    long_trajectory,
+    make_record,
+    render,
+    roundtrip_us,
+    run_benchmark,
+)
+from schemas.arrays import unpack_tokens
 from schemas.codec import encode, scored_decoder
 from streams.server import NatsServer
 
@@ -29,3 +38,13 @@ async def test_benchmark_rows_are_well_formed(nats_server: NatsServer) -> None:
         assert min(r.pub_msgs_s, r.pub_mb_s, r.con_msgs_s, r.con_mb_s, r.pub_cpu_us, r.con_cpu_us) > 0
         assert 0 < r.p50_ms <= r.p99_ms
     assert render(rows).row_count == 3  # raw, typed, and their ratio
+
+
+def test_the_long_trajectory_has_32k_tokens_and_its_round_trip_is_measured() -> None:
+    record = long_trajectory()
+    chunks = record.traj.chunks
+    assert (
+        sum(len(unpack_tokens(c.action_tokens)) + len(unpack_tokens(c.obs_tokens)) for c in chunks) == 32_768
+    )
+    enc_us, dec_us, size = roundtrip_us(record, repeats=10)
+    assert enc_us > 0 and dec_us > 0 and size > 32_768 * 4

@@ -8,6 +8,9 @@ For each record size (realistic ``ScoredTrajectory`` records of ~1 KB and ~48 KB
 - latency: a separate pass at a modest rate, publish -> delivered to the consumer (typed: decoded),
   measured with one clock in one process, keyed by the message id.
 
+Also times the encode + decode round trip of a 32k-token trajectory (DESIGN.md: well under a
+millisecond), without a broker.
+
 Goal (issue): typed >= 90 % of raw, p99 < 20 ms. Run with ``python -m ops.bench.transport``.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -324,6 +328,37 @@ async def run_benchmark(
     return out
 
 
+# -- schema round trip ------------------------------------------------------------------------------
+
+
+def long_trajectory(tokens: int = 32_768, chunks: int = 32) -> ScoredTrajectory:
+    """A scored trajectory of ``tokens`` tokens (half actions with log-probs, half observations)."""
+    per = tokens // (2 * chunks)
+    record = _record(0, chunks, per)
+    full = [msgspec.structs.replace(c, obs_tokens=pack_tokens(range(per))) for c in record.traj.chunks]
+    traj = msgspec.structs.replace(record.traj, prompt_tokens=b"", chunks=full)
+    return msgspec.structs.replace(record, traj=traj)
+
+
+def roundtrip_us(record: ScoredTrajectory, repeats: int = 2000) -> tuple[float, float, int]:
+    """(encode µs, decode µs, bytes) per record, best of five passes of ``repeats // 5``."""
+    blob = encode(record)
+    assert scored_decoder.decode(blob) == record
+    n = max(1, repeats // 5)
+    enc, dec = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            encode(record)
+        t1 = time.perf_counter()
+        for _ in range(n):
+            scored_decoder.decode(blob)
+        t2 = time.perf_counter()
+        enc.append((t1 - t0) / n * 1e6)
+        dec.append((t2 - t1) / n * 1e6)
+    return min(enc), min(dec), len(blob)
+
+
 # -- report ------------------------------------------------------------------------------------------
 
 
@@ -379,6 +414,11 @@ def main() -> None:
         finally:
             server.stop()
     console.print(render(rows))
+    enc_us, dec_us, size = roundtrip_us(long_trajectory())
+    console.print(
+        f"32k-token trajectory ({size:,} B): encode {enc_us:.1f} µs + decode {dec_us:.1f} µs = "
+        f"{enc_us + dec_us:.1f} µs round trip (goal: well under 1000 µs)"
+    )
     console.print(f"done in {time.perf_counter() - t0:.0f}s")
 
 
