@@ -1,15 +1,21 @@
 """EnvHub: environment images built locally from TOML specs, tagged by the hash of their spec.
 
-A spec ``sandboxd/envs/<name>.toml`` names a Debian suite, an mmdebstrap variant, packages and
-optional setup commands. Its image is ``rollstream-env/<name>:<12 hex of sha256(spec)>``, so the
-same spec always gives the same tag and a changed spec gives a new one.
+A spec ``sandboxd/envs/<name>.toml`` names a Debian suite, an mmdebstrap variant, packages, Python
+wheels, files and optional setup commands. Its image is ``rollstream-env/<name>:<12 hex of
+sha256(spec)>``, so the same spec always gives the same tag and a changed spec gives a new one.
+
+Python packages: pip inside the root cannot reach an index, so the host builds the wheels
+(``pip wheel --no-deps``, for the host's Python, which must be the image's: bookworm and this host
+both have 3.11) and installs them into the root's ``/usr/local/lib/python3.X/dist-packages``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +46,20 @@ class EnvSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         list[str],
         msgspec.Meta(description="Shell commands run once in the image (no network), then committed."),
     ] = []
+    python_wheels: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="Pinned pip requirements, each installed with --no-deps (list every dependency) "
+            "from wheels built on the host; the image needs `python3` of the host's version."
+        ),
+    ] = []
+    files: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description="Absolute image path -> source file relative to sandboxd/envs; "
+            "the contents are part of the tag."
+        ),
+    ] = {}
 
 
 class EnvInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,16 +85,32 @@ def load_spec(name: str) -> EnvSpec:
         known = ", ".join(env_names()) or "none"
         raise EnvHubError(f"unknown environment {name!r}: no {path} (known: {known}).")
     try:
-        return msgspec.toml.decode(path.read_bytes(), type=EnvSpec)
+        spec = msgspec.toml.decode(path.read_bytes(), type=EnvSpec)
     except msgspec.ValidationError as exc:
         raise EnvHubError(f"invalid environment spec {path}: {exc}; fix that field.") from exc
     except msgspec.DecodeError as exc:
         raise EnvHubError(f"{path} is not valid TOML: {exc}.") from exc
+    for dst, src in spec.files.items():
+        if not dst.startswith("/") or not (ENVS_DIR / src).is_file():
+            raise EnvHubError(
+                f"invalid `files` entry {dst!r} = {src!r} in {path}: the key must be an absolute image "
+                f"path and the value a file relative to {ENVS_DIR}."
+            )
+    return spec
 
 
 def spec_hash(spec: EnvSpec) -> str:
-    """First 12 hex digits of the sha256 of the canonical (sorted-key JSON) spec."""
-    canonical = msgspec.json.encode(msgspec.to_builtins(spec, order="sorted"))
+    """First 12 hex digits of the sha256 of the canonical (sorted-key JSON) spec, with the digests
+    of its files. Fields left empty are omitted, so specs that do not use them keep their tags."""
+    doc = msgspec.to_builtins(spec, order="sorted")
+    for key in ("python_wheels", "files"):
+        if not doc[key]:
+            del doc[key]
+    if spec.files:
+        doc["file_digests"] = {
+            dst: hashlib.sha256((ENVS_DIR / src).read_bytes()).hexdigest() for dst, src in spec.files.items()
+        }
+    canonical = msgspec.json.encode(doc, order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:12]
 
 
@@ -139,18 +175,54 @@ def build(name: str, *, force: bool = False, progress: Progress | None = None) -
         raise EnvHubError("mmdebstrap is missing: install it with `apt-get install -y mmdebstrap`.")
     log.info("env.build.start", env=name, tag=tag, packages=spec.packages)
     base_tag = f"{tag}-base" if spec.setup else tag
-    _bootstrap(mmdebstrap, docker, spec, base_tag, progress or (lambda _line: None))
+    with tempfile.TemporaryDirectory(prefix="rollstream-wheels-") as wheelhouse:
+        hooks = _customize_hooks(spec, Path(wheelhouse), progress or (lambda _line: None))
+        _bootstrap(mmdebstrap, docker, spec, base_tag, progress or (lambda _line: None), hooks)
     if spec.setup:
         _run_setup(docker, spec, base_tag, tag, progress or (lambda _line: None))
     log.info("env.build.done", env=name, tag=tag)
     return tag
 
 
-def _bootstrap(mmdebstrap: str, docker: str, spec: EnvSpec, tag: str, progress: Progress) -> None:
+def _customize_hooks(spec: EnvSpec, wheelhouse: Path, progress: Progress) -> list[str]:
+    """mmdebstrap customize hooks (run on the host, ``$1`` = the root) that copy ``files`` in and
+    install ``python_wheels``, whose wheels are built here first (the host can reach PyPI).
+    Wheels go to ``wheelhouse/*.whl``, file snapshots to ``wheelhouse/file-<i>``."""
+    hooks = []
+    for i, (dst, src) in enumerate(sorted(spec.files.items())):
+        copy = wheelhouse / f"file-{i}"  # a snapshot: edits during the build cannot reach the image
+        shutil.copyfile(ENVS_DIR / src, copy)
+        hooks.append(f'install -D -m 0644 {shlex.quote(str(copy))} "$1"{shlex.quote(dst)}')
+    if not spec.python_wheels:
+        return hooks
+    progress(f"building wheels: {' '.join(spec.python_wheels)}")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--wheel-dir", str(wheelhouse), *spec.python_wheels],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        raise EnvHubError(f"pip wheel failed for {spec.python_wheels}: {built.stderr.strip()[-2000:]}")
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    target = f'"$1"/usr/local/lib/{py}/dist-packages'
+    wheels = " ".join(shlex.quote(str(w)) for w in sorted(wheelhouse.glob("*.whl")))
+    hooks.append(
+        f'test -x "$1"/usr/bin/{py} || {{ echo "python_wheels need {py} in the image '
+        f'(add python3 to packages)" >&2; exit 1; }}; '
+        f"{shlex.join(pip)} install --quiet --no-index --no-deps --target {target} {wheels}"
+    )
+    return hooks
+
+
+def _bootstrap(
+    mmdebstrap: str, docker: str, spec: EnvSpec, tag: str, progress: Progress, hooks: list[str]
+) -> None:
     """mmdebstrap a root filesystem as a tar on stdout and pipe it into ``docker import``."""
     cmd = [mmdebstrap, f"--variant={spec.variant}", "--mode=root", "--format=tar"]
     if spec.packages:
         cmd.append("--include=" + ",".join(spec.packages))
+    cmd += [f"--customize-hook={hook}" for hook in hooks]
     cmd += [spec.suite, "-", MIRROR]
     tail: deque[str] = deque(maxlen=30)
     with tempfile.TemporaryFile() as import_out:

@@ -1,0 +1,239 @@
+"""GEM driver: runs INSIDE a ``gem`` sandbox (installed as /opt/gem_driver.py by envs/gem.toml).
+
+Each call is one short process; the environment lives between calls as a pickle (the env object
+plus the global ``random``/``numpy`` states GEM games draw from) under /work/.gem. Commands, each
+answering one JSON object on the last line of stdout (GEM's own logs go to stderr):
+
+    reset ENV_ID SEED       make the env, reset(seed), save it      -> {"observation", "info"}
+    step ACTION             load, step(ACTION), save                -> {"observation", "reward", ...}
+    observe ENV_ID SEED...  initial observations, nothing saved     -> {"observations": [...]}
+    verify                  exit 0 iff the episode was won          -> the episode's result
+    list                    the env ids this image holds            -> {"env_ids": [...]}
+
+Failures exit with 3 and answer ``{"error": <kind>, "message": ...}``. Won means: the game ended
+(terminated, not truncated) with a positive last reward; the episode's reward is the sum of its
+step rewards (written to /work/.gem/result.json after every call).
+
+``import gem`` imports ``reasoning_gym`` (and sympy, matplotlib: ~1 s) only to register ``rg:*``
+ids; for any other id a stand-in with no datasets is imported instead (~0.15 s per call).
+"""
+
+import difflib
+import importlib.util
+import json
+import os
+import pickle
+import random
+import re
+import sys
+import types
+
+# This file's folder must not shadow GEM's ``gem`` package (in the repo it holds sandboxd/gem.py).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+STATE_DIR = os.environ.get("GEM_STATE_DIR", "/work/.gem")
+STATE = os.path.join(STATE_DIR, "state.pkl")
+RESULT = os.path.join(STATE_DIR, "result.json")
+ENV_ID = os.path.join(STATE_DIR, "env_id")
+ERROR_EXIT = 3
+_HAS_RG = [False]  # whether reasoning_gym is installed (set on the first import)
+
+
+class DriverError(Exception):
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _import_gem(want_reasoning_gym):
+    if "gem.envs.registration" in sys.modules:  # imported already (observe makes several envs)
+        registration = sys.modules["gem.envs.registration"]
+        return sys.modules["gem"], registration.ENV_REGISTRY, _HAS_RG[0]
+    real = importlib.util.find_spec("reasoning_gym") is not None
+    _HAS_RG[0] = real
+    if not (want_reasoning_gym and real):
+        stub = types.ModuleType("reasoning_gym")
+        stub.factory = types.SimpleNamespace(DATASETS={})
+        sys.modules["reasoning_gym"] = stub
+    import gem.envs.registration
+
+    return gem, gem.envs.registration.ENV_REGISTRY, real
+
+
+def _unknown(env_id, registry, has_rg):
+    ids = sorted(registry)
+    prefix = env_id.split(":", 1)[0] + ":"
+    same = [i for i in ids if i.startswith(prefix)] or [i for i in ids if i.startswith("game:")] or ids
+    families = list(dict.fromkeys(re.sub(r"(-v\d+)-[^-]+$", r"\1-*", i) for i in same))
+    close = difflib.get_close_matches(env_id, ids, n=3, cutoff=0.75)
+    message = f"unknown GEM env id {env_id!r}; "
+    if close:
+        message += f"did you mean {', '.join(close)}? "
+    message += f"known ids include {', '.join(families[:12])} ({len(ids)} registered)"
+    if env_id.startswith("rg:") and not has_rg:
+        message += "; rg:* ids need reasoning_gym, which this image does not hold"
+    return DriverError("unknown_env", message)
+
+
+def _make(env_id, seed):
+    gem, registry, has_rg = _import_gem(env_id.startswith("rg:"))
+    if env_id not in registry:
+        raise _unknown(env_id, registry, has_rg)
+    _seed_globals(seed)
+    try:
+        return gem.make(env_id)
+    except ImportError as exc:
+        raise DriverError("unavailable", f"GEM env {env_id!r} cannot run in this image: {exc}") from exc
+
+
+def _seed_globals(seed):
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+def _global_rng():
+    numpy = sys.modules.get("numpy")
+    return {"random": random.getstate(), "numpy": numpy.random.get_state() if numpy else None}
+
+
+def _restore_rng(state):
+    random.setstate(state["random"])
+    if state["numpy"] is not None:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
+
+
+def _atomic_write(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _save(episode):
+    os.makedirs(STATE_DIR, exist_ok=True)
+    # Read before unpickling: the episode must import what it was saved with (stand-in or not).
+    _atomic_write(ENV_ID, episode["env_id"].encode())
+    _atomic_write(STATE, pickle.dumps({**episode, "rng": _global_rng()}))
+    result = {k: episode[k] for k in ("env_id", "seed", "steps", "total_reward", "terminated", "truncated")}
+    result["won"] = _won(episode)
+    _atomic_write(RESULT, json.dumps(result).encode())
+
+
+def _won(episode):
+    return bool(episode["terminated"] and not episode["truncated"] and episode["last_reward"] > 0)
+
+
+def cmd_reset(env_id, seed):
+    env = _make(env_id, seed)
+    observation, info = env.reset(seed=seed)
+    episode = {
+        "env_id": env_id,
+        "seed": seed,
+        "env": env,
+        "steps": 0,
+        "total_reward": 0.0,
+        "last_reward": 0.0,
+        "terminated": False,
+        "truncated": False,
+    }
+    _save(episode)
+    return {"observation": str(observation), "info": info}
+
+
+def cmd_step(action):
+    if not os.path.exists(STATE):
+        raise DriverError("no_episode", "no GEM episode in this sandbox: call reset first")
+    with open(ENV_ID, encoding="utf-8") as f:
+        env_id = f.read()
+    _import_gem(env_id.startswith("rg:"))
+    with open(STATE, "rb") as f:
+        episode = pickle.load(f)
+    if episode["terminated"] or episode["truncated"]:
+        raise DriverError("episode_over", "the GEM episode is over: call reset to start another")
+    _restore_rng(episode.pop("rng"))
+    observation, reward, terminated, truncated, info = episode["env"].step(action)
+    reward = float(reward)
+    episode.update(
+        steps=episode["steps"] + 1,
+        total_reward=episode["total_reward"] + reward,
+        last_reward=reward,
+        terminated=bool(terminated),
+        truncated=bool(truncated),
+    )
+    _save(episode)
+    return {
+        "observation": str(observation),
+        "reward": reward,
+        "terminated": episode["terminated"],
+        "truncated": episode["truncated"],
+        "info": info,
+        "total_reward": episode["total_reward"],
+        "steps": episode["steps"],
+    }
+
+
+def cmd_observe(env_id, seeds):
+    observations = []
+    for seed in seeds:
+        observation, info = _make(env_id, seed).reset(seed=seed)
+        observations.append({"seed": seed, "observation": str(observation), "info": info})
+    return {"env_id": env_id, "observations": observations}
+
+
+def cmd_verify():
+    if not os.path.exists(RESULT):
+        raise DriverError("no_episode", "no GEM episode was played in this sandbox")
+    with open(RESULT, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cmd_list():
+    _, registry, _ = _import_gem(True)
+    return {"env_ids": sorted(registry)}
+
+
+def _seed_arg(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise DriverError("bad_request", f"seed must be an integer, got {text!r}") from None
+
+
+def run(argv):
+    """Dispatch one command; returns (answer, exit code)."""
+    usage = "usage: gem_driver.py reset ENV_ID SEED | step ACTION | observe ENV_ID SEED... | verify | list"
+    cmd, args = (argv[0], argv[1:]) if argv else ("", [])
+    if cmd == "reset" and len(args) == 2:
+        return cmd_reset(args[0], _seed_arg(args[1])), 0
+    if cmd == "step" and len(args) == 1:
+        return cmd_step(args[0]), 0
+    if cmd == "observe" and len(args) >= 2:
+        return cmd_observe(args[0], [_seed_arg(a) for a in args[1:]]), 0
+    if cmd == "verify" and not args:
+        result = cmd_verify()
+        return result, 0 if result["won"] else 1
+    if cmd == "list" and not args:
+        return cmd_list(), 0
+    raise DriverError("bad_request", usage)
+
+
+def main():
+    try:
+        answer, code = run(sys.argv[1:])
+    except DriverError as exc:
+        answer, code = {"error": exc.kind, "message": str(exc)}, ERROR_EXIT
+    except Exception as exc:  # noqa: BLE001 (the env itself raised: answer it, not a bare traceback)
+        answer, code = {"error": "env_error", "message": f"{type(exc).__name__}: {exc}"}, ERROR_EXIT
+    if code == ERROR_EXIT:
+        sys.stderr.write(answer["message"] + "\n")
+    sys.stdout.write(json.dumps(answer, default=repr) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
