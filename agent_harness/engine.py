@@ -41,8 +41,11 @@ class Generation:
 class InferenceEngine(Protocol):
     """What the agent loop needs from a policy: a version, a tokenizer, generation, weight loading."""
 
-    version: int
-    tokenizer: Any  # a Hugging Face tokenizer (PreTrainedTokenizerFast)
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> Any: ...  # a Hugging Face tokenizer (PreTrainedTokenizerFast)
 
     async def generate(self, requests: list[GenRequest]) -> list[Generation]: ...
 

@@ -5,6 +5,14 @@ is the sequence the engine was last fed plus what it generated. The observation 
 final chunk is never fed to the engine, so the final chunk keeps its ``obs_text`` but no
 ``obs_tokens``.
 
+Context budget: a long observation keeps its head and tail (``max_observation_tokens``), and is cut
+further so that ``min_turn_tokens`` stay free for the next turn within ``max_total_tokens``; the
+cut is recorded in the chunk's ``obs_text`` (``[... N tokens, middle cut ...]``). Context already
+fed to the engine is never edited: eliding old observations would change the prefix under which
+earlier chunks' behaviour log-probabilities were computed, and the learner rebuilds one sequence
+per trajectory. So when even a cut observation cannot fit, the episode ends as ``truncated`` with
+``abort_reason`` ``context_budget: ...`` (the last observation kept as text, not as tokens).
+
 The loop creates the sandbox but does not close it: the reward worker verifies inside it first.
 """
 
@@ -152,7 +160,8 @@ async def _replay_prefix(
     are context for the policy, not its actions, so they carry no loss."""
     for text in sample.prefix_calls:
         call = parse_tool_call(text)
-        _, body = await _act(call, sandbox, settings, registry, tokenizer, ep)
+        _, raw_text, _ = await _act(call, sandbox, settings, registry, ep)
+        body, _ = truncate_middle(tokenizer, raw_text, settings.max_observation_tokens)
         ep.seq += encode(tokenizer, text) + observation_tokens(tokenizer, body, action_closed=False)
     return len(ep.seq)
 
@@ -172,7 +181,7 @@ async def _turns(
     for index in range(sample.task.max_turns):
         budget = settings.max_total_tokens - len(ep.seq)
         if budget < 1:
-            ep.status = "truncated"
+            ep.status, ep.abort_reason = "truncated", _budget_reason(ep, settings)
             return
         if before_turn is not None:
             await before_turn()
@@ -201,13 +210,18 @@ async def _turns(
             base |= {"tool_name": call.name, "tool_args": call.arguments_json}
         t1 = time.perf_counter()
         try:
-            outcome, body = await _act(call, sandbox, settings, registry, tok, ep)
+            status, raw_text, done = await _act(call, sandbox, settings, registry, ep)
         except _SandboxFailed as exc:  # keep the action: the sequence stays exact when aborted
             ep.chunks.append(Chunk(**base, tool_status="error", obs_text=str(exc)))
             raise
-        status, obs_text, done = outcome
         closed = bool(gen.tokens) and gen.tokens[-1] in closing
-        obs = [] if done else observation_tokens(tok, body, action_closed=closed)
+        obs: list[int] = []
+        obs_text = raw_text
+        if not done:
+            obs, obs_text = _fit_observation(tok, raw_text, closed, len(ep.seq), settings)
+            if not obs:
+                done = True
+                ep.abort_reason = _budget_reason(ep, settings)
         ep.chunks.append(
             Chunk(
                 **base,
@@ -218,10 +232,33 @@ async def _turns(
             )
         )
         if done:
-            ep.status = "completed"
+            ep.status = "truncated" if ep.abort_reason else "completed"
             return
         ep.seq += obs
     ep.status = "truncated"
+
+
+def _fit_observation(
+    tokenizer: Any, text: str, closed: bool, used: int, settings: HarnessSettings
+) -> tuple[list[int], str]:
+    """Observation tokens (framing + body cut to head and tail) that leave ``min_turn_tokens``
+    free; ``[]`` when not even a short cut body fits."""
+    framing = len(observation_tokens(tokenizer, [], action_closed=closed))
+    room = settings.max_total_tokens - used - settings.min_turn_tokens - framing
+    limit = min(settings.max_observation_tokens, room)
+    if limit < _MIN_BODY_TOKENS:
+        return [], text
+    body, shown = truncate_middle(tokenizer, text, limit)
+    if len(body) > limit:  # the cut marker itself did not fit
+        return [], text
+    return observation_tokens(tokenizer, body, action_closed=closed), shown
+
+
+_MIN_BODY_TOKENS = 8
+
+
+def _budget_reason(ep: _Episode, settings: HarnessSettings) -> str:
+    return f"context_budget: {len(ep.seq)} of {settings.max_total_tokens} tokens used"
 
 
 async def _act(
@@ -229,20 +266,15 @@ async def _act(
     sandbox: SandboxAPI,
     settings: HarnessSettings,
     registry: ToolRegistry,
-    tokenizer: Any,
     ep: _Episode,
-) -> tuple[tuple[ToolStatus, str, bool], list[int]]:
-    """Execute a parsed call; returns (status, observation text, done) and the observation's
-    body tokens (head and tail kept when it is too long)."""
+) -> tuple[ToolStatus, str, bool]:
+    """Execute a parsed call; returns its status, the whole observation text, and whether the
+    episode ends after it."""
     if isinstance(call, ParseError):
-        status: ToolStatus = "parse_error"
-        text, done = f"error: {call.message}", False
-    else:
+        return "parse_error", f"error: {call.message}", False
 
-        async def run(command: str) -> ExecResult:
-            return await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s)
+    async def run(command: str) -> ExecResult:
+        return await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s)
 
-        outcome = await registry.execute(call, run, timeout_s=settings.command_timeout_s)
-        status, text, done = outcome.status, outcome.text, outcome.done
-    body, text = truncate_middle(tokenizer, text, settings.max_observation_tokens)
-    return (status, text, done), body
+    outcome = await registry.execute(call, run, timeout_s=settings.command_timeout_s)
+    return outcome.status, outcome.text, outcome.done

@@ -24,6 +24,22 @@ class HarnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         int,
         msgspec.Meta(ge=8, description="Longer tool outputs keep their head and tail and drop the middle."),
     ] = 128
+    min_turn_tokens: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="Tokens kept free for the next turn: an observation is cut (head and tail) to "
+            "leave them; when it cannot be, the episode ends as truncated (context_budget).",
+        ),
+    ] = 16
+    batch_max_wait_ms: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            description="Longest a generation request waits for other episodes' requests to share "
+            "its batch (the batch size is capped by rollout.concurrency).",
+        ),
+    ] = 5.0
     command_timeout_s: Annotated[
         float, msgspec.Meta(gt=0.0, description="Wall-clock limit of one bash command in the sandbox.")
     ] = 10.0

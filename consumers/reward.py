@@ -46,10 +46,12 @@ async def _run_checks(
     return True, "\n".join(outputs)[-4000:]
 
 
-async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float) -> str:
-    """A fresh sandbox with the task set up and the trajectory's bash calls re-executed."""
+async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float, created_ids: list[str]) -> str:
+    """A fresh sandbox with the task set up and the trajectory's bash calls re-executed (its id is
+    appended to ``created_ids`` at once, so the caller closes it even if a later step fails)."""
     assert traj.task is not None
     created = await sandbox.create(traj.task.environment, labels={"rollstream.traj": traj.traj_id[:60]})
+    created_ids.append(created.sandbox_id)
     for cmd in traj.task.setup:
         await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
     for chunk in traj.chunks:
@@ -77,15 +79,15 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
     if traj.task is None or not traj.task.verify:
         return invalid("no verify commands")
     sandbox_id = traj.sandbox_id
-    rebuilt = ""
+    rebuilt: list[str] = []
     try:
         try:
             if not sandbox_id:
                 raise SandboxNotFound("no sandbox recorded")
             ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
         except SandboxNotFound:
-            rebuilt = await _rebuild(sandbox, traj, verify_timeout_s)
-            ok, out = await _run_checks(sandbox, rebuilt, traj.task.verify, verify_timeout_s)
+            fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt)
+            ok, out = await _run_checks(sandbox, fresh, traj.task.verify, verify_timeout_s)
             out = "[re-executed in a fresh sandbox]\n" + out
     except InfraFailure as exc:
         return invalid(str(exc))
@@ -93,7 +95,7 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
         return invalid(f"sandbox: {type(exc).__name__}: {exc}")
     finally:
         with anyio.move_on_after(10, shield=True):
-            for sid in {sandbox_id, rebuilt} - {""}:
+            for sid in {sandbox_id, *rebuilt} - {""}:
                 try:
                     await sandbox.close(sid)
                 except SandboxError:

@@ -1,6 +1,7 @@
 """The rollout group: tasks in, raw trajectories out, every chunk stamped with its policy version.
 
-Each process runs ``rollout.concurrency`` episodes at once against one inference engine. Before
+Each process runs ``rollout.concurrency`` episodes at once against one inference engine, behind a
+``Batcher`` so that the turns of concurrent episodes are generated together in one batch. Before
 every turn it swaps in newer weights if the learner announced some, so no episode starts (or goes
 on) with weights older than ``latest - eta``; a trajectory may span versions.
 """
@@ -16,6 +17,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
 from ops.config import Config
@@ -77,10 +79,15 @@ async def run(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run episodes from the shared ``rollout`` consumer until cancelled."""
-    engine = engine or await anyio.to_thread.run_sync(make_engine, cfg)
+    inner = engine if engine is not None else await anyio.to_thread.run_sync(make_engine, cfg)
+    batcher = Batcher(
+        inner,
+        max_batch=cfg.rollout.concurrency,
+        max_wait_s=cfg.rollout.harness.batch_max_wait_ms / 1000,
+    )
     consumer = await Consumer(js, ROLLOUT, cfg.run, tasks_decoder).bind()
     pub = Publisher(js)
-    sync = WeightSync(js, cfg.run, engine)
+    sync = WeightSync(js, cfg.run, batcher)
     sandbox = SandboxClient(nc)
     counts = {"episodes": 0}
 
@@ -92,7 +99,7 @@ async def run(
                 await sync.refresh()
                 traj: Trajectory = await run_episode(
                     sample,
-                    engine=engine,
+                    engine=batcher,
                     sandbox=sandbox,
                     settings=cfg.rollout.harness,
                     before_turn=sync.refresh,
@@ -106,10 +113,11 @@ async def run(
             log.info(
                 "rollout_progress",
                 episodes=counts["episodes"],
-                policy_version=engine.version,
+                policy_version=batcher.version,
                 weight_loads=sync.loads,
+                mean_batch=round(batcher.stats.mean_batch, 2),
             )
 
     task_status.started()
-    log.info("rollout_started", concurrency=cfg.rollout.concurrency, policy_version=engine.version)
+    log.info("rollout_started", concurrency=cfg.rollout.concurrency, policy_version=batcher.version)
     await serve(consumer, cfg.rollout.concurrency, handle)

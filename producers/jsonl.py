@@ -1,7 +1,12 @@
-"""JSONL task files: one ``Task`` per line, validated with errors that name the line and field."""
+"""JSONL task files: one ``Task`` per line, validated with errors that name the line and field.
+
+Unknown keys are errors here (the wire record ``Task`` tolerates them for schema evolution, but in a
+hand-written file a key like ``verfy`` is a typo that would silently drop the verifier).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -14,6 +19,30 @@ class TaskFileError(ValueError):
 
 
 _decoder = msgspec.json.Decoder(Task)
+_FIELDS = tuple(f.name for f in msgspec.structs.fields(Task))
+_AT = re.compile(r"\s*-\s*at `\$\.?([^`]*)`$")
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's message with its ``at `$.field``` suffix turned into a leading field name."""
+    msg = str(exc)
+    where = _AT.search(msg)
+    if where is None:
+        return msg
+    return f"field `{where.group(1)}`: {msg[: where.start()]}"
+
+
+def _check_keys(line: bytes) -> str | None:
+    try:
+        obj = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None  # the typed decode below names the JSON error
+    if not isinstance(obj, dict):
+        return "expected a JSON object (one task per line)"
+    unknown = sorted(set(obj) - set(_FIELDS))
+    if unknown:
+        return f"unknown field `{unknown[0]}`; a task has the fields {', '.join(_FIELDS)}"
+    return None
 
 
 def load_jsonl(path: Path) -> list[Task]:
@@ -25,14 +54,17 @@ def load_jsonl(path: Path) -> list[Task]:
     for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith(b"#"):
             continue
+        problem = _check_keys(line)
+        if problem is not None:
+            raise TaskFileError(f"{path}:{lineno}: {problem}")
         try:
             task = _decoder.decode(line)
         except msgspec.ValidationError as exc:
-            raise TaskFileError(f"{path}:{lineno}: {exc}") from None
+            raise TaskFileError(f"{path}:{lineno}: {_explain(exc)}") from None
         except msgspec.DecodeError as exc:
             raise TaskFileError(f"{path}:{lineno}: not valid JSON ({exc})") from None
         if task.task_id in seen:
-            raise TaskFileError(f"{path}:{lineno}: duplicate task_id {task.task_id!r}")
+            raise TaskFileError(f"{path}:{lineno}: field `task_id`: duplicate task_id {task.task_id!r}")
         seen.add(task.task_id)
         tasks.append(task)
     if not tasks:
