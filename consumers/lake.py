@@ -16,7 +16,8 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
-from consumers.lake_writer import LakeWriter
+from consumers.lake_writer import LakeWriteError, LakeWriter
+from ops import metrics
 from schemas.codec import scored_decoder, tasks_decoder, train_decoder
 from streams.bus import Consumer, Delivery
 from streams.topology import LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
@@ -39,28 +40,46 @@ async def run(
     async def flush() -> None:
         if not unacked:
             return
+        started = time.perf_counter()
         rows = await anyio.to_thread.run_sync(writer.flush)
+        metrics.FLUSH_SECONDS.labels(run=cfg.run).observe(time.perf_counter() - started)
         for d in unacked:
             await d.ack()
+        for table, n in rows.items():
+            metrics.FLUSH_ROWS.labels(run=cfg.run, table=table).inc(n)
+        metrics.MESSAGES.labels(worker="lake", run=cfg.run).inc(len(unacked))
         log.info("lake_flush", messages=len(unacked), **rows)
         unacked.clear()
+        metrics.IN_FLIGHT.labels(worker="lake", run=cfg.run).set(0)
+
+    async def take(consumer: Consumer[Any], add: Any) -> int:
+        got, poisoned = 0, consumer.stats.dead_lettered
+        for d in await consumer.fetch(min(256, cfg.lake.max_batch), timeout_s=0.5):
+            try:
+                add(d.record)
+            except (ValueError, TypeError) as exc:  # a record the lake cannot hold: poison
+                await consumer.dead_letter(d.msg, f"lake: {exc}")
+                continue
+            unacked.append(d)
+            got += 1
+        # Undecodable messages (dead-lettered inside fetch) and unwritable ones alike.
+        metrics.DEAD_LETTERED.labels(worker="lake", run=cfg.run).inc(consumer.stats.dead_lettered - poisoned)
+        metrics.IN_FLIGHT.labels(worker="lake", run=cfg.run).set(len(unacked))
+        return got
 
     last_flush = time.monotonic()
     try:
         while True:
-            got = 0
-            for consumer, add in (
-                (tasks, writer.add_task),
-                (traj, writer.add_scored),
-                (train, writer.add_train),
-            ):
-                for d in await consumer.fetch(min(256, cfg.lake.max_batch), timeout_s=0.5):
-                    add(d.record)
-                    unacked.append(d)
-                    got += 1
+            got = await take(tasks, writer.add_task)
+            got += await take(traj, writer.add_scored)
+            got += await take(train, writer.add_train)
             due = time.monotonic() - last_flush >= cfg.lake.flush_interval_s
             if len(unacked) >= cfg.lake.max_batch or (due and unacked):
-                await flush()
+                try:
+                    await flush()
+                except LakeWriteError as exc:  # nothing acked; keep the buffers, try again later
+                    log.error("lake_flush_failed", table=exc.table, error=str(exc))
+                    await anyio.sleep(1.0)
                 last_flush = time.monotonic()
             elif not got:
                 await anyio.sleep(0.2)

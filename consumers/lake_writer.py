@@ -140,6 +140,18 @@ TASKS = pa.schema(
     ]
 )
 
+# One verdict of one filter stage (ops.filters) on one trajectory.
+FILTERS = pa.schema(
+    [
+        ("traj_id", pa.string()),
+        ("run", pa.string()),
+        ("stage", pa.string()),
+        ("verdict", pa.string()),
+        ("reasons", STRINGS),
+        ("time", pa.float64()),
+    ]
+)
+
 # File schemas per table. Every view adds ``date`` (DATE) from the partition path.
 SCHEMAS: dict[str, pa.Schema] = {
     "trajectories": TRAJECTORIES,
@@ -147,13 +159,25 @@ SCHEMAS: dict[str, pa.Schema] = {
     "train_log": TRAIN_LOG,
     "train_steps": TRAIN_STEPS,
     "tasks": TASKS,
+    "filters": FILTERS,
 }
 # Chunks are made durable before trajectories, so a visible trajectory row always has its chunks.
-FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps")
+FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "filters")
 _TOKEN_COLUMNS = {"prompt_tokens", "action_tokens", "obs_tokens"}
 _LOGPROB_COLUMNS = {"action_logprobs"}
 # A run or writer id becomes a path component: keep it to characters every reader parses as-is.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class FilterVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """A filter stage's verdict on one trajectory (a ``filters`` row; lake-only, never on the wire)."""
+
+    traj_id: str
+    run: str
+    stage: str  # "heuristic" | "reverify" | "security"
+    verdict: str  # "pass" | "flag" | "fail"
+    reasons: list[str] = []
+    time: float = 0.0
 
 
 class LakeWriteError(Exception):
@@ -367,6 +391,12 @@ class LakeWriter:
         else:
             raise TypeError(f"add_train takes TrainRecord or StepStats, not {type(record).__name__}")
         self._add(table, record.run, record.time, [{f: getattr(record, f) for f in schema.names}])
+
+    def add_filter(self, verdict: FilterVerdict) -> None:
+        """Buffer one filter verdict (``filters`` row)."""
+        row = {f: getattr(verdict, f) for f in FILTERS.names}
+        row["reasons"] = list(verdict.reasons)
+        self._add("filters", verdict.run, verdict.time, [row])
 
     def pending(self) -> int:
         """Rows buffered and not yet durable, over all tables."""

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from ops.config import Config, ConfigError, load_config
+from ops.lake_cli import filter_app, lake_app, replay_command, resample_command
 from sandboxd.cli import env_app
 
 app = typer.Typer(
@@ -22,6 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(env_app, name="env")
+app.add_typer(lake_app, name="lake")
+app.add_typer(filter_app, name="filter")
+app.command("replay")(replay_command)
+app.command("resample")(resample_command)
 out = Console()
 err = Console(stderr=True)
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from consumers.lake_writer import SCHEMAS, LakeWriter
+from consumers.lake_writer import SCHEMAS, FilterVerdict, LakeWriter
 from ops.lake_query import QueryError, open_lake, query, render_table, write_result
 from tests.test_lake_writer import DAY, fill, make_scored, make_step, make_task, make_train
 
@@ -33,11 +33,18 @@ def lake(tmp_path: Path) -> Path:
     rng = random.Random(11)
     writer = LakeWriter(tmp_path, writer_id="w1")
     records = fill(writer, rng, n=6)
+    verdicts = [
+        FilterVerdict(traj_id=s.traj.traj_id, run="run1", stage="heuristic", verdict="pass", time=DAY)
+        for s in records
+    ]
+    for verdict in verdicts:
+        writer.add_filter(verdict)
     writer.flush()
     redelivered = LakeWriter(tmp_path, writer_id="w2")
-    for scored in records:
+    for scored, verdict in zip(records, verdicts, strict=True):
         redelivered.add_scored(scored)
         redelivered.add_train(make_train(scored))
+        redelivered.add_filter(verdict)
     redelivered.add_task(make_task())
     redelivered.add_train(make_step())
     redelivered.flush()
@@ -53,6 +60,7 @@ def test_records_written_twice_appear_once_in_every_view(lake: Path) -> None:
     assert count(lake, "train_log") == 6
     assert count(lake, "tasks") == 1
     assert count(lake, "train_steps") == 1
+    assert count(lake, "filters") == 6
     dupes = query(lake, "SELECT traj_id FROM trajectories GROUP BY 1 HAVING count(*) > 1")
     assert dupes.num_rows == 0
 
