@@ -16,6 +16,7 @@ from agent_harness.engine import Generation, GenRequest
 from agent_harness.prompt import IM_START, encode
 from agent_harness.tools import Executor, ToolCall, ToolOutcome, ToolRegistry, ToolSpec, format_tool_call
 from sandboxd.gem import GemError, StepResult, decode_answer, step_command
+from schemas.task import Task
 
 ACT = ToolSpec(
     "act",
@@ -102,3 +103,8 @@ def next_guess(context: str) -> int:
         else:
             high = min(high, int(guess) - 1)
     return (low + max(low, high)) // 2
+
+
+def registry_for(task: Task) -> ToolRegistry | None:
+    """The tools a task's episode offers: ``act`` for GEM families, the default (bash, submit) else."""
+    return GemToolRegistry() if task.family.startswith("gem:") else None

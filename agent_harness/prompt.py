@@ -22,10 +22,18 @@ _OBS_HEAD = f"\n{IM_START}user\n{TOOL_RESPONSE_OPEN}\n"
 _OBS_TAIL = f"\n{TOOL_RESPONSE_CLOSE}{IM_END}\n{IM_START}assistant\n"
 
 
+def _example_call(registry: ToolRegistry) -> str:
+    """A call of the registry's first tool (``bash`` keeps its familiar ``ls`` example)."""
+    spec = next(iter(registry.specs.values()))
+    if spec.name == "bash":
+        return format_tool_call("bash", {"command": "ls"})
+    return format_tool_call(spec.name, {name: "..." for name in spec.params})
+
+
 def system_prompt(registry: ToolRegistry) -> str:
     """Short on purpose: every token of it is context for a tiny model."""
     tools = "\n".join(msgspec.json.encode(s).decode() for s in registry.schemas())
-    example = format_tool_call("bash", {"command": "ls"})
+    example = _example_call(registry)
     return (
         "You are an agent in a Linux shell. Use one tool per turn.\n"
         f"Tools:\n{tools}\nCall a tool like this:\n{example}"

@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 from ops.config import Config
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
+from sandboxd.gem import step_command
 from schemas.codec import raw_traj_decoder
-from schemas.trajectory import ScoredTrajectory, Trajectory
+from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams.bus import Consumer, Delivery, Publisher, serve
 from streams.topology import REWARD, subject
 
@@ -55,15 +56,38 @@ async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float, c
     for cmd in traj.task.setup:
         await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
     for chunk in traj.chunks:
-        if chunk.tool_name == "bash" and chunk.tool_status in ("ok", "error", "timeout"):
-            try:
-                args = msgspec.json.decode(chunk.tool_args)
-                command = str(args.get("command", "")) if isinstance(args, dict) else ""
-            except msgspec.DecodeError:
-                continue
-            if command:
-                await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
+        command = replay_command(chunk)
+        if command:
+            await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
     return created.sandbox_id
+
+
+def replay_command(chunk: Chunk) -> str:
+    """The shell command that re-executes a chunk's tool call (bash, or a GEM ``act`` step), or ""."""
+    if chunk.tool_status not in ("ok", "error", "timeout") or chunk.tool_name not in ("bash", "act"):
+        return ""
+    try:
+        args = msgspec.json.decode(chunk.tool_args)
+    except msgspec.DecodeError:
+        return ""
+    if not isinstance(args, dict):
+        return ""
+    if chunk.tool_name == "act":
+        return step_command(str(args.get("action", "")))
+    return str(args.get("command", ""))
+
+
+async def _graded_reward(sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, passed: bool) -> float:
+    """1.0/0.0 from the verify commands, or the task's own graded reward when it writes one
+    (GEM tasks: ``total_reward`` in the JSON file named by ``metadata["result_path"]``)."""
+    path = traj.task.metadata.get("result_path", "") if traj.task else ""
+    if not path:
+        return 1.0 if passed else 0.0
+    try:
+        result = msgspec.json.decode(await sandbox.read_file(sandbox_id, path))
+        return float(result.get("total_reward", 1.0 if passed else 0.0))
+    except (SandboxError, msgspec.DecodeError, AttributeError, TypeError, ValueError):
+        return 1.0 if passed else 0.0
 
 
 async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float) -> ScoredTrajectory:
@@ -85,9 +109,11 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
             if not sandbox_id:
                 raise SandboxNotFound("no sandbox recorded")
             ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
+            reward = await _graded_reward(sandbox, sandbox_id, traj, ok)
         except SandboxNotFound:
             fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt)
             ok, out = await _run_checks(sandbox, fresh, traj.task.verify, verify_timeout_s)
+            reward = await _graded_reward(sandbox, fresh, traj, ok)
             out = "[re-executed in a fresh sandbox]\n" + out
     except InfraFailure as exc:
         return invalid(str(exc))
@@ -100,7 +126,7 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
                     await sandbox.close(sid)
                 except SandboxError:
                     pass
-    return ScoredTrajectory(traj=traj, reward=1.0 if ok else 0.0, verifier_output=out, scored_at=time.time())
+    return ScoredTrajectory(traj=traj, reward=reward, verifier_output=out, scored_at=time.time())
 
 
 async def run(

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
+from agent_harness.gem_episode import registry_for
 from agent_harness.loop import run_episode
 from ops.config import Config
 from sandboxd.client import SandboxClient
@@ -103,6 +104,7 @@ async def run(
                     sandbox=sandbox,
                     settings=cfg.rollout.harness,
                     before_turn=sync.refresh,
+                    registry=registry_for(sample.task),
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
                 await pub.publish(subject("raw", cfg.run), traj, msg_id=f"raw:{traj.traj_id}")

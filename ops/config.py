@@ -33,8 +33,12 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    source: Annotated[Literal["builtin", "jsonl"], _meta("Where tasks come from.")] = "builtin"
+    source: Annotated[
+        Literal["builtin", "jsonl", "gem"],
+        _meta("Task source: built-in family, JSONL file or GEM env."),
+    ] = "builtin"
     path: Annotated[str, _meta("JSONL task file when source = jsonl.")] = ""
+    env_id: Annotated[str, _meta("GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")] = ""
     seed: Annotated[int, _meta("Seed of the built-in task family.")] = 0
     levels: Annotated[
         tuple[int, ...], _meta("Difficulty levels of the built-in family (tool calls needed).")

@@ -49,7 +49,7 @@ def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable
     if name == "producer":
         from producers import tasks
 
-        return lambda task_status: tasks.run(cfg, js, task_status=task_status)
+        return lambda task_status: tasks.run(cfg, js, nc, task_status=task_status)
     if name == "rollout":
         from consumers import rollout
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
@@ -35,13 +36,28 @@ def builtin_task_at(seed: int, index: int, levels: tuple[int, ...]) -> Task:
     return make_task(level, rng, f"{FAMILY}-s{seed}-{index:06d}-L{level}")
 
 
-def task_stream(cfg: Any, start: int) -> Iterator[tuple[int, Task]]:
+async def task_stream(cfg: Any, start: int, nc: NATS | None = None) -> AsyncIterator[tuple[int, Task]]:
     """(index, task) pairs from the configured source, starting at ``start``."""
-    if cfg.producer.source == "jsonl":
+    source = cfg.producer.source
+    if source == "jsonl":
         tasks = load_jsonl(Path(cfg.producer.path))
         for i in range(start, len(tasks)):
             yield i, tasks[i]
         return
+    if source == "gem":
+        # GEM tasks read their first observation in a sandbox, so they come in small batches.
+        from producers.gem_tasks import gem_tasks
+        from sandboxd.client import SandboxClient
+
+        if nc is None:
+            raise ValueError("producer.source = gem needs a broker connection for its sandbox")
+        client = SandboxClient(nc)
+        i = start
+        while True:
+            batch = await gem_tasks(client, cfg.producer.env_id, seed=cfg.producer.seed, count=8, start=i)
+            for task in batch:
+                yield i, task
+                i += 1
     i = start
     while True:
         yield i, builtin_task_at(cfg.producer.seed, i, tuple(cfg.producer.levels))
@@ -63,12 +79,16 @@ async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
 
 
 async def run(
-    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    cfg: Any,
+    js: JetStreamContext,
+    nc: NATS | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish task samples, at most ``producer.max_inflight`` outstanding, until cancelled or done."""
     pub = Publisher(js)
     cursor = await _load_cursor(js, cfg.run)
-    tasks = task_stream(cfg, cursor)
+    tasks = task_stream(cfg, cursor, nc)
     group = cfg.producer.group_size
     task_status.started()
     log.info(
@@ -81,7 +101,7 @@ async def run(
         if room < group:
             await anyio.sleep(0.5)
             continue
-        nxt = next(tasks, None)
+        nxt = await anext(tasks, None)
         if nxt is None:
             break
         index, task = nxt

@@ -1,0 +1,65 @@
+"""A GEM game through the real workers: producer (source gem) -> rollout -> reward -> lake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from transformers import AutoTokenizer
+
+from agent_harness.gem_episode import GuessTheNumberExpert
+from consumers import lake, reward, rollout
+from ops.config import load_config
+from ops.lake_query import query
+from producers import tasks
+from streams.topology import ensure
+from tests.test_gem import GUESS_RANDOM, gem_image  # noqa: F401
+from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+
+pytestmark = pytest.mark.docker
+RUN = "gempipe"
+
+
+async def test_gem_episodes_play_through_the_workers_and_their_rewards_land_in_the_lake(
+    js: JetStreamContext,
+    nc: NATS,
+    sandboxd_owner: str,
+    gem_image: str,  # noqa: F811
+    tiny_policy: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            f'state_dir="{tmp_path}"',
+            f"run={RUN}",
+            'producer.source="gem"',
+            f'producer.env_id="{GUESS_RANDOM}"',
+            "producer.total=3",
+            "lake.flush_interval_s=0.5",
+            "rollout.harness.max_total_tokens=1800",
+        ],
+    )
+    expert = GuessTheNumberExpert(tokenizer=AutoTokenizer.from_pretrained(tiny_policy))
+    await ensure(js, RUN)
+    rows: list[dict[str, object]] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(lake.run, cfg, js)
+        await tg.start(reward.run, cfg, js, nc)
+        await tg.start(lambda task_status: rollout.run(cfg, js, nc, engine=expert, task_status=task_status))
+        await tg.start(tasks.run, cfg, js, nc)
+        with anyio.fail_after(240):
+            while len(rows) < 3:
+                await anyio.sleep(1)
+                if (cfg.lake_root / "trajectories").exists():
+                    rows = query(
+                        cfg.lake_root, "SELECT family, reward, valid, num_chunks FROM trajectories"
+                    ).to_pylist()
+        tg.cancel_scope.cancel()
+    assert {r["family"] for r in rows} == {f"gem:{GUESS_RANDOM}"}
+    assert all(r["valid"] and r["reward"] == 1.0 and r["num_chunks"] >= 1 for r in rows), rows
+    acts = query(cfg.lake_root, "SELECT DISTINCT tool_name FROM chunks").to_pylist()
+    assert acts == [{"tool_name": "act"}]
