@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from ops import metrics
 from ops.config import Config
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
@@ -141,7 +142,12 @@ async def run(
         scored = await score(d.record, sandbox, cfg.reward.verify_timeout_s)
         await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{d.record.traj_id}")
         await d.ack()
+        outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"
+        metrics.REWARDS.labels(run=cfg.run, outcome=outcome).inc()
+        metrics.MESSAGES.labels(worker="reward", run=cfg.run).inc()
 
     task_status.started()
     log.info("reward_started", concurrency=cfg.reward.concurrency)
-    await serve(consumer, cfg.reward.concurrency, handle)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(metrics.track_dead_letters, consumer, "reward", cfg.run)
+        await serve(consumer, cfg.reward.concurrency, handle)

@@ -21,6 +21,7 @@ from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.gem_episode import registry_for
 from agent_harness.loop import run_episode
+from ops import metrics
 from ops.config import Config
 from sandboxd.client import SandboxClient
 from schemas.codec import tasks_decoder
@@ -92,8 +93,17 @@ async def run(
     sandbox = SandboxClient(nc)
     counts = {"episodes": 0}
 
+    in_flight = metrics.IN_FLIGHT.labels(worker="rollout", run=cfg.run)
+
     async def handle(delivery: Delivery[TaskSample]) -> None:
         sample = delivery.record
+        in_flight.inc()
+        try:
+            await episode(delivery, sample)
+        finally:
+            in_flight.dec()
+
+    async def episode(delivery: Delivery[TaskSample], sample: TaskSample) -> None:
         with structlog.contextvars.bound_contextvars(traj_id=sample.msg_id):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_heartbeat, delivery, cfg.rollout.heartbeat_s)
@@ -110,6 +120,9 @@ async def run(
                 await pub.publish(subject("raw", cfg.run), traj, msg_id=f"raw:{traj.traj_id}")
                 tg.cancel_scope.cancel()
             await delivery.ack()
+        metrics.EPISODES.labels(run=cfg.run, status=traj.status).inc()
+        metrics.MESSAGES.labels(worker="rollout", run=cfg.run).inc()
+        metrics.POLICY_VERSION.labels(worker="rollout", run=cfg.run).set(batcher.version)
         counts["episodes"] += 1
         if counts["episodes"] % 20 == 0:
             log.info(
@@ -122,4 +135,6 @@ async def run(
 
     task_status.started()
     log.info("rollout_started", concurrency=cfg.rollout.concurrency, policy_version=batcher.version)
-    await serve(consumer, cfg.rollout.concurrency, handle)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(metrics.track_dead_letters, consumer, "rollout", cfg.run)
+        await serve(consumer, cfg.rollout.concurrency, handle)

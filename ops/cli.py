@@ -164,6 +164,9 @@ def worker(
     config_path: ConfigOpt = None,
     overrides: SetOpt = None,
     nats_url: Annotated[str | None, typer.Option("--nats", help="Broker URL (overrides nats.url).")] = None,
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = off).")
+    ] = 0,
 ) -> None:
     """Run one worker process (what `just up` starts; use it to add workers on other hosts)."""
     import anyio
@@ -177,7 +180,7 @@ def worker(
     cfg = config(config_path, [*(overrides or []), *extra])
     configure_logging(cfg.log_level)
     try:
-        anyio.run(run_worker, name, cfg)
+        anyio.run(run_worker, name, cfg, metrics_port)
     except OSError as exc:
         raise fail(f"cannot reach the broker at {cfg.nats_url}: {exc}") from None
 

@@ -73,6 +73,12 @@ class LakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_batch: Annotated[int, _meta("Flush when this many messages wait.", ge=1)] = 512
 
 
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    base_port: Annotated[
+        int, _meta("`just up` gives worker k the Prometheus port base_port + k on 127.0.0.1; 0 = off.", ge=0)
+    ] = 9400
+
+
 class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     sandboxd: Annotated[int, _meta("sandboxd processes.", ge=0)] = 1
     producer: Annotated[int, _meta("Task producers.", ge=0, le=1)] = 1
@@ -95,6 +101,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     learner: LearnerSettings = LearnerSettings()
     lake: LakeSettings = LakeSettings()
     sandboxd: SandboxdSettings = SandboxdSettings()
+    metrics: MetricsSettings = MetricsSettings()
     processes: ProcessCounts = ProcessCounts()
 
     @property

@@ -12,8 +12,10 @@ has a ``worker`` label (``rollout``, ``reward``, ``learner``, ``lake``, ``produc
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import anyio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 MESSAGES = Counter(
@@ -74,3 +76,14 @@ def start_metrics_server(
     """
     server, _thread = start_http_server(port, addr=addr, registry=registry)
     return server, int(server.server_port)
+
+
+async def track_dead_letters(consumer: Any, worker: str, run: str, *, every_s: float = 2.0) -> None:
+    """Mirror a ``streams.bus.Consumer``'s dead-letter count into ``DEAD_LETTERED`` until cancelled."""
+    seen = 0
+    while True:
+        await anyio.sleep(every_s)
+        now = consumer.stats.dead_lettered
+        if now > seen:
+            DEAD_LETTERED.labels(worker=worker, run=run).inc(now - seen)
+            seen = now

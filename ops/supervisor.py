@@ -109,7 +109,17 @@ class Supervisor:
         log_path = self.logs / f"{name}-{index}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "worker", name, "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "ops.cli",
+                "worker",
+                name,
+                "--config",
+                str(self.config_path),
+                "--metrics-port",
+                str(self.metrics_port(name, index)),
+            ],
             stdout=open(log_path, "ab"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -120,11 +130,24 @@ class Supervisor:
         self._write_pids()
         return child
 
+    def metrics_port(self, name: str, index: int) -> int:
+        """Stable per (worker, index): base + 16 * position of the worker kind + index."""
+        base = self.cfg.metrics.base_port
+        return 0 if base == 0 else base + 16 * START_ORDER.index(name) + index
+
     def _write_pids(self) -> None:
         pids = {
             "supervisor": os.getpid(),
             "nats": self.nats.proc.pid if self.nats and self.nats.proc else None,
-            "workers": [{"name": c.name, "index": c.index, "pid": c.proc.pid} for c in self.children],
+            "workers": [
+                {
+                    "name": c.name,
+                    "index": c.index,
+                    "pid": c.proc.pid,
+                    "metrics_port": self.metrics_port(c.name, c.index),
+                }
+                for c in self.children
+            ],
         }
         (self.state / "processes.json").write_text(json.dumps(pids, indent=1))
 

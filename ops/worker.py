@@ -77,9 +77,23 @@ async def _watch_signals(scope: anyio.CancelScope) -> None:
             return
 
 
-async def run_worker(name: str, cfg: Config) -> None:
+def start_metrics(port: int) -> None:
+    """Serve this process's Prometheus metrics; a busy port costs the metrics, not the worker."""
+    if port <= 0:
+        return
+    from ops.metrics import start_metrics_server
+
+    try:
+        start_metrics_server(port)
+        log.info("metrics_serving", url=f"http://127.0.0.1:{port}/metrics")
+    except OSError as exc:
+        log.warning("metrics_unavailable", port=port, error=str(exc))
+
+
+async def run_worker(name: str, cfg: Config, metrics_port: int = 0) -> None:
     """Run worker ``name`` until a signal arrives."""
     structlog.contextvars.bind_contextvars(run=cfg.run, worker=name, pid=os.getpid())
+    start_metrics(metrics_port)
     nc = await connect(cfg, name)
     try:
         js = nc.jetstream(timeout=10)
