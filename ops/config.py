@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from agent_harness.proxy import ProxySettings
 from agent_harness.settings import HarnessSettings
 from learner.settings import LearnerSettings
 from sandboxd.settings import SandboxdSettings
@@ -86,6 +87,9 @@ class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     reward: Annotated[int, _meta("Reward group processes.", ge=0)] = 1
     learner: Annotated[int, _meta("Learner processes.", ge=0, le=1)] = 1
     lake: Annotated[int, _meta("Lake writer processes.", ge=0)] = 1
+    proxy: Annotated[
+        int, _meta("OpenAI-compatible model proxies (proxy.port; one per host).", ge=0, le=1)
+    ] = 0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -102,6 +106,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     lake: LakeSettings = LakeSettings()
     sandboxd: SandboxdSettings = SandboxdSettings()
     metrics: MetricsSettings = MetricsSettings()
+    proxy: ProxySettings = ProxySettings()
     processes: ProcessCounts = ProcessCounts()
 
     @property

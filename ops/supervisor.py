@@ -29,7 +29,7 @@ from streams.server import NatsServer, NatsServerError, port_in_use
 from streams.topology import ensure
 
 log = structlog.get_logger(__name__)
-START_ORDER = ("sandboxd", "lake", "learner", "reward", "rollout", "producer")
+START_ORDER = ("sandboxd", "lake", "learner", "reward", "rollout", "producer", "proxy")
 
 
 class PreflightError(RuntimeError):
@@ -261,7 +261,7 @@ class Supervisor:
         try:
             want = msgspec.json.decode(msg.data, type=dict[str, int])
             for name, n in want.items():
-                if name not in self.desired or n < 0 or (name in ("producer", "learner") and n > 1):
+                if name not in self.desired or n < 0 or (name in ("producer", "learner", "proxy") and n > 1):
                     raise ValueError(f"cannot scale {name!r} to {n}")
             self.desired.update(want)
             self.reconcile()

@@ -21,7 +21,7 @@ from ops.config import Config
 from streams.topology import ensure
 
 log = structlog.get_logger(__name__)
-WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake")
+WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy")
 
 
 async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
@@ -66,6 +66,10 @@ def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable
         from consumers import lake
 
         return lambda task_status: lake.run(cfg, js, task_status=task_status)
+    if name == "proxy":
+        from consumers import proxy_worker
+
+        return lambda task_status: proxy_worker.run(cfg, js, task_status=task_status)
     raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
 
 

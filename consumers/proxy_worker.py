@@ -1,0 +1,42 @@
+"""The model proxy as a worker: an OpenAI-compatible endpoint in front of the policy.
+
+Unmodified agents that speak the OpenAI API (``/v1/chat/completions`` with tools) produce
+trainable trajectories: every call is recorded as chunks (tokens, behaviour log-probabilities,
+policy version) and the finished session is published to the run's trajectory subjects. The
+engine follows the learner's versions like a rollout worker does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+
+from agent_harness.batcher import Batcher
+from agent_harness.proxy import ModelProxy, serve
+from consumers.rollout import WeightSync, make_engine
+from streams.bus import Publisher
+
+log = structlog.get_logger(__name__)
+
+
+async def _follow(sync: WeightSync, every_s: float) -> None:
+    while True:
+        await sync.refresh()
+        await anyio.sleep(every_s)
+
+
+async def run(
+    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the proxy until cancelled; ``task_status`` receives its base URL."""
+    inner = await anyio.to_thread.run_sync(make_engine, cfg)
+    engine = Batcher(inner, max_batch=8, max_wait_s=cfg.rollout.harness.batch_max_wait_ms / 1000)
+    sync = WeightSync(js, cfg.run, engine)
+    proxy = ModelProxy(engine, Publisher(js), cfg.run, cfg.proxy)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_follow, sync, 2.0)
+        await serve(proxy, task_status=task_status)
