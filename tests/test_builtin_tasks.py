@@ -1,4 +1,4 @@
-"""The built-in ``files`` task family: determinism, levels, and commands that verify."""
+"""The built-in ``files`` task family: determinism, levels, and commands that verify in a real sandbox."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import msgspec
 import pytest
 
 from producers.builtin import FAMILY, WORDS, builtin_tasks, solution_commands
+from sandboxd.client import SandboxClient
 from schemas.task import Task
-from tests.test_harness_fixtures import FakeSandbox
+from tests.test_harness_fixtures import passes, run_concurrently
 
 
 def test_the_same_seed_gives_the_same_tasks_and_another_seed_differs() -> None:
@@ -28,20 +29,27 @@ def test_levels_cycle_and_need_level_many_tool_calls() -> None:
         msgspec.msgpack.decode(msgspec.msgpack.encode(t), type=Task)
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4])
-async def test_the_solution_passes_verification_and_a_wrong_word_fails(level: int) -> None:
-    [task] = builtin_tasks(seed=level, count=1, levels=(level,))
-    for commands, expect in [
-        (solution_commands(task), True),
-        (["echo wrong > answer.txt"], False),
-        ([], False),
-    ]:
-        sandbox = FakeSandbox()
-        sid = (await sandbox.create()).sandbox_id
-        for c in [*task.setup, *commands]:
+async def _verifies(sandbox: SandboxClient, task: Task, commands: list[str]) -> bool:
+    """Set the task up in a fresh sandbox, run ``commands``, and run the task's verify commands."""
+    sid = (await sandbox.create(task.environment)).sandbox_id
+    try:
+        assert await passes(sandbox, sid, task.setup)
+        for c in commands:
             await sandbox.exec(sid, c)
-        codes = [(await sandbox.exec(sid, c)).exit_code for c in task.verify]
-        assert (codes == [0] * len(codes)) is expect
+        return await passes(sandbox, sid, task.verify)
+    finally:
+        await sandbox.close(sid)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+async def test_the_solution_passes_verification_and_a_wrong_word_fails(
+    sandbox_client: SandboxClient, level: int
+) -> None:
+    [task] = builtin_tasks(seed=level, count=1, levels=(level,))
+    cases = [solution_commands(task), ["echo wrong > answer.txt"], []]
+    verdicts = await run_concurrently([lambda c=c: _verifies(sandbox_client, task, c) for c in cases])
+    assert verdicts == [True, False, False]
 
 
 def test_bad_arguments_are_refused() -> None:

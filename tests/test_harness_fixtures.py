@@ -1,91 +1,32 @@
-"""Shared pieces of the harness tests: the tiny policy, a fake sandbox, a recording engine.
-
-The fake sandbox understands exactly the shell the built-in tasks use (printf/echo redirection,
-cat, test); tests that need the real thing use ``sandbox_client`` (real sandboxd, real Docker).
-"""
+"""Shared pieces of the harness tests: the tiny policy, a recording engine, exact-accounting checks,
+and helpers to run episodes in the real sandbox (``sandbox_client``: real sandboxd, real Docker)."""
 
 from __future__ import annotations
 
-import re
-import shlex
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import pytest
 
 from agent_harness.engine import Generation, GenRequest, InferenceEngine
+from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
-from sandboxd.errors import SandboxUnavailable
+from agent_harness.settings import HarnessSettings
+from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
-from schemas.sandbox import Created, ExecResult
+from schemas.task import TaskSample
 from schemas.trajectory import Trajectory
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-
-
-class FakeSandbox:
-    """An in-memory stand-in for ``SandboxClient`` (create/exec/close) with failure injection."""
-
-    def __init__(self, *, fail_on_exec: int | None = None, fail_create: bool = False) -> None:
-        self.files: dict[str, dict[str, str]] = {}
-        self.execs = 0
-        self.fail_on_exec = fail_on_exec
-        self.fail_create = fail_create
-        self.closed: list[str] = []
-
-    async def create(
-        self, environment: str = "base", *, labels: dict[str, str] | None = None, ttl_s: float = 900.0
-    ) -> Created:
-        if self.fail_create:
-            raise SandboxUnavailable("no sandboxd answered")
-        sid = f"sbx-{len(self.files)}"
-        self.files[sid] = {}
-        return Created(sandbox_id=sid, owner="fake", image=environment, startup_ms=0.0)
-
-    async def close(self, sandbox_id: str) -> None:
-        self.closed.append(sandbox_id)
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        command: str,
-        *,
-        timeout_s: float = 10.0,
-        cwd: str = "/work",
-        max_output_bytes: int = 16384,
-    ) -> ExecResult:
-        self.execs += 1
-        if self.fail_on_exec is not None and self.execs >= self.fail_on_exec:
-            raise SandboxUnavailable("sandbox container vanished")
-        files = self.files[sandbox_id]
-        name = lambda p: p.removeprefix("/work/")  # noqa: E731
-        if m := re.fullmatch(r"(?:printf '%s\\n'|echo) (.+?) > (\S+)", command):
-            files[name(m.group(2))] = " ".join(shlex.split(m.group(1))) + "\n"
-            return ExecResult(exit_code=0, stdout="", stderr="")
-        if m := re.fullmatch(r"cat (\S+)", command):
-            if name(m.group(1)) in files:
-                return ExecResult(exit_code=0, stdout=files[name(m.group(1))], stderr="")
-            return ExecResult(
-                exit_code=1, stdout="", stderr=f"cat: {m.group(1)}: No such file or directory\n"
-            )
-        if m := re.fullmatch(r"test -f (\S+)", command):
-            return ExecResult(exit_code=0 if name(m.group(1)) in files else 1, stdout="", stderr="")
-        if m := re.fullmatch(r'test "\$\(cat (\S+)\)" = "(\w+)"', command):
-            ok = files.get(name(m.group(1)), "").rstrip("\n") == m.group(2)
-            return ExecResult(exit_code=0 if ok else 1, stdout="", stderr="")
-        if command == "sleep 100":
-            return ExecResult(exit_code=-1, stdout="", stderr="", timed_out=True)
-        if command == "yes":
-            return ExecResult(exit_code=0, stdout="y\n" * 5000, stderr="", truncated=True)
-        return ExecResult(
-            exit_code=127,
-            stdout="",
-            stderr=f"sh: 1: {command.split()[0] if command.split() else ''}: not found\n",
-        )
 
 
 class RecordingEngine:
@@ -133,3 +74,57 @@ def assert_exact_accounting(traj: Trajectory, calls: list[tuple[list[int], list[
         assert fed + generated == seq
     else:
         assert seq == list(unpack_tokens(traj.prompt_tokens))
+
+
+async def run_concurrently(jobs: Sequence[Callable[[], Awaitable[T]]], limit: int = 3) -> list[T]:
+    """Await the jobs, at most ``limit`` at a time (the test sandboxd holds 3 sandboxes); results
+    in the jobs' order."""
+    limiter = anyio.CapacityLimiter(limit)
+    results: dict[int, T] = {}
+
+    async def one(i: int) -> None:
+        async with limiter:
+            results[i] = await jobs[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(jobs)):
+            tg.start_soon(one, i)
+    return [results[i] for i in range(len(jobs))]
+
+
+async def passes(sandbox: SandboxClient, sandbox_id: str, commands: Sequence[str]) -> bool:
+    """Whether every command exits 0 in the sandbox (run one after another, as a verifier does)."""
+    return all([(await sandbox.exec(sandbox_id, c)).exit_code == 0 for c in commands])
+
+
+async def verified_episode(
+    sample: TaskSample,
+    *,
+    engine: InferenceEngine,
+    sandbox: SandboxClient,
+    settings: HarnessSettings,
+    **options: Any,
+) -> tuple[Trajectory, bool]:
+    """Run one episode in a real sandbox, run the task's verify commands in the sandbox the episode
+    left open (the loop never closes it: the reward worker verifies there), then close it."""
+    traj = await run_episode(sample, engine=engine, sandbox=sandbox, settings=settings, **options)
+    if not traj.sandbox_id:
+        return traj, False
+    try:
+        return traj, await passes(sandbox, traj.sandbox_id, sample.task.verify)
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            await sandbox.close(traj.sandbox_id)
+
+
+def remove_container(traj_label: str, how: str = "kill") -> None:
+    """``docker kill`` (or ``docker rm -f``) the one container labelled with the episode's id."""
+    ids = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=rollstream.traj={traj_label}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(ids) == 1, ids
+    argv = ["docker", "kill"] if how == "kill" else ["docker", "rm", "-f"]
+    subprocess.run([*argv, ids[0]], capture_output=True, check=True)
