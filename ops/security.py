@@ -49,6 +49,7 @@ API = "$JS.API"
 KV_STREAM = f"KV_{POLICY_BUCKET}"
 OBJ_STREAM = f"OBJ_{WEIGHTS_BUCKET}"
 MAX_PAYLOAD = "8MB"
+ROUTE_USER = "route"  # cluster routes; not a client role
 
 
 class SecurityError(RuntimeError):
@@ -255,19 +256,43 @@ def _user_block(user: str, password: str, grants: Grants) -> str:
     return "\n".join(lines)
 
 
+def authorization_block(creds: dict[str, tuple[str, str]], *, run: str | None = None) -> str:
+    """The ``authorization { users: [...] }`` block: every role's user and its grants.
+
+    A cluster must carry the same block on every server (permissions are checked where a client
+    connects), so ``ops.cluster`` writes this text verbatim into each server's config."""
+    users = "\n".join(_user_block(*creds[role], role_grants(role, run)) for role in ROLES)
+    return f"authorization {{\n  users: [\n{users}\n  ]\n}}\n"
+
+
 def server_config(creds: dict[str, tuple[str, str]], *, run: str | None = None, extra: str = "") -> str:
     """The nats-server config text for these credentials (JetStream itself is enabled by flag)."""
-    users = "\n".join(_user_block(*creds[role], role_grants(role, run)) for role in ROLES)
     return (
         "# Written by rollstream ops.security; holds plain passwords: keep it 0600.\n"
         f"max_payload: {MAX_PAYLOAD}\n"
-        "authorization {\n"
-        "  users: [\n"
-        f"{users}\n"
-        "  ]\n"
-        "}\n"
+        f"{authorization_block(creds, run=run)}"
         f"{extra}\n"
     )
+
+
+def route_credentials(creds_dir: Path) -> tuple[str, str]:
+    """The (user, password) cluster routes authenticate with, from ``<creds_dir>/route.json`` (0600).
+
+    Only the servers need it: it is kept apart from the roles' files so that worker hosts never
+    receive it."""
+    creds_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(creds_dir, 0o700)
+    path = _creds_file(creds_dir, ROUTE_USER)
+    if not path.exists():
+        body = {"user": ROUTE_USER, "password": secrets.token_urlsafe(32)}
+        _write_private(path, json.dumps(body).encode())
+    return _read_creds(path)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (server configs hold passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, text.encode())
 
 
 def write_server_config(path: Path, creds_dir: Path, *, extra: str = "", run: str | None = None) -> None:

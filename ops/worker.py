@@ -38,7 +38,8 @@ async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
 
         user, password = role_credentials(cfg, role)
         opts |= {"user": user, "password": password, "inbox_prefix": inbox_prefix(role)}
-    return await nats.connect(cfg.nats_url, **opts)
+    # A comma-separated list names several cluster members: nats-py fails over between them.
+    return await nats.connect(servers=[u.strip() for u in cfg.nats_url.split(",") if u.strip()], **opts)
 
 
 def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable[..., Awaitable[Any]]:

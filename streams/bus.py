@@ -21,17 +21,32 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
+import stamina
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from schemas.codec import encode, explain
 from schemas.dlq import DeadLetter
 from streams.topology import MAX_MSG_BYTES, ConsumerSpec, subject
 
 T = TypeVar("T")
+
+# What a broker says while it fails over (a server gone, a stream or consumer leader being
+# re-elected): retried, never surfaced. Publishing again is safe: the msg id de-duplicates.
+TRANSIENT: tuple[type[Exception], ...] = (
+    NatsTimeoutError,
+    TimeoutError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    NoRespondersError,
+    ConnectionReconnectingError,
+)
+RETRY_BUDGET_S = 60.0
 log = structlog.get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
@@ -84,7 +99,8 @@ class Publisher:
             raise ValueError(f"max_inflight must be >= 1, not {max_inflight}")
         self._js = js
         self._slots = asyncio.Semaphore(max_inflight)
-        self._pending: set[asyncio.Future[PubAck]] = set()
+        # Futures not yet acked, or failed and not yet retried, with what they carried.
+        self._pending: dict[asyncio.Future[PubAck], tuple[str, bytes, dict[str, str]]] = {}
         self._timeout_s = timeout_s
         self.max_inflight = max_inflight
 
@@ -106,7 +122,14 @@ class Publisher:
         """
         hdrs = {MSG_ID: msg_id, **(headers or {})}
         data = self._encode(subj, record, hdrs)
-        return await self._js.publish(subj, data, timeout=self._timeout_s, headers=hdrs)
+        return await self._publish_retrying(subj, data, hdrs)
+
+    async def _publish_retrying(self, subj: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
+        """Publish until acked or the retry budget is spent (broker fail-over takes seconds)."""
+        async for attempt in stamina.retry_context(on=TRANSIENT, timeout=RETRY_BUDGET_S, wait_max=2.0):
+            with attempt:
+                return await self._js.publish(subj, data, timeout=self._timeout_s, headers=dict(hdrs))
+        raise AssertionError("unreachable")
 
     async def publish_async(self, subj: str, record: Any, *, msg_id: str) -> None:
         """Publish without waiting for the ack; at most ``max_inflight`` acks are outstanding.
@@ -118,23 +141,34 @@ class Publisher:
         await self._slots.acquire()
         try:
             fut = await self._js.publish_async(subj, data, headers=hdrs)
+        except TRANSIENT:
+            self._slots.release()
+            await self._publish_retrying(subj, data, hdrs)
+            return
         except BaseException:
             self._slots.release()
             raise
-        self._pending.add(fut)
+        self._pending[fut] = (subj, data, hdrs)
         fut.add_done_callback(self._done)
 
     def _done(self, fut: asyncio.Future[PubAck]) -> None:
-        self._pending.discard(fut)
+        if not fut.cancelled() and fut.exception() is None:
+            self._pending.pop(fut, None)  # failed ones stay until flush() retries them
         self._slots.release()
 
     async def flush(self) -> None:
-        """Wait until every async publish is acknowledged; raise the first failure."""
-        if self._pending:
-            results = await asyncio.gather(*list(self._pending), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        """Wait until every async publish is acknowledged, re-publishing (same msg id) those that
+        failed while the broker failed over; raise the first permanent failure."""
+        if not self._pending:
+            return
+        sent = dict(self._pending)
+        self._pending.clear()
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        for (subj, data, hdrs), result in zip(sent.values(), results, strict=True):
+            if isinstance(result, TRANSIENT):
+                await self._publish_retrying(subj, data, hdrs)
+            elif isinstance(result, BaseException):
+                raise result
 
 
 @dataclass
@@ -204,6 +238,10 @@ class Consumer(Generic[T]):
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout_s)
         except (TimeoutError, NatsTimeoutError):
+            return []
+        except TRANSIENT as exc:  # fail-over in progress: nothing to hand out yet
+            log.info("fetch_retry", stage=self.stage, error=type(exc).__name__)
+            await anyio.sleep(0.5)
             return []
         self.stats.received += len(msgs)
         decode = self.decoder.decode

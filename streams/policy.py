@@ -8,27 +8,47 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import anyio
+import stamina
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.codec import encode, policy_decoder
 from schemas.policy import PolicyVersion
+from streams.bus import RETRY_BUDGET_S, TRANSIENT
 from streams.topology import POLICY_BUCKET, WEIGHTS_BUCKET, policy_key, weights_object
+
+T = TypeVar("T")
 
 
 class WeightsCorrupt(RuntimeError):
     """Weights read from the object store do not match the published checksum."""
 
 
+async def _retrying(op: Callable[[], Awaitable[T]], *, attempt_timeout_s: float = 30.0) -> T:
+    """Run ``op`` until it succeeds, retrying what a broker fail-over throws (each try bounded)."""
+    async for attempt in stamina.retry_context(on=TRANSIENT, timeout=RETRY_BUDGET_S, wait_max=2.0):
+        with attempt:
+            with anyio.fail_after(attempt_timeout_s):
+                return await op()
+    raise AssertionError("unreachable")
+
+
 async def publish_weights(
     js: JetStreamContext, run: str, version: int, data: bytes, *, step: int
 ) -> PolicyVersion:
     """Store the weights, then announce the version (in that order)."""
-    obs = await js.object_store(WEIGHTS_BUCKET)
     name = weights_object(run, version)
-    await obs.put(name, data)
+
+    async def put_weights() -> None:
+        obs = await js.object_store(WEIGHTS_BUCKET)
+        await obs.put(name, data)
+
+    await _retrying(put_weights, attempt_timeout_s=120.0)
     record = PolicyVersion(
         version=version,
         object_name=name,
@@ -36,28 +56,39 @@ async def publish_weights(
         step=step,
         time=time.time(),
     )
-    kv = await js.key_value(POLICY_BUCKET)
-    await kv.put(policy_key(run), encode(record))
+
+    async def announce() -> None:
+        kv = await js.key_value(POLICY_BUCKET)
+        await kv.put(policy_key(run), encode(record))
+
+    await _retrying(announce)
     return record
 
 
 async def latest(js: JetStreamContext, run: str) -> PolicyVersion | None:
     """The latest announced version of this run's policy, or None before the first publication."""
-    kv: KeyValue = await js.key_value(POLICY_BUCKET)
-    try:
-        entry = await kv.get(policy_key(run))
-    except (KeyNotFoundError, NotFoundError):
-        return None
-    if entry.value is None:
-        return None
-    return policy_decoder.decode(entry.value)
+
+    async def get() -> bytes | None:
+        kv: KeyValue = await js.key_value(POLICY_BUCKET)
+        try:
+            entry = await kv.get(policy_key(run))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return entry.value
+
+    value = await _retrying(get)
+    return None if value is None else policy_decoder.decode(value)
 
 
 async def fetch_weights(js: JetStreamContext, record: PolicyVersion) -> bytes:
     """Read the weights of ``record`` and check them against its sha256."""
-    obs = await js.object_store(WEIGHTS_BUCKET)
-    result = await obs.get(record.object_name)
-    data = bytes(result.data or b"")
+
+    async def get() -> bytes:
+        obs = await js.object_store(WEIGHTS_BUCKET)
+        result = await obs.get(record.object_name)
+        return bytes(result.data or b"")
+
+    data = await _retrying(get, attempt_timeout_s=120.0)
     if hashlib.sha256(data).hexdigest() != record.sha256:
         raise WeightsCorrupt(f"weights {record.object_name} do not match sha256 {record.sha256[:12]}")
     return data
