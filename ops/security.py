@@ -44,7 +44,7 @@ from streams.topology import (
     check_run,
 )
 
-ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "ops")
+ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "proxy", "ops")
 API = "$JS.API"
 KV_STREAM = f"KV_{POLICY_BUCKET}"
 OBJ_STREAM = f"OBJ_{WEIGHTS_BUCKET}"
@@ -153,6 +153,11 @@ def role_grants(role: str, run: str | None) -> Grants:
         return Grants(pub, [inbox])
     if role == "lake":
         pub = [*_pull(LAKE_TASKS, run), *_pull(LAKE_TRAJ, run), *_pull(LAKE_TRAIN, run), f"rs.dlq.lake.{r}"]
+        return Grants(pub, [inbox])
+    if role == "proxy":
+        # The OpenAI-compatible proxy: generates like rollout, publishes finished sessions raw
+        # (or scored, when the client reports a reward).
+        pub = [f"rs.traj.raw.{r}", f"rs.traj.scored.{r}", *_kv_read(f"{r}.latest"), *_weights_read()]
         return Grants(pub, [inbox])
     if role == "sandboxd":
         # Serves create in queue group sandboxd and its own rs.sandbox.<owner>.<op>; the reaper
