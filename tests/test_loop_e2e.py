@@ -5,8 +5,10 @@ Runs `rollstream up` for a bounded time in a private state directory, then audit
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,34 @@ def loop_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
         "--set",
         "learner.failure_reward=-0.1",
     ]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=400)
-    return state, done
+    overrides = [a for a in args[args.index("--set") :] if a != "--set"]
+    sets = [x for o in overrides for x in ("--set", o)]
+    up = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        operate(sets, scaled)
+        out, err = up.communicate(timeout=400)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    return state, subprocess.CompletedProcess(args, up.returncode, out, err)
+
+
+scaled: dict[str, str] = {}
+
+
+def operate(sets: list[str], record: dict[str, str]) -> None:
+    """While `up` runs: wait for the broker, `rollstream scale rollout=3`, then `rollstream status`."""
+    cli = [sys.executable, "-m", "ops.cli"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if subprocess.run([*cli, "status", *sets], capture_output=True, text=True).returncode == 0:
+            break
+        time.sleep(2)
+    record["scale"] = subprocess.run(
+        [*cli, "scale", "rollout=3", *sets], capture_output=True, text=True
+    ).stdout
+    time.sleep(8)
+    record["status"] = subprocess.run([*cli, "status", *sets], capture_output=True, text=True).stdout
 
 
 def test_up_runs_and_stops_cleanly(loop_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
@@ -101,3 +129,12 @@ def test_dropped_samples_are_recorded_with_their_reason(
     # every scored trajectory the learner saw has exactly one fate per step it was taken in
     fates = query(state / "lake", "SELECT count(DISTINCT traj_id) AS n FROM train_log").to_pylist()[0]["n"]
     assert fates > 0
+
+
+def test_scaling_rollout_to_three_shares_one_consumer_and_status_shows_it(
+    loop_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    assert "rollout×3" in scaled["scale"], scaled
+    row = next(line for line in scaled["status"].splitlines() if re.search(r"\brollout\b", line))
+    cells = [c.strip() for c in re.split(r"[│|]", row) if c.strip()]
+    assert cells[:2] == ["rollout", "3"], cells  # one durable consumer, three processes on it
