@@ -72,3 +72,7 @@ bench-async:
 # Lake benchmark: ingest rate and query latency over 1M+ chunk rows
 bench-lake:
     {{py}} -m ops.bench.lake
+
+# Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~15 min)
+demo *args:
+    {{py}} -m ops.demo "$@"

@@ -3,9 +3,16 @@
 Per batch: admit each sample through the staleness gate (``s = N - min version <= eta``; replay
 samples are governed by importance truncation instead), take one optimiser step on the admitted
 ones, checkpoint when due, publish weights (object store, then KV), write a ``TrainRecord`` for
-every sample and ack. Messages of steps not yet checkpointed stay unacked (heartbeated), so a
-learner killed with SIGKILL gets them back; the checkpoint remembers the ids it trained, so none
-is trained twice.
+every sample and ack.
+
+Crash safety, in numbered steps: (1) train; (2) checkpoint the model together with the ids it
+trained and the ``trained`` records not yet published; (3) publish those records; (4) ack. Until
+(2) a sample's message stays unacked (heartbeated) and its record unpublished, so a learner killed
+with SIGKILL gets the message back and trains it again from the checkpoint that never saw it, with
+one ``trained`` row in the end. After (2) the sample is in the checkpoint's ``recent_trained``: a
+redelivery is dropped as a duplicate, and the restarted learner republishes the checkpoint's
+pending records first (same ``Nats-Msg-Id``, and the lake removes duplicates by id), so a kill
+between (2) and (3) loses no record. Drops touch no model state: published and acked at once.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
@@ -35,6 +44,20 @@ log = structlog.get_logger(__name__)
 RECENT_IDS_KEPT = 4096
 
 
+@dataclass
+class LearnerStats:
+    """Where the learner's time went (for benchmarks and status): waiting for samples or working."""
+
+    wait_s: float = 0.0  # collecting a batch
+    busy_s: float = 0.0  # triage, training, checkpoint, publication, records, acks
+    batches: int = 0
+
+    @property
+    def idle_fraction(self) -> float:
+        total = self.wait_s + self.busy_s
+        return self.wait_s / total if total else 0.0
+
+
 class Learner:
     """State of one learner process around a ``Trainer``."""
 
@@ -50,9 +73,15 @@ class Learner:
         self.checkpoint_root = checkpoint_root
         self.pub = Publisher(js)
         self.unacked: list[Delivery[ScoredTrajectory]] = []
-        recent = trainer.resumed_extra.get("recent_trained", [])
+        # ``trained`` records of steps not yet checkpointed (or checkpointed, not yet published)
+        self.pending: list[TrainRecord] = []
+        extra = trainer.resumed_extra
+        recent = extra.get("recent_trained", [])
         self.recent_trained: list[str] = list(recent) if isinstance(recent, list) else []
         self._recent_set = set(self.recent_trained)
+        self.resumed_records = msgspec.convert(extra.get("unpublished", []), list[TrainRecord])
+        self.checkpointed_step = trainer.step
+        self.published_step = trainer.step
 
     @property
     def version(self) -> int:
@@ -103,7 +132,8 @@ class Learner:
         for d in batch:
             s = d.record
             ok, stale = admit(self.version, s.traj, self.settings.max_staleness)
-            if s.traj.traj_id in self._recent_set:
+            # Replays re-train lake trajectories on purpose (each replay has its own msg id).
+            if not s.replay and s.traj.traj_id in self._recent_set:
                 drops.append(
                     self._record(s, "dropped", "duplicate: already trained", stale, self.trainer.step)
                 )
@@ -157,9 +187,38 @@ class Learner:
             gone = self.recent_trained.pop(0)
             self._recent_set.discard(gone)
 
+    async def publish_records(self, records: Sequence[TrainRecord]) -> None:
+        """Publish train records (idempotent: the msg id is the record's identity)."""
+        for r in records:
+            await self.pub.publish_async(
+                subject("train", self.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}"
+            )
+        await self.pub.flush()
+
+    async def republish_resumed(self) -> None:
+        """Records the checkpoint holds that a killed predecessor may not have published."""
+        if self.resumed_records:
+            await self.publish_records(self.resumed_records)
+            log.info("learner_records_republished", records=len(self.resumed_records))
+            self.resumed_records = []
+
     async def checkpoint_and_ack(self) -> None:
-        extra: dict[str, Any] = {"recent_trained": self.recent_trained[-RECENT_IDS_KEPT:]}
+        """Checkpoint (model, ids trained, records pending), then publish the records, then ack."""
+        extra: dict[str, Any] = {
+            "recent_trained": self.recent_trained[-RECENT_IDS_KEPT:],
+            "unpublished": msgspec.to_builtins(self.pending),
+        }
         await anyio.to_thread.run_sync(lambda: self.trainer.checkpoint(self.checkpoint_root, extra=extra))
+        self.checkpointed_step = self.trainer.step
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Publish pending records and ack their messages; only when the model holds no step
+        that a checkpoint has not saved."""
+        if self.trainer.step != self.checkpointed_step:
+            return
+        await self.publish_records(self.pending)
+        self.pending.clear()
         for d in self.unacked:
             await d.ack()
         self.unacked.clear()
@@ -179,14 +238,21 @@ async def _collect(
 
 
 async def run(
-    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    cfg: Any,
+    js: JetStreamContext,
+    *,
+    stats: LearnerStats | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Train from the shared ``learner`` consumer until cancelled. ``cfg`` is an ``ops.config.Config``."""
+    """Train from the shared ``learner`` consumer until cancelled. ``cfg`` is an ``ops.config.Config``;
+    ``stats``, when given, accumulates where the time went."""
+    stats = stats if stats is not None else LearnerStats()
     settings: LearnerSettings = cfg.learner
     ckpt_root = cfg.state / "checkpoints" / cfg.run
     trainer = await anyio.to_thread.run_sync(Trainer.resume, ckpt_root, cfg.policy_dir, settings)
     learner = Learner(trainer, settings, js, cfg.run, ckpt_root)
     await learner.sync_version()
+    await learner.republish_resumed()
     consumer = await Consumer(js, LEARNER, cfg.run, scored_decoder).bind()
     task_status.started()
     log.info(
@@ -196,50 +262,65 @@ async def run(
         batch=settings.batch_size,
     )
     while True:
+        t0 = time.monotonic()
         batch = await _collect(consumer, settings.batch_size, settings.batch_timeout_s)
+        t1 = time.monotonic()
         for d in learner.unacked:
             await d.in_progress()
-        keep, drops = learner.triage(batch)
-        result, trained = await learner.step(keep) if keep else (None, [])
-        stepped = result is not None and not result.skipped
-        learner.unacked += keep
-        if stepped and learner.trainer.publish_due():
-            learner.trainer.version += 1
-        if stepped and (learner.trainer.checkpoint_due() or learner.trainer.publish_due()):
-            await learner.checkpoint_and_ack()
-        if stepped and learner.trainer.publish_due():
-            await learner.publish_weights()
-        for r in drops + trained:
-            await learner.pub.publish_async(
-                subject("train", cfg.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}"
-            )
-        if result is not None:
-            stats = StepStats(
-                run=cfg.run,
-                step=result.step,
-                version=learner.version,
-                loss=result.loss,
-                samples=len(keep),
-                dropped=len(drops),
-                mean_reward=result.mean_reward,
-                mean_ratio=result.stats.get("mean_ratio", 1.0),
-                masked_fraction=result.stats.get("masked_fraction", 0.0),
-                grad_norm=result.grad_norm,
-                time=time.time(),
-            )
-            await learner.pub.publish_async(
-                subject("train", cfg.run), stats, msg_id=f"{cfg.run}:step:{result.step}:{learner.version}"
-            )
-        await learner.pub.flush()
-        for d in batch:
-            if d not in keep:
-                await d.ack()
-        log.info(
-            "learner_step",
-            policy_version=learner.version,
-            step=learner.trainer.step,
-            trained=len(trained),
+        await _one_batch(learner, batch, cfg.run)
+        stats.wait_s += t1 - t0
+        stats.busy_s += time.monotonic() - t1
+        stats.batches += 1
+
+
+async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], run: str) -> None:
+    """Triage, train, checkpoint/publish when due, account for every sample, ack what is safe."""
+    keep, drops = learner.triage(batch)
+    result, trained = await learner.step(keep) if keep else (None, [])
+    stepped = result is not None and not result.skipped
+    learner.unacked += keep
+    learner.pending += trained
+    trainer, settings = learner.trainer, learner.settings
+    # "due" counts steps since the last publication/checkpoint: one batch may take two steps (SFT
+    # replay and the rest), so a step number that is a multiple of k can be skipped over.
+    publish = stepped and trainer.step - learner.published_step >= settings.publish_every
+    if publish:
+        trainer.version += 1
+        learner.published_step = trainer.step
+    if publish or (stepped and trainer.step - learner.checkpointed_step >= settings.checkpoint_every):
+        await learner.checkpoint_and_ack()
+    else:
+        await learner.settle()  # nothing new in the model since the checkpoint: settle at once
+    if publish:
+        await learner.publish_weights()
+    await learner.publish_records(drops)
+    if result is not None:
+        stats = StepStats(
+            run=run,
+            step=result.step,
+            version=learner.version,
+            loss=result.loss,
+            samples=len(keep),
             dropped=len(drops),
-            loss=round(result.loss, 4) if result else None,
-            reward=round(result.mean_reward, 3) if result else None,
+            mean_reward=result.mean_reward,
+            mean_ratio=result.stats.get("mean_ratio", 1.0),
+            masked_fraction=result.stats.get("masked_fraction", 0.0),
+            grad_norm=result.grad_norm,
+            time=time.time(),
         )
+        await learner.pub.publish_async(
+            subject("train", run), stats, msg_id=f"{run}:step:{result.step}:{learner.version}"
+        )
+    await learner.pub.flush()
+    for d in batch:
+        if d not in keep:
+            await d.ack()
+    log.info(
+        "learner_step",
+        policy_version=learner.version,
+        step=trainer.step,
+        trained=len(trained),
+        dropped=len(drops),
+        loss=round(result.loss, 4) if result else None,
+        reward=round(result.mean_reward, 3) if result else None,
+    )

@@ -81,7 +81,7 @@ REWARD = ConsumerSpec(
     "reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64
 )
 LEARNER = ConsumerSpec(
-    "learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=300.0, max_deliver=5, max_ack_pending=1024
+    "learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=60.0, max_deliver=5, max_ack_pending=1024
 )
 LAKE_TASKS = ConsumerSpec("lake-tasks", TASKS.name, "rs.tasks.{run}", ack_wait_s=60.0, max_ack_pending=4096)
 LAKE_TRAJ = ConsumerSpec(
