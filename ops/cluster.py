@@ -31,7 +31,7 @@ import nats
 from nats.js.errors import APIError, ServiceUnavailableError
 
 from ops import security
-from streams.server import NatsServer, NatsServerError, free_port
+from streams.server import NatsServer, NatsServerError, free_ports
 from streams.topology import ensure
 
 CLUSTER_NAME = "rollstream"
@@ -142,7 +142,8 @@ class Cluster:
         if self.size < 1:
             raise ClusterError(f"a cluster needs at least one server, not {self.size}")
         if not self.members:
-            self.members = [Member(f"rs-{i}", free_port(), free_port()) for i in range(self.size)]
+            ports = free_ports(2 * self.size)
+            self.members = [Member(f"rs-{i}", ports[2 * i], ports[2 * i + 1]) for i in range(self.size)]
         auth = ClusterAuth.load(self.creds_dir, self.run) if self.creds_dir else None
         self.servers = [self._server(m, auth) for m in self.members]
 
