@@ -2,8 +2,11 @@
 
 A pass removes (1) containers whose owner instance does not answer a ping on
 ``rs.sandbox.<owner>.ping`` and (2) this instance's own containers past their expiry, or unknown
-to it (left by an earlier run under the same name, or by a create cut short). A reaper only
-looks at containers labelled with its own ``rollstream.scope``.
+to it (left by an earlier run under the same name, or by a create cut short). A reaper judges
+liveness only for containers labelled with its own ``rollstream.scope``; of other scopes it removes
+only orphans: (3) a container whose owner does not answer and whose ``rollstream.expires`` passed
+more than ``ORPHAN_GRACE_S`` ago. Otherwise a scope whose last sandboxd was killed hard (a one-off
+benchmark or test scope) would keep its containers forever, since no later reaper owns that scope.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from sandboxd.docker_ops import LABEL_OWNER, DockerOps
+from sandboxd.docker_ops import LABEL_EXPIRES, LABEL_OWNER, LABEL_SCOPE, DockerOps
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 UNKNOWN_GRACE_S = 120.0  # an own container unknown for this long was not a create in flight
+# Keepalives extend a sandbox's life in its owner's registry, not on its label: allow an hour.
+ORPHAN_GRACE_S = 3600.0
 
 log = structlog.get_logger()
 
@@ -78,11 +83,34 @@ async def reap_once(
     for who, ids in others.items():
         if not await owner_alive(nc, who, ping_timeout_s):
             doomed += [(cid, f"owner {who or '?'} is dead") for cid in ids]
+    doomed += await _orphans_of_other_scopes(ops, nc, scope=scope, ping_timeout_s=ping_timeout_s, now=now)
     for cid, reason in doomed:
         registry.forget(cid)
         if await ops.remove(cid):
             log.info("sandbox.reaped", container=cid[:12], reason=reason)
     return [cid for cid, _ in doomed]
+
+
+async def _orphans_of_other_scopes(
+    ops: DockerOps, nc: NATS, *, scope: str, ping_timeout_s: float, now: float
+) -> list[tuple[str, str]]:
+    """Containers of other scopes, long past expiry, whose owner does not answer."""
+    candidates: dict[str, list[str]] = {}
+    for info in await ops.list_sandboxes():
+        labels = info.get("Labels") or {}
+        if labels.get(LABEL_SCOPE) == scope:
+            continue
+        try:
+            expires = float(labels.get(LABEL_EXPIRES, "inf"))
+        except ValueError:
+            continue
+        if now > expires + ORPHAN_GRACE_S:
+            candidates.setdefault(labels.get(LABEL_OWNER, ""), []).append(info["Id"])
+    doomed: list[tuple[str, str]] = []
+    for who, ids in candidates.items():
+        if not await owner_alive(nc, who, ping_timeout_s):
+            doomed += [(cid, f"orphan of dead owner {who or '?'}, long expired") for cid in ids]
+    return doomed
 
 
 async def run_reaper(

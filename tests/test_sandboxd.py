@@ -14,7 +14,7 @@ from sandboxd import envhub
 from sandboxd.client import SandboxClient
 from sandboxd.docker_ops import LABEL_OWNER, DockerOps, container_config
 from sandboxd.errors import SandboxBadRequest, SandboxCapacity, SandboxNotFound, SandboxStartupFailed
-from sandboxd.reaper import reap_once
+from sandboxd.reaper import ORPHAN_GRACE_S, reap_once
 from schemas.sandbox import CreateRequest
 from tests.sandbox_fixtures import running_sandboxd, settings_for_tests
 
@@ -211,6 +211,34 @@ async def test_reaper_removes_a_container_whose_owner_is_dead(nc: NATS, base_ima
         )
     assert container_id in removed
     assert not await container_exists(container_id)
+
+
+async def test_reaper_removes_long_expired_orphans_of_other_scopes_and_spares_fresh_ones(
+    nc: NATS, base_image: str
+) -> None:
+    settings = settings_for_tests(nc)
+    orphan_scope = msgspec.structs.replace(settings, scope=f"{settings.scope}-orphaned")
+    async with DockerOps() as ops:
+        ids = [
+            await ops.create(
+                container_config(
+                    CreateRequest(),
+                    image=base_image,
+                    owner="sbx-gone00",
+                    expires=expires,
+                    settings=orphan_scope,
+                )
+            )
+            for expires in (time.time() - ORPHAN_GRACE_S - 60, time.time() + 900)
+        ]
+        removed = await reap_once(
+            ops, nc, _NoSandboxes(), owner="sbx-reaper", scope=settings.scope, ping_timeout_s=0.5
+        )
+        stale, fresh = ids
+        assert stale in removed and fresh not in removed
+        assert not await container_exists(stale)
+        assert await container_exists(fresh)
+        await ops.remove(fresh)
 
 
 async def test_reaper_spares_containers_of_a_live_owner(nc: NATS, sandbox_client: SandboxClient) -> None:
