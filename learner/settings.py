@@ -19,6 +19,16 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     batch_timeout_s: Annotated[
         float, msgspec.Meta(gt=0, description="Step with a partial batch after this many seconds.")
     ] = 20.0
+    group_timeout_s: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description=(
+                "With task groups (producer.group_size > 1) a batch holds whole groups; a group still "
+                "incomplete this many seconds after its first member arrived is trained as it is."
+            ),
+        ),
+    ] = 30.0
     lr: Annotated[float, msgspec.Meta(gt=0, description="AdamW learning rate.")] = 1e-3
     weight_decay: Annotated[float, msgspec.Meta(ge=0, description="AdamW weight decay.")] = 0.0
     grad_clip: Annotated[

@@ -172,6 +172,9 @@ class Trainer:
             return cls(base_checkpoint, settings)
         trainer = cls(latest, settings)
         load_optimizer_state(latest, trainer.optimizer)
+        for group in trainer.optimizer.param_groups:  # the configured rate wins over the saved one
+            group["lr"] = settings.lr
+            group["weight_decay"] = settings.weight_decay
         state = read_state(latest)
         trainer.version, trainer.step = state.version, state.step
         trainer.resumed_extra = state.extra

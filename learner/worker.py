@@ -30,6 +30,7 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
+from learner.assemble import GroupBatcher
 from learner.settings import LearnerSettings
 from learner.staleness import admit
 from learner.trainer import StepResult, Trainer
@@ -224,19 +225,6 @@ class Learner:
         self.unacked.clear()
 
 
-async def _collect(
-    consumer: Consumer[ScoredTrajectory], size: int, timeout_s: float
-) -> list[Delivery[ScoredTrajectory]]:
-    batch: list[Delivery[ScoredTrajectory]] = []
-    deadline = time.monotonic() + timeout_s
-    while len(batch) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 and batch:
-            break
-        batch += await consumer.fetch(size - len(batch), timeout_s=max(0.2, min(2.0, remaining)))
-    return batch
-
-
 async def run(
     cfg: Any,
     js: JetStreamContext,
@@ -254,16 +242,24 @@ async def run(
     await learner.sync_version()
     await learner.republish_resumed()
     consumer = await Consumer(js, LEARNER, cfg.run, scored_decoder).bind()
+    batcher = GroupBatcher(
+        consumer,
+        batch_size=settings.batch_size,
+        group_size=cfg.producer.group_size,
+        group_timeout_s=settings.group_timeout_s,
+        batch_timeout_s=settings.batch_timeout_s,
+    )
     task_status.started()
     log.info(
         "learner_started",
         policy_version=learner.version,
         eta=settings.max_staleness,
         batch=settings.batch_size,
+        group_size=cfg.producer.group_size,
     )
     while True:
         t0 = time.monotonic()
-        batch = await _collect(consumer, settings.batch_size, settings.batch_timeout_s)
+        batch = await batcher.next_batch()
         t1 = time.monotonic()
         for d in learner.unacked:
             await d.in_progress()

@@ -125,6 +125,19 @@ def test_save_and_resume_restore_version_step_weights_and_optimizer_state(
     assert resumed.weights_bytes() == trainer.weights_bytes()
 
 
+def test_a_resumed_trainer_uses_the_configured_learning_rate_not_the_saved_one(
+    base_checkpoint: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(base_checkpoint, msgspec.structs.replace(SETTINGS, lr=3e-3))
+    trainer.train_step([on_policy_sample(trainer)])
+    trainer.checkpoint(tmp_path / "ckpt")
+    online = msgspec.structs.replace(SETTINGS, lr=2e-4, weight_decay=0.01)
+    resumed = Trainer.resume(tmp_path / "ckpt", base_checkpoint, online)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [2e-4] * len(resumed.optimizer.param_groups)
+    assert all(g["weight_decay"] == 0.01 for g in resumed.optimizer.param_groups)
+    assert resumed.optimizer.state  # the moments themselves are kept
+
+
 def test_resume_without_checkpoints_starts_from_the_base_at_version_zero(
     base_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -1,0 +1,189 @@
+"""Batch assembly: whole task groups per optimiser step, with a timeout for stragglers.
+
+Group-normalised advantages (IPA's ``group_baseline``, GRPO) compare the samples of one task with
+each other, so a group split over two steps is normalised over half its members (a lone member
+gets advantage 0 and trains nothing). The learner therefore holds deliveries by ``group_id`` until
+
+- the group is **complete** (``group_size`` members arrived), or
+- its first member has waited ``group_timeout_s`` (a **straggler** group: a slow episode or one
+  lost upstream must not hold the others back forever; it is released with what arrived),
+
+and hands out batches made of whole ready groups: as soon as they hold ``batch_size`` samples, or,
+when fewer are ready, once the oldest ready group has waited ``batch_timeout_s``. A batch may exceed
+``batch_size`` by less than one group. Held deliveries are heartbeated (``in_progress``) so the
+broker does not redeliver them while they wait. Members that arrive after their group was released
+start a new entry and are released by the same rules (at the latest after the timeout); a late
+member of a released group that is still held joins it.
+
+``GroupBuffer`` is the pure bookkeeping (no I/O, clock passed in); ``GroupBatcher`` drives it from a
+``Consumer``. With ``group_size <= 1`` the batcher is a plain "``batch_size`` or timeout" collector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from schemas.trajectory import ScoredTrajectory
+from streams.bus import Consumer, Delivery
+
+HEARTBEAT_EVERY_S = 10.0
+"""Heartbeat held deliveries this often (the learner consumer's ack wait is 60 s)."""
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Group(Generic[T]):
+    first_seen: float
+    members: list[T] = field(default_factory=list)
+    ready_since: float | None = None
+
+
+@dataclass
+class AssemblyStats:
+    """How groups left the buffer (for logs and tests)."""
+
+    complete: int = 0
+    stragglers: int = 0  # released incomplete after group_timeout_s
+    batches: int = 0
+
+
+class GroupBuffer(Generic[T]):
+    """Deliveries held by group until ready; see the module docstring. ``key`` maps an item to its
+    group id (``None`` or ``group_size <= 1``: every item is its own complete group)."""
+
+    def __init__(
+        self,
+        *,
+        key: Callable[[T], str | None],
+        batch_size: int,
+        group_size: int,
+        group_timeout_s: float,
+        batch_timeout_s: float,
+    ) -> None:
+        self.key, self.batch_size, self.group_size = key, batch_size, group_size
+        self.group_timeout_s, self.batch_timeout_s = group_timeout_s, batch_timeout_s
+        self.groups: dict[str, _Group[T]] = {}  # insertion order = arrival order of first members
+        self.stats = AssemblyStats()
+        self._anon = 0
+
+    def __len__(self) -> int:
+        return sum(len(g.members) for g in self.groups.values())
+
+    def items(self) -> list[T]:
+        return [m for g in self.groups.values() for m in g.members]
+
+    def add(self, item: T, now: float) -> None:
+        gid = self.key(item) if self.group_size > 1 else None
+        if gid is None:
+            self._anon += 1
+            gid = f"\0{self._anon}"  # cannot collide with a real group id
+        group = self.groups.get(gid)
+        if group is None:  # new, or a late member of a group already handed out: a new entry
+            group = self.groups[gid] = _Group(first_seen=now)
+        group.members.append(item)
+        self._ready(group, now)
+
+    def _ready(self, group: _Group[T], now: float) -> bool:
+        if group.ready_since is not None:
+            return True
+        size = self.group_size if self.group_size > 1 else 1
+        if len(group.members) >= size:
+            group.ready_since = now
+        elif now - group.first_seen >= self.group_timeout_s:
+            group.ready_since = group.first_seen + self.group_timeout_s
+        return group.ready_since is not None
+
+    def next_deadline(self, now: float) -> float:
+        """The next time at which ``take`` could return a batch without new arrivals."""
+        times = []
+        for g in self.groups.values():
+            if self._ready(g, now):
+                assert g.ready_since is not None
+                times.append(g.ready_since + self.batch_timeout_s)
+            else:
+                times.append(g.first_seen + self.group_timeout_s)
+        return min(times, default=now + self.batch_timeout_s)
+
+    def take(self, now: float) -> list[T]:
+        """A batch of whole ready groups, or ``[]`` when none is due yet."""
+        ready = [(gid, g) for gid, g in self.groups.items() if self._ready(g, now)]
+        count = sum(len(g.members) for _, g in ready)
+        oldest = min((g.ready_since for _, g in ready if g.ready_since is not None), default=None)
+        if count < self.batch_size and (oldest is None or now - oldest < self.batch_timeout_s):
+            return []
+        batch: list[T] = []
+        size = self.group_size if self.group_size > 1 else 1
+        for gid, g in ready:  # oldest first
+            if len(batch) >= self.batch_size:
+                break
+            batch += g.members
+            del self.groups[gid]
+            if len(g.members) >= size:
+                self.stats.complete += 1
+            else:
+                self.stats.stragglers += 1
+        self.stats.batches += 1
+        return batch
+
+
+def trajectory_group(d: Delivery[ScoredTrajectory]) -> str | None:
+    """The group of a scored trajectory; replays are never grouped (their group mates are not
+    replayed with them)."""
+    return None if d.record.replay else d.record.traj.group_id
+
+
+class GroupBatcher:
+    """Fetches from the learner consumer and hands out batches of whole groups."""
+
+    def __init__(
+        self,
+        consumer: Consumer[ScoredTrajectory],
+        *,
+        batch_size: int,
+        group_size: int,
+        group_timeout_s: float,
+        batch_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer, self.clock = consumer, clock
+        self.buffer: GroupBuffer[Delivery[ScoredTrajectory]] = GroupBuffer(
+            key=trajectory_group,
+            batch_size=batch_size,
+            group_size=group_size,
+            group_timeout_s=group_timeout_s,
+            batch_timeout_s=batch_timeout_s,
+        )
+        self._last_heartbeat = clock()
+
+    @property
+    def stats(self) -> AssemblyStats:
+        return self.buffer.stats
+
+    def held(self) -> Sequence[Delivery[ScoredTrajectory]]:
+        return self.buffer.items()
+
+    async def next_batch(self) -> list[Delivery[ScoredTrajectory]]:
+        """Block until a batch is due; returns it (never empty)."""
+        buf = self.buffer
+        while True:
+            now = self.clock()
+            batch = buf.take(now)
+            if batch:
+                return batch
+            wait = min(2.0, max(0.2, buf.next_deadline(now) - now))
+            want = max(1, buf.batch_size + max(buf.group_size, 1) - len(buf))
+            for d in await self.consumer.fetch(want, timeout_s=wait):
+                buf.add(d, self.clock())
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        now = self.clock()
+        if now - self._last_heartbeat < HEARTBEAT_EVERY_S:
+            return
+        self._last_heartbeat = now
+        for d in self.buffer.items():
+            await d.in_progress()
