@@ -105,23 +105,136 @@ class _Series:
         }
 
 
-def _version_stats(lake: Path, run: str | None) -> list[dict[str, Any]]:
-    return _rows(
-        lake,
-        "SELECT run, source, policy_version AS version, count(*) AS n, avg(reward) AS mean, "
-        "coalesce(stddev_samp(reward), 0) AS std FROM trajectories "
-        f"{_where(run, 'valid')} GROUP BY ALL ORDER BY run, source, version",
+TARGET_PER_BIN = 40  # valid trajectories the median version bin of a run should hold
+MIN_BINS = 6  # never pool a run into fewer bins than this: a short run keeps one point per version
+Z95 = 1.959964  # normal quantile of a two-sided 95 % interval
+
+
+@dataclass(frozen=True)
+class VersionBin:
+    """The valid trajectories of policy versions ``lo``..``hi`` pooled into one plotted point."""
+
+    lo: int
+    hi: int
+    version: float  # where the point is drawn: the count-weighted mean version of the bin
+    n: int
+    mean: float  # mean reward, the success rate for 0/1 rewards
+    std: float  # sample standard deviation of the rewards (0 for a single trajectory)
+    low: float  # 95 % Wilson interval of the success rate
+    high: float
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of ``successes`` out of ``n``: unlike p ± z·se it stays inside
+    [0, 1] and does not collapse to a point at 0 % or 100 % when ``n`` is small."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(max(successes / n, 0.0), 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def version_bins(
+    versions: np.ndarray, counts: np.ndarray, *, target: int = TARGET_PER_BIN, min_bins: int = MIN_BINS
+) -> tuple[int, list[tuple[int, int]]]:
+    """Bin width and bins (inclusive version ranges) for one run, from its valid trajectories per version.
+
+    The width is the smallest whose median non-empty bin holds ``target`` trajectories, but never
+    so wide that fewer than ``min_bins`` bins remain (a short run keeps one point per version). A
+    last bin with fewer than ``target / 2`` trajectories joins the one before it, so the end of
+    training, where a reader looks first, does not rest on a handful of samples.
+    """
+    v, c = np.asarray(versions, dtype=int), np.asarray(counts, dtype=float)
+    first, last = int(v.min()), int(v.max())
+    widest = max(1, (last - first + 1) // min_bins)
+    width = next(
+        (w for w in range(1, widest + 1) if _median_bin(v - first, c, w) >= target),
+        widest,
     )
+    per_bin = np.bincount((v - first) // width, weights=c)
+    ranges = [(first + i * width, min(first + (i + 1) * width - 1, last)) for i in range(len(per_bin))]
+    if width > 1 and len(ranges) > 1 and per_bin[-1] < target / 2:
+        ranges[-2:] = [(ranges[-2][0], last)]
+    return width, ranges
 
 
-def _by_series(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _median_bin(offsets: np.ndarray, counts: np.ndarray, width: int) -> float:
+    per_bin = np.bincount(offsets // width, weights=counts)
+    return float(np.median(per_bin[per_bin > 0]))
+
+
+def pool_versions(
+    ranges: list[tuple[int, int]], versions: np.ndarray, n: np.ndarray, sums: np.ndarray, squares: np.ndarray
+) -> list[VersionBin]:
+    """Per-version reward sums (count, Σr, Σr²) pooled into ``ranges``; empty ranges are left out."""
+    bins = []
+    for lo, hi in ranges:
+        inside = (versions >= lo) & (versions <= hi)
+        count = int(n[inside].sum())
+        if count == 0:
+            continue
+        total = float(sums[inside].sum())
+        mean = total / count
+        var = (float(squares[inside].sum()) - total * mean) / (count - 1) if count > 1 else 0.0
+        low, high = wilson_interval(total, count)
+        at = float((versions[inside] * n[inside]).sum() / count)
+        bins.append(VersionBin(lo, hi, at, count, mean, math.sqrt(max(var, 0.0)), low, high))
+    return bins
+
+
+@dataclass(frozen=True)
+class PooledVersions:
+    """A lake's valid trajectories pooled by version bins: per run/source series and per run."""
+
+    series: dict[tuple[str, str], list[VersionBin]]
+    runs: dict[str, list[VersionBin]]  # all sources of the run together (the count bars)
+    widths: dict[str, int]  # versions per bin, per run
+
+    def note(self) -> str:
+        """The bin width for an axis label when every run with several versions shares it."""
+        widths = {self.widths[r] for r, bins in self.runs.items() if bins[-1].hi > bins[0].lo}
+        if len(widths) != 1 or widths == {1}:
+            return ""
+        return f", bins of {widths.pop()} versions"
+
+    def label(self, names: _Series, key: tuple[str, str]) -> str:
+        width = self.widths[key[0]]
+        return names.label(key) + (f" (bins of {width})" if not self.note() and width > 1 else "")
+
+
+def _version_sums(lake: Path, run: str | None, *keys: str) -> dict[tuple[str, ...], list[np.ndarray]]:
+    """Per ``keys`` group: versions and, per version, the count, Σ reward and Σ reward² of valid
+    trajectories (what ``pool_versions`` needs)."""
+    rows = _rows(
+        lake,
+        f"SELECT {', '.join(keys)}, policy_version AS version, count(*) AS n, sum(reward) AS total, "
+        f"sum(reward * reward) AS squares FROM trajectories {_where(run, 'valid')} "
+        "GROUP BY ALL ORDER BY ALL",
+    )
+    grouped: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        grouped.setdefault((row["run"], row["source"]), []).append(row)
-    return {
-        key: {col: np.array([r[col] for r in rs], dtype=float) for col in ("version", "n", "mean", "std")}
-        for key, rs in grouped.items()
-    }
+        grouped.setdefault(tuple(row[k] for k in keys), []).append(row)
+    cols = ("version", "n", "total", "squares")
+    return {k: [np.array([r[c] for r in rs], dtype=float) for c in cols] for k, rs in grouped.items()}
+
+
+def pooled_versions(lake: Path, run: str | None) -> PooledVersions:
+    """Bins chosen per run (all its sources together), then applied to each of its series."""
+    series = _version_sums(lake, run, "run", "source")
+    pooled = PooledVersions({}, {}, {})
+    for (name,), sums in _version_sums(lake, run, "run").items():
+        pooled.widths[name], ranges = version_bins(sums[0], sums[1])
+        pooled.runs[name] = pool_versions(ranges, *sums)
+        for key, mine in series.items():
+            if key[0] == name:
+                pooled.series[(name, key[1])] = pool_versions(ranges, *mine)
+    return pooled
+
+
+def _column(bins: list[VersionBin], name: str) -> np.ndarray:
+    return np.array([getattr(b, name) for b in bins], dtype=float)
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -155,39 +268,42 @@ def _scope(run: str | None) -> str:
 
 
 def plot_success_by_version(lake: Path, run: str | None) -> Figure:
-    """Success rate per policy version, one line per run/source, trajectories per run as light bars."""
-    series = _by_series(_version_stats(lake, run))
-    if not series:
+    """Success rate by policy version, one line per run/source with a 95 % Wilson band.
+
+    Consecutive versions are pooled (``version_bins``) so that each point rests on enough
+    trajectories to show a trend; the light bars count the trajectories of each bin per run.
+    """
+    pooled = pooled_versions(lake, run)
+    if not pooled.series:
         raise _NoData("no valid trajectories")
-    names = _Series(list(series))
+    names = _Series(list(pooled.series))
     fig, (ax,) = _figure(WIDE)
     counts = ax.twinx()
-    per_run: dict[str, dict[float, float]] = {}
-    for (name, _), s in series.items():
-        for v, n in zip(s["version"], s["n"], strict=True):
-            per_run.setdefault(name, {})[v] = per_run.get(name, {}).get(v, 0.0) + n
-    width = 0.8 / len(per_run)
-    for i, (name, by_version) in enumerate(sorted(per_run.items())):
-        offset = (i - (len(per_run) - 1) / 2) * width
-        versions = np.array(sorted(by_version))
-        counts.bar(
-            versions + offset,
-            [by_version[v] for v in versions],
-            width=width,
-            color=names.colours[name],
-            alpha=0.15,
-        )
-    for key, s in sorted(series.items()):
-        ax.plot(s["version"], s["mean"], **names.style(key, len(s["version"])))
+    share = 0.9 / len(pooled.runs)
+    for i, (name, bins) in enumerate(sorted(pooled.runs.items())):
+        lo, hi = _column(bins, "lo"), _column(bins, "hi")
+        spans = (hi - lo + 1) * share  # runs side by side inside each bin
+        centres = (lo + hi) / 2 + (i - (len(pooled.runs) - 1) / 2) * spans
+        counts.bar(centres, _column(bins, "n"), width=spans, color=names.colours[name], alpha=0.15)
+    for key, bins in sorted(pooled.series.items()):
+        x, y = _column(bins, "version"), _column(bins, "mean")
+        low, high = _column(bins, "low"), _column(bins, "high")
+        style = {**names.style(key, len(bins)), "label": pooled.label(names, key)}
+        if len(bins) == 1:  # one point: a marker with its interval, no line
+            ax.errorbar(x, y, yerr=np.clip([y - low, high - y], 0, 1), capsize=4, elinewidth=1.5, **style)
+            continue
+        ax.plot(x, y, **style)
+        ax.fill_between(x, low, high, color=style["color"], alpha=0.15, lw=0)
     ax.set_zorder(counts.get_zorder() + 1)  # lines above the bars
     ax.patch.set_visible(False)
     ax.set_ylim(-0.03, 1.03)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("policy version (oldest weights in the trajectory)")
-    ax.set_ylabel("success rate (mean reward of valid trajectories)")
-    counts.set_ylabel("valid trajectories per version (light bars)", color="#555555")
-    counts.set_ylim(0, max(max(v.values()) for v in per_run.values()) * 2.5)  # bars in the lower part
+    ax.set_xlabel(f"policy version (oldest weights in the trajectory){pooled.note()}")
+    ax.set_ylabel("success rate (mean reward), band: 95 % Wilson")
+    per = "bin" if any(w > 1 for w in pooled.widths.values()) else "version"
+    counts.set_ylabel(f"valid trajectories per {per} (light bars)", color="#555555")
+    counts.set_ylim(0, max(b.n for bins in pooled.runs.values() for b in bins) * 3.5)  # bars stay low
     counts.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Success rate by policy version ({_scope(run)})")
     _legend(fig, ax, "run · source" if names.multi_run and names.multi_source else None)
@@ -195,25 +311,26 @@ def plot_success_by_version(lake: Path, run: str | None) -> Figure:
 
 
 def plot_reward_by_version(lake: Path, run: str | None) -> Figure:
-    """Mean reward ± one standard deviation per policy version, one line per run/source."""
-    series = _by_series(_version_stats(lake, run))
-    if not series:
+    """Mean reward ± one standard deviation by policy version, pooled as in the success plot."""
+    pooled = pooled_versions(lake, run)
+    if not pooled.series:
         raise _NoData("no valid trajectories")
-    names = _Series(list(series))
+    names = _Series(list(pooled.series))
     fig, (ax,) = _figure(WIDE)
-    step = 0.6 / max(len(series), 1)
-    for i, (key, s) in enumerate(sorted(series.items())):
-        offset = (i - (len(series) - 1) / 2) * step  # side by side, so error bars do not hide each other
+    step = 0.6 / len(pooled.series)
+    for i, (key, bins) in enumerate(sorted(pooled.series.items())):
+        # side by side within a bin, so error bars do not hide each other
+        offset = (i - (len(pooled.series) - 1) / 2) * step * pooled.widths[key[0]]
         ax.errorbar(
-            s["version"] + offset,
-            s["mean"],
-            yerr=s["std"],
+            _column(bins, "version") + offset,
+            _column(bins, "mean"),
+            yerr=_column(bins, "std"),
             capsize=3,
             elinewidth=1.2,
-            **names.style(key, len(s["version"])),
+            **{**names.style(key, len(bins)), "label": pooled.label(names, key)},
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("policy version (oldest weights in the trajectory)")
+    ax.set_xlabel(f"policy version (oldest weights in the trajectory){pooled.note()}")
     ax.set_ylabel("reward of valid trajectories (mean ± 1 std)")
     ax.set_title(f"Reward by policy version ({_scope(run)})")
     _legend(fig, ax, "run · source" if names.multi_run and names.multi_source else None)

@@ -8,10 +8,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from consumers.lake_writer import LakeWriter
-from ops.report import PLOTS, report_command, write_report
+from ops.report import (
+    PLOTS,
+    plot_reward_by_version,
+    plot_success_by_version,
+    pool_versions,
+    pooled_versions,
+    report_command,
+    version_bins,
+    wilson_interval,
+    write_report,
+)
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory
 from tests.test_lake_writer import DAY, make_scored, make_task
@@ -263,3 +274,96 @@ def test_the_command_prints_the_summary_and_the_files(
     printed = capsys.readouterr().out
     assert "trajectories" in printed and "audit: 0 online samples" in printed
     assert all(f"wrote {tmp_path / 'report' / name}" in printed.replace("\n", "") for name in PLOTS)
+
+
+def test_the_wilson_interval_matches_hand_computed_bounds() -> None:
+    assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # not collapsed at 0 %
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_long_run_of_few_trajectories_per_version_is_pooled_into_bins_of_forty() -> None:
+    versions, fours = np.arange(60), np.full(60, 4)
+
+    width, ranges = version_bins(versions, fours)
+
+    assert width == 10  # the narrowest width whose median bin holds 40
+    assert ranges == [(0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59)]
+    # three leftover versions (12 trajectories) join the last full bin instead of standing alone
+    width, ranges = version_bins(np.arange(63), np.full(63, 4))
+    assert width == 10 and ranges[-2:] == [(40, 49), (50, 62)]
+
+
+def test_a_short_run_keeps_one_point_per_version() -> None:
+    width, ranges = version_bins(np.arange(6), np.full(6, 8))
+
+    assert width == 1
+    assert ranges == [(v, v) for v in range(6)]
+
+
+def test_pooled_bins_weight_the_version_and_carry_the_wilson_interval() -> None:
+    # version 0: 1 success of 4; version 1: 6 of 6 -> 7 of 10 pooled; version 3 has no data
+    versions, n = np.array([0.0, 1.0]), np.array([4.0, 6.0])
+    sums = np.array([1.0, 6.0])
+
+    (pooled,) = pool_versions([(0, 1), (2, 3)], versions, n, sums, sums)  # 0/1 rewards: Σr² = Σr
+
+    assert (pooled.lo, pooled.hi, pooled.n) == (0, 1, 10)
+    assert pooled.version == pytest.approx(0.6)  # (0 x 4 + 1 x 6) / 10
+    assert pooled.mean == pytest.approx(0.7)
+    assert pooled.std == pytest.approx(0.4830, abs=1e-4)  # sqrt((7 - 7 x 0.7) / 9)
+    assert (pooled.low, pooled.high) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+
+
+@pytest.fixture
+def long_run(tmp_path: Path) -> Path:
+    """48 versions of 5 online trajectories (2 wins each up to version 24, then 4) and 10 expert
+    demonstrations at version 0 in a separate run, 7 of them successful."""
+    lake = tmp_path / "lake"
+    writer = LakeWriter(lake, writer_id="test")
+    rng = random.Random(5)
+    for v in range(1, 49):
+        for k in range(5):
+            writer.add_scored(scored_at(rng, "ipa", v, k, reward=float(k < (2 if v <= 24 else 4))))
+    for k in range(10):
+        writer.add_scored(scored_at(rng, "seed", 0, k, reward=float(k < 7), source="expert"))
+    writer.flush()
+    return lake
+
+
+def test_a_lake_of_many_small_versions_is_plotted_as_pooled_points_with_bands(long_run: Path) -> None:
+    pooled = pooled_versions(long_run, None)
+
+    assert pooled.widths == {"ipa": 8, "seed": 1}
+    ipa = pooled.series[("ipa", "online")]
+    assert [(b.lo, b.hi, b.n) for b in ipa] == [(1 + 8 * i, 8 + 8 * i, 40) for i in range(6)]
+    assert [b.version for b in ipa] == pytest.approx([4.5 + 8 * i for i in range(6)])
+    assert [b.mean for b in ipa] == pytest.approx([0.4] * 3 + [0.8] * 3)
+    assert (ipa[0].low, ipa[0].high) == pytest.approx(wilson_interval(16, 40))
+    (seed,) = pooled.series[("seed", "expert")]
+    assert (seed.n, seed.low, seed.high) == (10, *wilson_interval(7, 10))
+
+    ax = plot_success_by_version(long_run, None).axes[0]
+    (line,) = [x for x in ax.get_lines() if x.get_label() == "ipa · online"]
+    assert list(line.get_xdata()) == pytest.approx([b.version for b in ipa])
+    assert list(line.get_ydata()) == pytest.approx([0.4] * 3 + [0.8] * 3)
+    assert "bins of 8 versions" in ax.get_xlabel()
+    (expert,) = [c for c in ax.containers if c.get_label() == "seed · expert"]  # a marker with error bar
+    assert list(expert.lines[0].get_ydata()) == pytest.approx([0.7])
+    reward_ax = plot_reward_by_version(long_run, None).axes[0]
+    (rewards,) = [c for c in reward_ax.containers if c.get_label() == "ipa · online"]
+    assert len(rewards.lines[0].get_xdata()) == 6
+
+
+def test_the_short_two_run_lake_keeps_one_point_per_version(
+    two_runs: tuple[Path, dict[str, Written]],
+) -> None:
+    lake, _ = two_runs
+    pooled = pooled_versions(lake, None)
+
+    assert pooled.widths == {"grpo": 1, "ipa": 1}
+    ipa = pooled.series[("ipa", "online")]
+    assert [b.version for b in ipa] == list(range(VERSIONS))
+    assert [b.mean for b in ipa] == pytest.approx([w / PER_VERSION for w in [1, 2, 4, 5, 7, 8]])
+    assert pooled.note() == ""
