@@ -98,6 +98,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     )
     state_dir: Annotated[str, _meta("Where broker data, the policy, logs and the lake live.")] = ".rollstream"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _meta("Log level.")] = "info"
+    torch_threads: Annotated[
+        int,
+        _meta(
+            "Intra-op threads of torch in each worker process (0 = torch's default, one per core). "
+            "Several workers sharing few cores run far faster with 1: two processes each spinning "
+            "two OpenMP threads on two cores made a learner step 6x slower here.",
+            ge=0,
+        ),
+    ] = 1
     nats: NatsSettings = NatsSettings()
     producer: ProducerSettings = ProducerSettings()
     rollout: RolloutSettings = RolloutSettings()

@@ -60,9 +60,7 @@ def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable
 
         return lambda task_status: reward.run(cfg, js, nc, task_status=task_status)
     if name == "learner":
-        from learner import worker
-
-        return lambda task_status: worker.run(cfg, js, task_status=task_status)
+        return lambda task_status: _learner(cfg, js, nc, task_status=task_status)
     if name == "lake":
         from consumers import lake
 
@@ -72,6 +70,14 @@ def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable
 
         return lambda task_status: proxy_worker.run(cfg, js, task_status=task_status)
     raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
+
+
+async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: Any) -> None:
+    """The learner role: the replay warm start when the run has no checkpoint, then training."""
+    from learner import warmstart, worker
+
+    await warmstart.prepare_warm_start(cfg, js, nc)
+    await worker.run(cfg, js, task_status=task_status)
 
 
 async def _watch_signals(scope: anyio.CancelScope) -> None:
@@ -95,10 +101,20 @@ def start_metrics(port: int) -> None:
         log.warning("metrics_unavailable", port=port, error=str(exc))
 
 
+def set_torch_threads(threads: int) -> None:
+    """Limit torch's intra-op threads in this process (see ``Config.torch_threads``); 0 leaves them."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 async def run_worker(name: str, cfg: Config, metrics_port: int = 0) -> None:
     """Run worker ``name`` until a signal arrives."""
     structlog.contextvars.bind_contextvars(run=cfg.run, worker=name, pid=os.getpid())
     start_metrics(metrics_port)
+    if name in ("rollout", "learner", "proxy"):
+        set_torch_threads(cfg.torch_threads)
     nc = await connect(cfg, name)
     try:
         js = nc.jetstream(timeout=10)
