@@ -94,6 +94,40 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         int, msgspec.Meta(ge=1, description="Write a checkpoint every this many steps.")
     ] = 10
     seed: Annotated[int, msgspec.Meta(ge=0, description="Seed for torch (initialisation, sampling).")] = 0
+    warm_start_steps: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description=(
+                "SFT steps of the replay warm start on the lake's successful expert trajectories, run "
+                "before online training when the run has no checkpoint yet. 0 disables the warm start."
+            ),
+        ),
+    ] = 400
+    warm_start_lr: Annotated[
+        float, msgspec.Meta(gt=0, description="Learning rate of the warm start's SFT steps.")
+    ] = 3e-3
+    warm_start_batch: Annotated[
+        int, msgspec.Meta(ge=1, description="Demonstrations per SFT step of the warm start.")
+    ] = 16
+    seed_episodes: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description=(
+                "Scripted-expert episodes (built-in tasks only) the warm start publishes into the lake "
+                "first; those the lake already holds are not run again. 0: use the lake as it is."
+            ),
+        ),
+    ] = 160
+    seed_error_rate: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            le=1,
+            description="Probability that the scripted expert errs once in an episode (some demos fail).",
+        ),
+    ] = 0.3
 
     def __post_init__(self) -> None:
         if self.mismatch_ratio_low >= self.mismatch_ratio_high:

@@ -7,16 +7,30 @@ few hundred optimiser steps over ~100 demonstrations. So the warm start runs tho
 one blocking call, before the learner worker starts; the checkpoint it writes is at version 1 so
 that rollout workers (which start from the base weights at version 0) load it before their first
 episode.
+
+``prepare_warm_start`` is what the learner process runs first (``just up``): seed the lake with
+scripted-expert episodes it lacks, wait until the lake holds them, then ``warm_start`` in a worker
+thread (the event loop keeps answering the broker and signals). Every step is idempotent, so a
+learner killed anywhere in it and restarted ends with one warm-start checkpoint: the seeder skips
+the episodes the lake already holds (and republishes none; their ids are deterministic anyway),
+and the checkpoint is written atomically, once, at ``step-00000000``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.from_thread
+import anyio.to_thread
 import msgspec
+import structlog
 import torch
 
 from learner.checkpoint import CheckpointState, checkpoint_path, latest_checkpoint, write_checkpoint
@@ -29,6 +43,11 @@ EXPERT_SQL = (
     "{run_filter}ORDER BY traj_id"
 )
 WARM_VERSION = 1
+LAKE_WAIT_S = 180.0
+"""How long the warm start waits for the lake writer to store the seeded episodes."""
+LOG_EVERY_S = 10.0
+log = structlog.get_logger(__name__)
+OnStep = Callable[[int, float], None]
 
 
 def sft_steps(
@@ -39,9 +58,11 @@ def sft_steps(
     batch: int,
     seed: int = 0,
     final_lr_fraction: float = 1.0,
+    on_step: OnStep | None = None,
 ) -> list[float]:
     """``steps`` SFT steps on shuffled mini-batches of ``samples`` (reshuffled every pass); the
-    learning rate decays linearly to ``final_lr_fraction`` of its value. Returns the losses."""
+    learning rate decays linearly to ``final_lr_fraction`` of its value. Returns the losses.
+    ``on_step(step, loss)`` runs after every step (progress, cancellation)."""
     if not samples:
         raise ValueError("no demonstrations to warm-start from")
     rng = random.Random(seed)
@@ -57,6 +78,8 @@ def sft_steps(
         chunk, order = order[:size], order[size:]
         losses.append(trainer.train_step(chunk, loss="sft").loss)
         sched.step()
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     return losses
 
 
@@ -76,6 +99,7 @@ def warm_start(
     batch: int = 16,
     lr: float = 3e-3,
     lake_run: str | None = None,
+    on_step: OnStep | None = None,
 ) -> Path | None:
     """Warm-start run ``cfg.run`` from the lake's expert successes (of ``lake_run``, default any run).
 
@@ -95,6 +119,135 @@ def warm_start(
     if not samples:
         return None
     settings: LearnerSettings = cfg.learner
+    log.info("warm_start_sft", demonstrations=len(samples), steps=steps, batch=batch, lr=lr)
     trainer = Trainer(cfg.policy_dir, msgspec.structs.replace(settings, lr=lr, loss="sft"))
-    sft_steps(trainer, samples, steps=steps, batch=batch, seed=settings.seed)
+    sft_steps(trainer, samples, steps=steps, batch=batch, seed=settings.seed, on_step=on_step)
     return install(trainer, root, lr=settings.lr)
+
+
+# --- the learner's start-up ---------------------------------------------------------------------
+
+
+def expert_rows(lake_root: Path, run: str) -> dict[str, bool]:
+    """The lake's expert trajectories of ``run``: traj_id -> success (valid and reward > 0)."""
+    from ops.lake_query import query
+    from streams.topology import check_run
+
+    sql = (
+        "SELECT traj_id, coalesce(valid AND reward > 0, false) AS ok FROM trajectories "
+        f"WHERE run = '{check_run(run)}' AND source = 'expert'"
+    )
+    table = query(lake_root, sql)
+    return dict(zip(table.column("traj_id").to_pylist(), table.column("ok").to_pylist(), strict=True))
+
+
+async def wait_for_lake(cfg: Any, ids: set[str], timeout_s: float) -> bool:
+    """Wait until the lake holds every trajectory of ``ids``; False (logged) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_log = time.monotonic()
+    while True:
+        have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
+        stored = len(ids & have.keys())
+        if stored == len(ids):
+            log.info("warm_start_lake_ready", stored=stored, successes=sum(have.values()))
+            return True
+        if time.monotonic() >= deadline:
+            log.error(
+                "warm_start_lake_timeout",
+                stored=stored,
+                expected=len(ids),
+                waited_s=timeout_s,
+                hint="is the lake worker running? The warm start goes on with what the lake holds.",
+            )
+            return False
+        if time.monotonic() - last_log >= LOG_EVERY_S:
+            log.info("warm_start_waiting_for_lake", stored=stored, expected=len(ids))
+            last_log = time.monotonic()
+        await anyio.sleep(1.0)
+
+
+async def seed_missing(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_WAIT_S) -> int:
+    """Run the expert episodes of ``learner.seed_episodes`` that the lake lacks and wait until it
+    stores them. Returns how many episodes ran (0 when the lake already holds them all)."""
+    settings: LearnerSettings = cfg.learner
+    if settings.seed_episodes == 0:
+        return 0
+    if cfg.producer.source != "builtin":
+        log.info(
+            "seed_skipped",
+            reason=f"the scripted expert solves built-in tasks only, not {cfg.producer.source}",
+        )
+        return 0
+    # By name: producers.seed pulls in the worker stack (ops.config, not typed strictly), which
+    # mypy's strict check of learner/ would otherwise follow.
+    seed = importlib.import_module("producers.seed")
+    have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
+    missing = set(seed.expert_ids(cfg, settings.seed_episodes)) - have.keys()
+    log.info(
+        "seed_check",
+        in_lake=len(have),
+        successes_in_lake=sum(have.values()),
+        wanted=settings.seed_episodes,
+        missing=len(missing),
+    )
+    if not missing:
+        return 0
+    report = await seed.run(
+        cfg, js, nc, episodes=settings.seed_episodes, error_rate=settings.seed_error_rate, skip=have.keys()
+    )
+    await wait_for_lake(cfg, missing, lake_wait_s)
+    return int(report.episodes)
+
+
+def cancellable_progress(steps: int) -> OnStep:
+    """An ``on_step`` for a worker thread: stop when the host task is cancelled, log every ~10 s."""
+    last = time.monotonic()
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal last
+        anyio.from_thread.check_cancelled()
+        if time.monotonic() - last >= LOG_EVERY_S or step == steps:
+            log.info("warm_start_progress", step=step, steps=steps, loss=round(loss, 4))
+            last = time.monotonic()
+
+    return on_step
+
+
+async def prepare_warm_start(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_WAIT_S) -> Path | None:
+    """The learner's first act (before ``Trainer.resume``): when the run has no checkpoint and
+    ``learner.warm_start_steps`` > 0, seed the lake with expert episodes, then warm-start from its
+    successful ones. Returns the checkpoint written (version 1), or None when there was nothing to do."""
+    settings: LearnerSettings = cfg.learner
+    root = cfg.state / "checkpoints" / cfg.run
+    if settings.warm_start_steps == 0:
+        log.info("warm_start_skipped", reason="learner.warm_start_steps = 0")
+        return None
+    if await anyio.to_thread.run_sync(latest_checkpoint, root) is not None:
+        log.info("warm_start_skipped", reason="the run has a checkpoint")
+        return None
+    started = time.monotonic()
+    seeded = await seed_missing(cfg, js, nc, lake_wait_s=lake_wait_s)
+    job = functools.partial(
+        warm_start,
+        cfg,
+        steps=settings.warm_start_steps,
+        batch=settings.warm_start_batch,
+        lr=settings.warm_start_lr,
+        lake_run=cfg.run,
+        on_step=cancellable_progress(settings.warm_start_steps),
+    )
+    path = await anyio.to_thread.run_sync(job)
+    seconds = round(time.monotonic() - started, 1)
+    if path is None:
+        log.warning(
+            "warm_start_skipped", reason="no successful expert trajectory in the lake", seconds=seconds
+        )
+    else:
+        log.info(
+            "warm_start_done",
+            checkpoint=str(path),
+            policy_version=WARM_VERSION,
+            seeded=seeded,
+            seconds=seconds,
+        )
+    return path

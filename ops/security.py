@@ -142,6 +142,8 @@ def role_grants(role: str, run: str | None) -> Grants:
             [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS], [inbox]
         )
     if role == "learner":
+        # The warm start (learner.warmstart) seeds the lake first: scripted-expert episodes in
+        # sandboxes, published scored, as the reward stage would.
         pub = [
             *_pull(LEARNER, run),
             f"rs.train.log.{r}",
@@ -149,6 +151,8 @@ def role_grants(role: str, run: str | None) -> Grants:
             *_kv_read(f"{r}.latest"),
             f"$KV.{POLICY_BUCKET}.{r}.latest",
             *_weights_write(),
+            f"rs.traj.scored.{r}",
+            *SANDBOX_CALLS,
         ]
         return Grants(pub, [inbox])
     if role == "lake":

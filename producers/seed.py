@@ -8,12 +8,14 @@ it and the learner imitates the successful ones (SFT), outside the staleness gat
 
 Expert tasks have their own ids (``expert-`` prefix, their own task seed), so they never collide
 with the online producer's trajectory ids; seeding twice with the same settings publishes the same
-ids, which the broker and the lake de-duplicate.
+ids, which the broker (within its duplicate window) and the lake de-duplicate; ``skip`` leaves out
+the episodes the lake already holds, so a seeding interrupted and restarted resumes where it was.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,11 @@ def expert_sample(cfg: Any, index: int) -> TaskSample:
     return TaskSample(run=cfg.run, task=task, sample_idx=0)
 
 
+def expert_ids(cfg: Any, episodes: int) -> list[str]:
+    """The trajectory ids of expert episodes ``0 .. episodes-1`` (deterministic, as published)."""
+    return [expert_sample(cfg, i).msg_id for i in range(episodes)]
+
+
 async def expert_episode(
     cfg: Any, sample: TaskSample, sandbox: SandboxClient, tokenizer: Any, *, error_rate: float, version: int
 ) -> ScoredTrajectory:
@@ -89,18 +96,28 @@ async def run(
     episodes: int,
     error_rate: float = 0.25,
     concurrency: int | None = None,
+    skip: Collection[str] = (),
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> SeedReport:
-    """Publish ``episodes`` scored expert trajectories to ``rs.traj.scored.<run>``, then return."""
+    """Publish expert episodes ``0 .. episodes-1`` as scored trajectories to ``rs.traj.scored.<run>``,
+    except those whose trajectory id is in ``skip`` (already in the lake), then return."""
+    todo = [i for i, traj_id in enumerate(expert_ids(cfg, episodes)) if traj_id not in skip]
     tokenizer = await anyio.to_thread.run_sync(load_tokenizer, cfg)
     announced = await policy.latest(js, cfg.run)
     version = announced.version if announced is not None else 0
     sandbox = SandboxClient(nc)
     pub = Publisher(js)
-    counts = {"ok": 0, "invalid": 0}
     limit = anyio.Semaphore(concurrency or cfg.rollout.concurrency)
+    counts = {"ok": 0, "invalid": 0, "done": 0}
+    every = max(1, len(todo) // 10)
     task_status.started()
-    log.info("seed_started", episodes=episodes, error_rate=error_rate, policy_version=version)
+    log.info(
+        "seed_started",
+        episodes=len(todo),
+        skipped=episodes - len(todo),
+        error_rate=error_rate,
+        policy_version=version,
+    )
 
     async def one(index: int) -> None:
         async with limit:
@@ -111,10 +128,13 @@ async def run(
             await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{scored.traj.traj_id}")
             counts["ok"] += scored.valid and scored.reward > 0
             counts["invalid"] += not scored.valid
+            counts["done"] += 1
+            if counts["done"] % every == 0 and counts["done"] < len(todo):
+                log.info("seed_progress", done=counts["done"], episodes=len(todo), successes=counts["ok"])
 
     async with anyio.create_task_group() as tg:
-        for i in range(episodes):
+        for i in todo:
             tg.start_soon(one, i)
-    report = SeedReport(episodes=episodes, successes=counts["ok"], invalid=counts["invalid"])
-    log.info("seed_done", episodes=episodes, successes=report.successes, invalid=report.invalid)
+    report = SeedReport(episodes=len(todo), successes=counts["ok"], invalid=counts["invalid"])
+    log.info("seed_done", episodes=report.episodes, successes=report.successes, invalid=report.invalid)
     return report

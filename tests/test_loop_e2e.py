@@ -46,6 +46,8 @@ def loop_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
         "learner.batch_size=4",
         "--set",
         "learner.failure_reward=-0.1",
+        "--set",
+        "learner.warm_start_steps=0",  # seeding + SFT take minutes; tests/test_warmstart_up.py covers them
     ]
     overrides = [a for a in args[args.index("--set") :] if a != "--set"]
     sets = [x for o in overrides for x in ("--set", o)]

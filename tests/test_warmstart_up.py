@@ -1,0 +1,156 @@
+"""The learner's start-up warm start on real parts (nats-server, Docker sandboxes, the lake writer,
+torch): seed the lake with scripted-expert episodes, SFT on the successes, install version 1,
+then train online from it; once only, also across a learner killed half-way."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from agent_harness.policy_init import create_tiny_policy
+from consumers import lake
+from learner import worker
+from learner.checkpoint import latest_checkpoint, read_state
+from learner.settings import LearnerSettings
+from learner.trainer import Trainer
+from learner.warmstart import (
+    WARM_VERSION,
+    cancellable_progress,
+    expert_rows,
+    prepare_warm_start,
+    seed_missing,
+    sft_steps,
+)
+from ops.config import load_config
+from ops.security import write_server_config
+from producers.seed import expert_ids
+from streams import policy
+from streams.server import NatsServer
+from streams.topology import TRAJ, ensure, subject
+from tests.test_learner_worker import make_policy, scored
+from tests.test_security import Broker, Session, assert_denied, login, serve_sandbox_create
+
+RUN = "ws"
+EPISODES = 8
+STEPS = 5
+
+
+def config(state: Path, **learner: Any) -> Any:
+    sets = {"warm_start_steps": STEPS, "warm_start_batch": 4, "seed_episodes": EPISODES} | learner
+    return load_config(
+        None,
+        [
+            f'state_dir="{state}"',
+            f"run={RUN}",
+            "producer.levels=[1, 2]",
+            "rollout.concurrency=2",  # the test sandboxd holds 3 sandboxes
+            "lake.flush_interval_s=0.5",
+            *(f"learner.{k}={v}" for k, v in sets.items()),
+        ],
+    )
+
+
+async def published(js: JetStreamContext) -> int:
+    return (await js.stream_info(TRAJ.name)).state.messages
+
+
+@pytest.mark.docker
+async def test_warm_start_seeds_the_lake_installs_version_one_once_and_the_learner_resumes_from_it(
+    js: JetStreamContext, nc: NATS, sandboxd_owner: str, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path)
+    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir))
+    await ensure(js, RUN)
+    root = cfg.state / "checkpoints" / RUN
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: lake.run(cfg, js, task_status=task_status))
+
+        path = await prepare_warm_start(cfg, js, nc, lake_wait_s=60)
+        assert path is not None and latest_checkpoint(root) == path
+        state = read_state(path)
+        assert (state.version, state.step, state.extra) == (WARM_VERSION, 0, {"warm_start": True})
+        rows = expert_rows(cfg.lake_root, RUN)
+        assert set(rows) == set(expert_ids(cfg, EPISODES))  # every episode is in the lake
+        assert any(rows.values())  # and some succeeded: the SFT had demonstrations
+        assert await published(js) == EPISODES
+
+        # A second start: the run has its checkpoint, nothing is seeded or trained.
+        mtime = (path / "state.json").stat().st_mtime_ns
+        assert await prepare_warm_start(cfg, js, nc) is None
+        assert (path / "state.json").stat().st_mtime_ns == mtime
+
+        # A learner killed during the SFT (no checkpoint yet) restarts: no episode runs again and
+        # the warm start ends with one checkpoint.
+        shutil.rmtree(path)
+        assert await seed_missing(cfg, js, nc) == 0
+        assert await prepare_warm_start(cfg, js, nc) == path
+        assert [p.name for p in root.iterdir()] == [path.name]
+        assert await published(js) == EPISODES
+
+        # The learner then resumes from it and announces version 1 to the rollout workers.
+        await tg.start(worker.run, cfg, js)
+        announced = await policy.latest(js, RUN)
+        assert announced is not None and announced.version == WARM_VERSION
+        tg.cancel_scope.cancel()
+
+
+async def test_warm_start_disabled_seeds_nothing_and_writes_no_checkpoint(
+    js: JetStreamContext, nc: NATS, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, warm_start_steps=0)
+    await ensure(js, RUN)
+    assert await prepare_warm_start(cfg, js, nc) is None
+    assert await published(js) == 0
+    assert latest_checkpoint(cfg.state / "checkpoints" / RUN) is None
+
+
+async def test_a_cancelled_warm_start_stops_at_its_next_step(tmp_path: Path) -> None:
+    make_policy(tmp_path / "base")
+    trainer = Trainer(tmp_path / "base", LearnerSettings(lr=1e-2, loss="sft"))
+    demos = [scored(i, 0) for i in range(4)]
+    endless = 10**9
+    job = functools.partial(
+        sft_steps, trainer, demos, steps=endless, batch=2, on_step=cancellable_progress(endless)
+    )
+    with anyio.move_on_after(1) as scope:
+        await anyio.to_thread.run_sync(job)
+    assert scope.cancelled_caught
+    assert 0 < trainer.step < endless  # the thread stopped (SIGTERM stops the learner mid-SFT)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    conf, creds_dir = tmp_path / "nats.conf", tmp_path / "creds"
+    write_server_config(conf, creds_dir, run="t1")
+    server = NatsServer(store_dir=tmp_path / "js", config_file=conf, log_file=tmp_path / "nats.log").start()
+    yield Broker(server, creds_dir, conf)
+    server.stop()
+
+
+async def test_learner_role_may_seed_scored_trajectories_through_sandboxd_but_not_publish_tasks(
+    broker: Broker,
+) -> None:
+    sessions: dict[str, Session] = {r: await login(broker, r) for r in ("ops", "sandboxd", "learner")}
+    try:
+        await ensure(sessions["ops"].js, "t1")
+        await serve_sandbox_create(sessions["sandboxd"])
+        learner = sessions["learner"]
+        reply = await learner.nc.request("rs.sandbox.create", b"env", timeout=3)
+        assert reply.data == b"created:env"
+        await learner.js.publish(subject("scored", "t1"), b"x", headers={"Nats-Msg-Id": "scored:e-1"})
+        assert await learner.permission_errors() == []
+        for kind in ("tasks", "raw"):
+            await assert_denied(
+                learner, learner.deny_js.publish(subject(kind, "t1"), b"x"), "Publish", subject(kind, "t1")
+            )
+    finally:
+        for s in sessions.values():
+            await s.nc.close()
