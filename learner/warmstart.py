@@ -19,7 +19,6 @@ and the checkpoint is written atomically, once, at ``step-00000000``.
 from __future__ import annotations
 
 import functools
-import importlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -178,9 +177,8 @@ async def seed_missing(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_
             reason=f"the scripted expert solves built-in tasks only, not {cfg.producer.source}",
         )
         return 0
-    # By name: producers.seed pulls in the worker stack (ops.config, not typed strictly), which
-    # mypy's strict check of learner/ would otherwise follow.
-    seed = importlib.import_module("producers.seed")
+    from producers import seed
+
     have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
     missing = set(seed.expert_ids(cfg, settings.seed_episodes)) - have.keys()
     log.info(

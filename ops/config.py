@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -22,8 +22,8 @@ class ConfigError(ValueError):
     """A configuration problem, in one sentence naming the key and the fix."""
 
 
-def _meta(description: str, **kw: float) -> msgspec.Meta:
-    return msgspec.Meta(description=description, **kw)
+def _meta(description: str, **constraints: Any) -> msgspec.Meta:
+    return msgspec.Meta(description=description, **constraints)
 
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
