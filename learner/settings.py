@@ -103,7 +103,7 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                 "before online training when the run has no checkpoint yet. 0 disables the warm start."
             ),
         ),
-    ] = 400
+    ] = 600
     warm_start_lr: Annotated[
         float, msgspec.Meta(gt=0, description="Learning rate of the warm start's SFT steps.")
     ] = 3e-3
@@ -116,10 +116,12 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             ge=0,
             description=(
                 "Scripted-expert episodes (built-in tasks only) the warm start publishes into the lake "
-                "first; those the lake already holds are not run again. 0: use the lake as it is."
+                "first; those the lake already holds are not run again. 0: use the lake as it is. "
+                "The tiny default policy learns to copy words from ~350 successful demonstrations; "
+                "from ~120 it memorises task-word pairs and stays near 60 %."
             ),
         ),
-    ] = 160
+    ] = 480
     seed_error_rate: Annotated[
         float,
         msgspec.Meta(

@@ -3,7 +3,9 @@ installed as the learner's first checkpoint so that online RL starts from it.
 
 One pass of SFT replay through the learner (``replay_mode="sft"``) is far too little for the tiny
 policy: learning to copy a word from the instruction or a tool response into a command takes it a
-few hundred optimiser steps over ~100 demonstrations. So the warm start runs those steps here, in
+few hundred optimiser steps over a few hundred demonstrations (from ~120 it memorises which word
+goes with which task and stays near 60 %; from ~350, 600 steps reach ~95 % on held-out tasks).
+So the warm start runs those steps here, in
 one blocking call, before the learner worker starts; the checkpoint it writes is at version 1 so
 that rollout workers (which start from the base weights at version 0) load it before their first
 episode.

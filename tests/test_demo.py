@@ -1,0 +1,60 @@
+"""The files learning demonstration (``ops.demo``) at a tiny budget, on real parts (its own
+nats-server and sandboxd, real Docker sandboxes, real torch), and its result table and plot."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from learner.checkpoint import latest_checkpoint, read_state
+from learner.warmstart import WARM_VERSION
+from ops.demo import DemoPlan, DemoResult, Rate, run_demo
+from ops.lake_query import query
+
+
+def test_a_rate_carries_its_wilson_interval_and_the_table_lists_every_phase(tmp_path: Path) -> None:
+    rate = Rate(7, 10)
+    assert rate.value == 0.7
+    lo, hi = rate.interval
+    assert abs(lo - 0.3968) < 1e-3 and abs(hi - 0.8922) < 1e-3
+    assert Rate(0, 0).value == 0.0
+    result = DemoResult(
+        expert=Rate(116, 160),
+        warm=Rate(200, 256),
+        after={"ipa": Rate(240, 256), "grpo": Rate(230, 256)},
+        versions={"ipa": 90, "grpo": 88},
+        wall={"seed": 95.0, "warm": 240.0, "ipa": 460.0, "grpo": 455.0, "total": 1260.0},
+    )
+    table = result.table()
+    assert "72.5%" in table and "n=160" in table
+    assert "after online IPA (v90)" in table and "93.8%" in table
+    assert "after online GRPO (v88)" in table and table.splitlines()[-1].split()[-1] == "1260"
+    png = result.plot(tmp_path / "demo.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.docker
+async def test_a_tiny_demo_seeds_warm_starts_trains_both_losses_and_reports(tmp_path: Path) -> None:
+    plan = replace(
+        DemoPlan(),
+        minutes=0.1,
+        seed_episodes=8,
+        sft_steps=3,
+        sft_batch=4,
+        eval_episodes=4,
+        concurrency=4,
+        min_online_s=12.0,
+        rl={**DemoPlan().rl, "batch_size": 4, "batch_timeout_s": 2.0},
+    )
+    result = await run_demo(tmp_path, plan)
+    state = tmp_path / "state"
+    seeded = query(state / "lake", "SELECT count(*) AS n FROM trajectories WHERE run = 'seed'").to_pylist()
+    assert seeded == [{"n": 8}]
+    assert result.expert.n == 8 and result.warm.n == result.after["ipa"].n == result.after["grpo"].n == 4
+    for run in ("ipa", "grpo"):
+        final = latest_checkpoint(state / "checkpoints" / run)
+        assert final is not None and read_state(final).version == result.versions[run] > WARM_VERSION
+    assert (tmp_path / "demo.txt").read_text(encoding="utf-8") == result.table() + "\n"
+    assert (tmp_path / "demo.png").is_file() and (tmp_path / "success_by_version.png").is_file()
