@@ -4,7 +4,8 @@ Group-normalised advantages (IPA's ``group_baseline``, GRPO) compare the samples
 each other, so a group split over two steps is normalised over half its members (a lone member
 gets advantage 0 and trains nothing). The learner therefore holds deliveries by ``group_id`` until
 
-- the group is **complete** (``group_size`` members arrived), or
+- the group is **complete** (its ``group_size`` members arrived: the size the producer stamped on
+  the task; a trajectory without a task, or of a task of size 1, is a group of its own), or
 - its first member has waited ``group_timeout_s`` (a **straggler** group: a slow episode or one
   lost upstream must not hold the others back forever; it is released with what arrived),
 
@@ -16,7 +17,8 @@ start a new entry and are released by the same rules (at the latest after the ti
 member of a released group that is still held joins it.
 
 ``GroupBuffer`` is the pure bookkeeping (no I/O, clock passed in); ``GroupBatcher`` drives it from a
-``Consumer``. With ``group_size <= 1`` the batcher is a plain "``batch_size`` or timeout" collector.
+``Consumer``. Without groups (tasks of size 1) the batcher is a plain "``batch_size`` or timeout"
+collector.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ T = TypeVar("T")
 @dataclass
 class _Group(Generic[T]):
     first_seen: float
+    size: int
     members: list[T] = field(default_factory=list)
     ready_since: float | None = None
 
@@ -53,12 +56,13 @@ class AssemblyStats:
 
 class GroupBuffer(Generic[T]):
     """Deliveries held by group until ready; see the module docstring. ``key`` maps an item to its
-    group id (``None`` or ``group_size <= 1``: every item is its own complete group)."""
+    group id and size (``None``, or a size of 1: the item is a complete group of its own);
+    ``group_size`` only sizes fetches."""
 
     def __init__(
         self,
         *,
-        key: Callable[[T], str | None],
+        key: Callable[[T], tuple[str, int] | None],
         batch_size: int,
         group_size: int,
         group_timeout_s: float,
@@ -77,21 +81,21 @@ class GroupBuffer(Generic[T]):
         return [m for g in self.groups.values() for m in g.members]
 
     def add(self, item: T, now: float) -> None:
-        gid = self.key(item) if self.group_size > 1 else None
+        keyed = self.key(item)
+        gid, size = keyed if keyed is not None and keyed[1] > 1 else (None, 1)
         if gid is None:
             self._anon += 1
             gid = f"\0{self._anon}"  # cannot collide with a real group id
         group = self.groups.get(gid)
         if group is None:  # new, or a late member of a group already handed out: a new entry
-            group = self.groups[gid] = _Group(first_seen=now)
+            group = self.groups[gid] = _Group(first_seen=now, size=size)
         group.members.append(item)
         self._ready(group, now)
 
     def _ready(self, group: _Group[T], now: float) -> bool:
         if group.ready_since is not None:
             return True
-        size = self.group_size if self.group_size > 1 else 1
-        if len(group.members) >= size:
+        if len(group.members) >= group.size:
             group.ready_since = now
         elif now - group.first_seen >= self.group_timeout_s:
             group.ready_since = group.first_seen + self.group_timeout_s
@@ -116,13 +120,12 @@ class GroupBuffer(Generic[T]):
         if count < self.batch_size and (oldest is None or now - oldest < self.batch_timeout_s):
             return []
         batch: list[T] = []
-        size = self.group_size if self.group_size > 1 else 1
         for gid, g in ready:  # oldest first
             if len(batch) >= self.batch_size:
                 break
             batch += g.members
             del self.groups[gid]
-            if len(g.members) >= size:
+            if len(g.members) >= g.size:
                 self.stats.complete += 1
             else:
                 self.stats.stragglers += 1
@@ -130,10 +133,13 @@ class GroupBuffer(Generic[T]):
         return batch
 
 
-def trajectory_group(d: Delivery[ScoredTrajectory]) -> str | None:
-    """The group of a scored trajectory; replays are never grouped (their group mates are not
-    replayed with them)."""
-    return None if d.record.replay else d.record.traj.group_id
+def trajectory_group(d: Delivery[ScoredTrajectory]) -> tuple[str, int] | None:
+    """The group of a scored trajectory and its size (from its task); replays are never grouped
+    (their group mates are not replayed with them)."""
+    traj = d.record.traj
+    if d.record.replay or traj.task is None:
+        return None
+    return traj.group_id, traj.task.group_size
 
 
 class GroupBatcher:

@@ -29,7 +29,13 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             ),
         ),
     ] = 30.0
-    lr: Annotated[float, msgspec.Meta(gt=0, description="AdamW learning rate.")] = 1e-3
+    lr: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="AdamW learning rate (online; 3e-4 and above degraded the warm-started policy).",
+        ),
+    ] = 1e-4
     weight_decay: Annotated[float, msgspec.Meta(ge=0, description="AdamW weight decay.")] = 0.0
     grad_clip: Annotated[
         float, msgspec.Meta(gt=0, description="Clip the global gradient norm to this value.")

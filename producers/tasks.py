@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
@@ -105,6 +106,11 @@ async def run(
         if nxt is None:
             break
         index, task = nxt
+        # a task that names its own group size (JSONL, resampling) keeps it; the learner reads
+        # the size from the task to assemble whole groups
+        group = task.group_size if task.group_size > 1 else cfg.producer.group_size
+        if task.group_size != group:
+            task = msgspec.structs.replace(task, group_size=group)
         for k in range(group):
             sample = TaskSample(run=cfg.run, task=task, sample_idx=k, created_at=time.time())
             await pub.publish(subject("tasks", cfg.run), sample, msg_id=sample.msg_id)

@@ -9,6 +9,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from learner.assemble import GroupBatcher, GroupBuffer
+from producers.builtin import builtin_tasks
 from schemas.codec import scored_decoder
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Consumer, Publisher
@@ -22,7 +23,7 @@ def buffer(
     batch: int = 8, group: int = 4, group_timeout: float = 10.0, batch_timeout: float = 5.0
 ) -> GroupBuffer[str]:
     return GroupBuffer(
-        key=lambda item: item.split(".")[0],
+        key=lambda item: (item.split(".")[0], group),
         batch_size=batch,
         group_size=group,
         group_timeout_s=group_timeout,
@@ -82,9 +83,11 @@ def test_without_groups_the_buffer_is_a_plain_size_or_timeout_collector() -> Non
     assert buf.take(5.0) == ["x.3", "x.4"]
 
 
-def member(task: int, k: int) -> ScoredTrajectory:
+def member(task: int, k: int, group_size: int = 4) -> ScoredTrajectory:
     s = scored(task, 0)
-    traj = msgspec.structs.replace(s.traj, traj_id=f"{RUN}:t{task}:{k}", sample_idx=k)
+    spec = builtin_tasks(seed=task, count=1, levels=(1,))[0]
+    spec = msgspec.structs.replace(spec, task_id=f"t{task}", group_size=group_size)
+    traj = msgspec.structs.replace(s.traj, traj_id=f"{RUN}:t{task}:{k}", sample_idx=k, task=spec)
     return msgspec.structs.replace(s, traj=traj)
 
 
@@ -118,5 +121,18 @@ async def test_the_learner_consumer_yields_whole_groups_and_releases_a_straggler
     # missing member until the group timeout and is trained with the three that arrived
     assert groups == [["t1", "t2"], ["t4"], ["t3"]]
     assert sizes == [[4, 4], [4], [3]]
-    assert time.monotonic() - t0 >= 3.0
+    assert time.monotonic() - t0 >= 3.0  # the straggler group waited out its timeout
     assert batcher.stats.complete == 3 and batcher.stats.stragglers == 1
+
+
+async def test_trajectories_of_tasks_without_groups_are_never_held_back(js: JetStreamContext) -> None:
+    await ensure(js, RUN)
+    pub = Publisher(js)
+    records = [member(10, 0, group_size=1), member(11, 0, group_size=1), scored(12, 0)]  # last: no task
+    for rec in records:
+        await pub.publish(subject("scored", RUN), rec, msg_id=rec.traj.traj_id)
+    consumer = await Consumer(js, LEARNER, RUN, scored_decoder).bind()
+    batcher = GroupBatcher(consumer, batch_size=3, group_size=4, group_timeout_s=60.0, batch_timeout_s=60.0)
+    with anyio.fail_after(20):  # far below either timeout: three lone samples make a full batch
+        batch = await batcher.next_batch()
+    assert sorted(d.record.traj.task_id for d in batch) == ["t10", "t11", "t12"]

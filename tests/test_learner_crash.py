@@ -74,6 +74,7 @@ async def test_learner_killed_mid_run_resumes_without_losing_or_retraining_sampl
             "learner.batch_size=2",
             "learner.batch_timeout_s=0.5",
             "learner.checkpoint_every=1",
+            "learner.warm_start_steps=0",
         ],
     )
     make_policy(cfg.policy_dir)

@@ -154,6 +154,7 @@ def make_host(i: int, tmp: Path, cluster: Cluster, tag: str) -> Host:
             "learner.max_staleness=1",
             "learner.batch_size=4",
             "learner.failure_reward=-0.1",
+            "learner.warm_start_steps=0",  # covered by tests/test_warmstart_up.py; takes minutes
             "lake.flush_interval_s=1.0",
         ],
     )
