@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -135,6 +136,17 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     server.stop()
 
 
+async def request_served(session: Session, subject_: str, data: bytes) -> Any:
+    """A request that waits (≤ 10 s) for the responder's subscription to be visible: once, under
+    a loaded CI machine, the first request saw no responders right after the responder's flush."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                return await session.nc.request(subject_, data, timeout=3)
+            except nats.errors.NoRespondersError:
+                await anyio.sleep(0.2)
+
+
 async def test_learner_role_may_seed_scored_trajectories_through_sandboxd_but_not_publish_tasks(
     broker: Broker,
 ) -> None:
@@ -143,7 +155,7 @@ async def test_learner_role_may_seed_scored_trajectories_through_sandboxd_but_no
         await ensure(sessions["ops"].js, "t1")
         await serve_sandbox_create(sessions["sandboxd"])
         learner = sessions["learner"]
-        reply = await learner.nc.request("rs.sandbox.create", b"env", timeout=3)
+        reply = await request_served(learner, "rs.sandbox.create", b"env")
         assert reply.data == b"created:env"
         await learner.js.publish(subject("scored", "t1"), b"x", headers={"Nats-Msg-Id": "scored:e-1"})
         assert await learner.permission_errors() == []
