@@ -73,6 +73,10 @@ bench-async:
 bench-lake:
     {{py}} -m ops.bench.lake
 
-# Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~15 min)
+# Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~20 min)
 demo *args:
     {{py}} -m ops.demo "$@"
+
+# Learning demonstration on a GEM game (GuessTheNumber-easy): random floor, noisy expert, SFT warm start, online IPA (~20 min)
+demo-gem *args:
+    {{py}} -m ops.demo_gem "$@"

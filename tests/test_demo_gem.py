@@ -1,0 +1,97 @@
+"""The GEM learning demonstration (``ops.demo_gem``) at a tiny budget: every phase runs on real parts
+(its own nats-server and sandboxd, real Docker sandboxes of the ``gem`` image, real torch)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from agent_harness.engine import GenRequest
+from agent_harness.gem_episode import GemToolRegistry, next_guess
+from agent_harness.prompt import prompt_tokens
+from learner.checkpoint import latest_checkpoint, read_state
+from learner.warmstart import WARM_VERSION
+from ops.demo_gem import GemPlan, NoisyGuesser, run_gem_demo
+from ops.lake_query import query
+from producers.gem_tasks import gem_task
+from tests.test_gem import gem_image  # noqa: F401
+from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+
+INSTRUCTION = (
+    "You have to guess the number between 1 and 10 (inclusive) within 4 turns.\n"
+    "At turn 1, you guessed 5, and the target number is higher than 5."
+)
+
+
+async def _guesses(guesser: NoisyGuesser, tokenizer: object, n: int) -> list[int]:
+    task = gem_task("game:GuessTheNumber-v0-easy", 0, INSTRUCTION)
+    prompt = prompt_tokens(tokenizer, task.instruction, GemToolRegistry())
+    out = []
+    for _ in range(n):
+        [gen] = await guesser.generate([GenRequest(prompt_tokens=prompt, max_new_tokens=32)])
+        text = tokenizer.decode(gen.tokens)  # type: ignore[attr-defined]
+        found = re.search(r"boxed\{(\d+)\}", text)
+        assert found, text
+        out.append(int(found.group(1)))
+    return out
+
+
+async def test_the_noisy_guesser_searches_at_error_rate_zero_and_guesses_in_range_at_one(
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    exact = await _guesses(NoisyGuesser(tokenizer=tokenizer, error_rate=0.0, seed=1), tokenizer, 5)
+    assert exact == [next_guess(INSTRUCTION)] * 5 == [8] * 5
+    noisy = await _guesses(NoisyGuesser(tokenizer=tokenizer, error_rate=1.0, seed=1), tokenizer, 40)
+    assert set(noisy) <= set(range(1, 11)) and len(set(noisy)) >= 5
+
+
+@pytest.mark.docker
+async def test_a_tiny_gem_demo_seeds_warm_starts_trains_past_the_warm_version_and_tabulates(
+    gem_image: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    plan = replace(
+        GemPlan(),
+        seed_episodes=6,
+        eval_episodes=3,
+        random_episodes=3,
+        sft_steps=6,
+        online_seconds=20.0,
+        group_size=2,
+        concurrency=4,
+        rl={**GemPlan().rl, "batch_size": 2, "batch_timeout_s": 3.0},
+    )
+    result = await run_gem_demo(tmp_path, plan)
+
+    lake = tmp_path / "state" / "lake"
+    [expert] = query(
+        lake,
+        "SELECT count(*) AS n, bool_and(replay_mode = 'sft') AS sft, min(family) AS family "
+        "FROM trajectories WHERE run = 'seed' AND source = 'expert'",
+    ).to_pylist()
+    assert expert == {"n": 6, "sft": True, "family": "gem:game:GuessTheNumber-v0-easy"}
+    warm = latest_checkpoint(tmp_path / "state" / "warm")
+    assert warm is not None and read_state(warm).version == WARM_VERSION
+    assert result.demonstrations >= 1 and len(result.sft_loss) == plan.sft_steps
+    assert result.versions["ipa"] > WARM_VERSION
+    online = query(lake, "SELECT DISTINCT reward FROM trajectories WHERE run = 'ipa' AND valid").to_pylist()
+    assert online and {r["reward"] for r in online} <= {0.0, 1.0}  # scored by win, not graded
+    assert all(
+        0.0 <= rate <= 1.0 for rate in (result.random, result.expert, result.warm, result.after["ipa"])
+    )
+
+    table = result.table()
+    for label in (
+        "random guesser",
+        "expert",
+        "after SFT warm start",
+        f"after online IPA (v{result.versions['ipa']})",
+    ):
+        assert label in table
+    assert (tmp_path / "demo.txt").read_text(encoding="utf-8") == table + "\n"
+    assert (tmp_path / "success_by_version.png").stat().st_size > 0
