@@ -28,6 +28,7 @@ class Progress:
         self.started = time.monotonic()
         self.trajectories = 0
         self.invalid = 0
+        self.seeded = 0  # expert trajectories (the warm start's seed): not the policy's success
         self.recent: deque[float] = deque(maxlen=100)
         self.versions: Counter[int] = Counter()
         self.success_by_version: dict[int, list[float]] = {}
@@ -49,6 +50,9 @@ class Progress:
         self.trajectories += 1
         if not s.valid:
             self.invalid += 1
+            return
+        if s.traj.source == "expert":
+            self.seeded += 1
             return
         self.recent.append(s.reward)
         self.versions[s.traj.min_version] += 1
@@ -76,9 +80,12 @@ class Progress:
         t.add_column(style="bold cyan")
         t.add_column()
         success = sum(self.recent) / len(self.recent) if self.recent else 0.0
-        t.add_row("trajectories", f"{self.trajectories} ({self.invalid} infra failures)")
+        t.add_row(
+            "trajectories",
+            f"{self.trajectories} ({self.invalid} infra failures, {self.seeded} expert seeds)",
+        )
         t.add_row("policy version", str(self.policy_version))
-        t.add_row("success (last 100)", f"{success:.0%}")
+        t.add_row("success (last 100 of the policy)", f"{success:.0%}")
         t.add_row(
             "versions in lake", ", ".join(f"v{v}:{n}" for v, n in sorted(self.versions.items())[-8:]) or "-"
         )
@@ -105,6 +112,7 @@ class Progress:
         success = sum(self.recent) / len(self.recent) if self.recent else 0.0
         return (
             f"[{time.monotonic() - self.started:5.0f}s] trajectories={self.trajectories} "
+            f"expert_seeds={self.seeded} "
             f"policy_version={self.policy_version} versions={len(self.versions)} success={success:.0%} "
             f"trained={self.trained} dropped={sum(self.dropped.values())}"
         )

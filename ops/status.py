@@ -75,7 +75,7 @@ async def _status(cfg: Any, console: Console) -> None:
     try:
         table = query(
             cfg.lake_root,
-            "SELECT count(*) AS trajectories, avg(reward) AS success, "
+            "SELECT count(*) AS trajectories, avg(reward) FILTER (source = 'online') AS success, "
             "count(DISTINCT policy_version) AS versions, max(policy_version) AS newest FROM trajectories",
         )
         row = table.to_pylist()[0]
@@ -86,7 +86,8 @@ async def _status(cfg: Any, console: Console) -> None:
         ).to_pylist()[0]
         success = f"{row['success']:.1%}" if row["success"] is not None else "-"
         console.print(
-            f"lake: {row['trajectories']} trajectories, success {success}, {row['versions']} policy versions "
+            f"lake: {row['trajectories']} trajectories, online success {success}, "
+            f"{row['versions']} policy versions "
             f"(newest {row['newest']}); train log: {drops['dropped']} of {drops['total']} samples dropped, "
             f"max trained staleness {drops['max_trained_staleness']} (bound {cfg.learner.max_staleness})"
         )
