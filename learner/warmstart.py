@@ -93,6 +93,33 @@ def install(trainer: Trainer, checkpoint_root: Path, *, lr: float, version: int 
     return write_checkpoint(target, trainer.model, fresh, state, tokenizer_source=trainer.source_dir)
 
 
+def imitate(
+    base: Path,
+    samples: Sequence[ScoredTrajectory],
+    checkpoint_root: Path,
+    settings: LearnerSettings,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    final_lr_fraction: float = 1.0,
+    on_step: OnStep | None = None,
+) -> tuple[Path, list[float]]:
+    """SFT from ``base`` on ``samples`` (``sft_steps`` at ``lr``), installed under ``checkpoint_root``
+    as version 1 with a fresh optimiser at the online ``settings.lr``; the checkpoint and losses."""
+    trainer = Trainer(base, msgspec.structs.replace(settings, lr=lr, loss="sft"))
+    losses = sft_steps(
+        trainer,
+        samples,
+        steps=steps,
+        batch=batch,
+        seed=settings.seed,
+        final_lr_fraction=final_lr_fraction,
+        on_step=on_step,
+    )
+    return install(trainer, checkpoint_root, lr=settings.lr), losses
+
+
 def warm_start(
     cfg: Any,
     *,
@@ -119,11 +146,11 @@ def warm_start(
         return None
     if not samples:
         return None
-    settings: LearnerSettings = cfg.learner
     log.info("warm_start_sft", demonstrations=len(samples), steps=steps, batch=batch, lr=lr)
-    trainer = Trainer(cfg.policy_dir, msgspec.structs.replace(settings, lr=lr, loss="sft"))
-    sft_steps(trainer, samples, steps=steps, batch=batch, seed=settings.seed, on_step=on_step)
-    return install(trainer, root, lr=settings.lr)
+    path, _ = imitate(
+        cfg.policy_dir, samples, root, cfg.learner, steps=steps, batch=batch, lr=lr, on_step=on_step
+    )
+    return path
 
 
 # --- the learner's start-up ---------------------------------------------------------------------

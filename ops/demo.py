@@ -44,8 +44,7 @@ from agent_harness.policy_init import create_tiny_policy
 from consumers.reward import score
 from learner.checkpoint import checkpoint_path, latest_checkpoint
 from learner.settings import LearnerSettings
-from learner.trainer import Trainer
-from learner.warmstart import EXPERT_SQL, WARM_VERSION, install, sft_steps
+from learner.warmstart import EXPERT_SQL, WARM_VERSION, imitate
 from ops.config import Config, load_config
 from ops.lake_query import query
 from producers.tasks import builtin_task_at
@@ -278,16 +277,16 @@ def sft_warm_start(lake_root: Path, base: Path, out_root: Path, plan: DemoPlan) 
 
     sql = EXPERT_SQL.format(run_filter=f"AND run = '{SEED_RUN}' ")
     samples = load_scored(lake_root, sql)
-    trainer = Trainer(base, LearnerSettings(lr=plan.sft_lr, loss="sft", seed=plan.seed))
-    losses = sft_steps(
-        trainer,
+    return imitate(
+        base,
         samples,
+        out_root,
+        LearnerSettings(lr=float(plan.rl["lr"]), seed=plan.seed),
         steps=plan.sft_steps,
         batch=plan.sft_batch,
-        seed=plan.seed,
+        lr=plan.sft_lr,
         final_lr_fraction=plan.sft_final_lr,
     )
-    return install(trainer, out_root, lr=float(plan.rl["lr"])), losses
 
 
 def eval_samples(plan: DemoPlan) -> list[TaskSample]:

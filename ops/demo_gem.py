@@ -50,8 +50,7 @@ from agent_harness.prompt import encode
 from consumers.reward import score
 from learner.checkpoint import checkpoint_path, latest_checkpoint
 from learner.settings import LearnerSettings
-from learner.trainer import Trainer
-from learner.warmstart import WARM_VERSION, install, sft_steps
+from learner.warmstart import WARM_VERSION, imitate
 from ops.config import Config
 from ops.demo import EVAL_SEED, SEED_RUN, DemoPlan, Stack, demo_config, final_version, stack, wait_for_rows
 from ops.lake_query import query
@@ -321,16 +320,17 @@ def sft_warm_start(
     from producers.lake_source import load_scored
 
     samples = load_scored(lake_root, WON_SQL)
-    trainer = Trainer(base, LearnerSettings(lr=plan.sft_lr, loss="sft", seed=plan.seed))
-    losses = sft_steps(
-        trainer,
+    path, losses = imitate(
+        base,
         samples,
+        out_root,
+        LearnerSettings(lr=float(plan.rl["lr"]), seed=plan.seed),
         steps=plan.sft_steps,
         batch=plan.sft_batch,
-        seed=plan.seed,
+        lr=plan.sft_lr,
         final_lr_fraction=plan.sft_final_lr,
     )
-    return install(trainer, out_root, lr=float(plan.rl["lr"])), losses, len(samples)
+    return path, losses, len(samples)
 
 
 async def evaluate(s: Stack, policy_dir: Path, tasks: Sequence[Task], plan: GemPlan, cfg: Config) -> float:
