@@ -30,11 +30,12 @@ apt_install() {
 }
 
 # 1. Virtualenv with the project and its dev tools (torch pinned to the CPU build).
-if [ ! -x .venv/bin/rollstream ] || [ pyproject.toml -nt .venv/.installed ]; then
+# Versions come from requirements.lock (pip constraints), so every machine resolves the same set.
+if [ ! -x .venv/bin/rollstream ] || [ pyproject.toml -nt .venv/.installed ] || [ requirements.lock -nt .venv/.installed ]; then
   say "creating .venv and installing rollstream (first time: a few minutes)"
   [ -d .venv ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip >"$STATE/logs/pip.log" 2>&1 || true
-  .venv/bin/pip install -q -e '.[dev]' >>"$STATE/logs/pip.log" 2>&1 || { tail -20 "$STATE/logs/pip.log"; die "pip install failed; see $STATE/logs/pip.log"; }
+  .venv/bin/pip install -q -c requirements.lock -e '.[dev]' >>"$STATE/logs/pip.log" 2>&1 || { tail -20 "$STATE/logs/pip.log"; die "pip install failed; see $STATE/logs/pip.log"; }
   touch .venv/.installed
 fi
 export PATH="$PWD/.venv/bin:$PATH"

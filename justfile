@@ -49,6 +49,11 @@ lint:
 test *args: lint
     {{venv}}/bin/pytest -q "$@"
 
+# Regenerate requirements.lock (pip constraints for bootstrap.sh and CI) from the resolved .venv
+lock:
+    { sed -n '1,3p' requirements.lock; {{venv}}/bin/pip freeze --exclude-editable | grep -v -i '^torch=='; } > requirements.lock.new
+    mv requirements.lock.new requirements.lock
+
 # Write PNG plots and a summary of the lake to ./report
 report *args:
     {{rs}} report "$@"
