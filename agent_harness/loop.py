@@ -34,7 +34,7 @@ from agent_harness.tools import TOOL_CALL_CLOSE, ParseError, ToolCall, ToolRegis
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.sandbox import Created, ExecResult
 from schemas.task import TaskSample
-from schemas.trajectory import Chunk, ToolStatus, Trajectory, TrajStatus
+from schemas.trajectory import Chunk, ToolStatus, Trajectory, TrajSource, TrajStatus
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +80,7 @@ async def run_episode(
     sandbox: SandboxAPI,
     settings: HarnessSettings,
     before_turn: Callable[[], Awaitable[None]] | None = None,
-    source: str = "online",
+    source: TrajSource = "online",
     registry: ToolRegistry | None = None,
 ) -> Trajectory:
     """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learner.ipa import LossTerms, group_normalise, token_keep_mask
+from learner.ipa import LossStats, LossTerms, group_normalise, token_keep_mask
 
 if TYPE_CHECKING:
     from learner.batch import Batch
@@ -38,21 +38,20 @@ def grpo_terms(logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSett
     n_act = max(int(batch.action_mask.sum().item()), 1)
     with torch.no_grad():
         clipped = mask & ((ratio < 1.0 - eps) | (ratio > 1.0 + eps))
-    stats = {
-        "loss": float(loss.item()),
-        "mean_ratio": float(ratio.detach()[mask].mean().item()) if n_tok else 1.0,
-        "clip_fraction": float(clipped.sum().item()) / max(n_tok, 1),
-        "masked_fraction": 1.0 - n_tok / n_act,
-        "masked_error_fraction": 1.0 - n_tok / n_act,
-        "masked_mismatch_fraction": 0.0,
-        "tokens": float(n_tok),
-    }
+    stats = LossStats(
+        loss=float(loss.item()),
+        mean_ratio=float(ratio.detach()[mask].mean().item()) if n_tok else 1.0,
+        clip_fraction=float(clipped.sum().item()) / max(n_tok, 1),
+        masked_fraction=1.0 - n_tok / n_act,
+        masked_error_fraction=1.0 - n_tok / n_act,
+        tokens=float(n_tok),
+    )
     return LossTerms(loss=loss, per_sample=per_sample, stats=stats)
 
 
 def grpo_loss(
     logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, LossStats]:
     """Token-level GRPO loss averaged over action tokens, and its statistics."""
     terms = grpo_terms(logprobs_theta, batch, settings)
     return terms.loss, terms.stats
@@ -66,20 +65,17 @@ def sft_terms(logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSetti
         mask = mask & (batch.rewards > 0).unsqueeze(1)
     loss, per_sample = _token_mean(-logprobs_theta, mask)
     n_tok = int(mask.sum().item())
-    stats = {
-        "loss": float(loss.item()),
-        "mean_ratio": 1.0,
-        "masked_fraction": 1.0 - n_tok / max(int(batch.action_mask.sum().item()), 1),
-        "masked_error_fraction": 0.0,
-        "masked_mismatch_fraction": 0.0,
-        "tokens": float(n_tok),
-    }
+    stats = LossStats(
+        loss=float(loss.item()),
+        masked_fraction=1.0 - n_tok / max(int(batch.action_mask.sum().item()), 1),
+        tokens=float(n_tok),
+    )
     return LossTerms(loss=loss, per_sample=per_sample, stats=stats)
 
 
 def sft_loss(
     logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, LossStats]:
     """SFT loss (mean NLL over kept action tokens) and its statistics."""
     terms = sft_terms(logprobs_theta, batch, settings)
     return terms.loss, terms.stats

@@ -39,12 +39,35 @@ GROUP_EPS = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
+class LossStats:
+    """Statistics of one loss evaluation: a micro-batch, or a whole step once ``merge``d."""
+
+    loss: float
+    tokens: float  # action tokens that carried loss (adds up over micro-batches)
+    chunks: float = 0.0  # chunks that carried loss, IPA only (adds up)
+    mean_ratio: float = 1.0
+    masked_fraction: float = 0.0
+    masked_mismatch_fraction: float = 0.0
+    masked_error_fraction: float = 0.0
+    mean_return: float = 0.0
+    clip_fraction: float = 0.0  # token-level GRPO only
+
+    @staticmethod
+    def merge(parts: Sequence[LossStats]) -> LossStats:
+        """Counts add up over micro-batches; every other statistic is averaged."""
+        n = len(parts)
+        mean = {f: sum(getattr(p, f) for p in parts) / n for f in LossStats.__slots__}
+        counts = {"tokens": sum(p.tokens for p in parts), "chunks": sum(p.chunks for p in parts)}
+        return LossStats(**(mean | counts))
+
+
+@dataclass(frozen=True, slots=True)
 class LossTerms:
     """A scalar loss with its per-sample contributions (detached) and its statistics."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor  # [B], detached; 0 for a sample with nothing trained
-    stats: dict[str, float]
+    stats: LossStats
 
 
 def chunk_returns(rewards_per_chunk: torch.Tensor | Sequence[float], gamma: float) -> torch.Tensor:
@@ -154,23 +177,23 @@ def ipa_terms(logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSetti
 
     n_present = max(int(present.sum().item()), 1)
     counts = chunk_onehot(batch.chunk_id, k, torch.float32).sum(dim=1)
-    stats = {
-        "loss": float(loss.item()),
-        "mean_ratio": float(rho_d[present].mean().item()) if present.any() else 1.0,
-        "masked_fraction": float((present & ~keep).sum().item()) / n_present,
-        "masked_mismatch_fraction": float(mismatch.sum().item()) / n_present,
-        "masked_error_fraction": float(error.sum().item()) / n_present,
-        "chunks": float(kept),
-        "tokens": float(counts[keep].sum().item()),
-        "mean_return": float(returns[keep].mean().item()) if kept else 0.0,
-    }
+    stats = LossStats(
+        loss=float(loss.item()),
+        mean_ratio=float(rho_d[present].mean().item()) if present.any() else 1.0,
+        masked_fraction=float((present & ~keep).sum().item()) / n_present,
+        masked_mismatch_fraction=float(mismatch.sum().item()) / n_present,
+        masked_error_fraction=float(error.sum().item()) / n_present,
+        chunks=float(kept),
+        tokens=float(counts[keep].sum().item()),
+        mean_return=float(returns[keep].mean().item()) if kept else 0.0,
+    )
     per_sample = (chunk_loss.sum(dim=1) / keep.sum(dim=1).clamp(min=1)).detach()
     return LossTerms(loss=loss, per_sample=per_sample, stats=stats)
 
 
 def ipa_loss(
     logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, LossStats]:
     """The IPA loss (mean over unmasked chunks) and its statistics; see the module docstring."""
     terms = ipa_terms(logprobs_theta, batch, settings)
     return terms.loss, terms.stats

@@ -6,9 +6,9 @@ from schemas.trajectory import Trajectory
 
 
 def staleness(learner_version: int, traj: Trajectory) -> int:
-    """``N − min(chunk.policy_version)``; a trajectory with no chunks falls back to ``min_version``."""
-    oldest = min((c.policy_version for c in traj.chunks), default=traj.min_version)
-    return learner_version - oldest
+    """``N − min(chunk.policy_version)`` (see ``Trajectory.oldest_version``): the one definition the
+    gate, the train log and the lake's audit use."""
+    return learner_version - traj.oldest_version
 
 
 def admit(learner_version: int, traj: Trajectory, max_staleness: int) -> tuple[bool, int]:

@@ -28,14 +28,12 @@ from learner.checkpoint import (
     write_checkpoint,
 )
 from learner.grpo import grpo_terms, sft_terms
-from learner.ipa import LossTerms, ipa_terms, token_logprobs
-from learner.settings import LearnerSettings
+from learner.ipa import LossStats, LossTerms, ipa_terms, token_logprobs
+from learner.settings import LearnerSettings, LossName
 from schemas.trajectory import ScoredTrajectory
 
 LossFn = Callable[[torch.Tensor, Batch, LearnerSettings], LossTerms]
-LOSSES: dict[str, LossFn] = {"ipa": ipa_terms, "grpo": grpo_terms, "sft": sft_terms}
-# Statistics that add up over micro-batches; the others are averaged.
-_SUMMED_STATS = frozenset({"tokens", "chunks"})
+LOSSES: dict[LossName, LossFn] = {"ipa": ipa_terms, "grpo": grpo_terms, "sft": sft_terms}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +48,7 @@ class StepResult:
     mean_reward: float
     skipped: bool
     per_sample_loss: list[float] = field(default_factory=list)
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: LossStats = field(default_factory=lambda: LossStats(loss=0.0, tokens=0.0))
 
 
 class Trainer:
@@ -67,13 +65,31 @@ class Trainer:
         )
         pad = self.model.config.pad_token_id
         self.pad_id: int = int(pad) if pad is not None else 0
-        self.version = 0  # the policy version N; the worker advances it after each publication
+        self._version = 0  # the policy version N: only next_version / adopt_version move it
         self.step = 0  # optimiser steps taken
         self.resumed_extra: dict[str, Any] = {}  # ``extra`` of the checkpoint resumed from, if any
 
+    # -- the policy version ----------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The policy version ``N`` of the weights this trainer holds."""
+        return self._version
+
+    def next_version(self) -> int:
+        """Advance ``N`` by one, for a weights publication; returns the new version."""
+        self._version += 1
+        return self._version
+
+    def adopt_version(self, version: int) -> None:
+        """Continue from ``version`` (announced by a predecessor); versions never go back."""
+        if version < self._version:
+            raise ValueError(f"policy version {version} is older than the trainer's {self._version}")
+        self._version = version
+
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, samples: Sequence[ScoredTrajectory], *, loss: str | None = None) -> StepResult:
+    def train_step(self, samples: Sequence[ScoredTrajectory], *, loss: LossName | None = None) -> StepResult:
         """One optimiser step on ``samples`` with ``loss`` (default ``settings.loss``)."""
         name = loss or self.settings.loss
         if name not in LOSSES:
@@ -87,11 +103,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms = self._accumulate(batch, LOSSES[name])
         mean_reward = sum(s.reward for s in samples) / len(samples)
-        stats = _merge_stats(terms)
+        stats = LossStats.merge([t.stats for t in terms])
         per_sample = torch.cat([t.per_sample for t in terms]).tolist()
-        loss_value = sum(t.stats["loss"] for t in terms) / len(terms)
+        loss_value = stats.loss
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if stats.get("tokens", 0.0) == 0.0 or not params:
+        if stats.tokens == 0.0 or not params:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(self.step, loss_value, 0.0, len(samples), mean_reward, True, per_sample, stats)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip).item())
@@ -176,15 +192,6 @@ class Trainer:
             group["lr"] = settings.lr
             group["weight_decay"] = settings.weight_decay
         state = read_state(latest)
-        trainer.version, trainer.step = state.version, state.step
+        trainer._version, trainer.step = state.version, state.step
         trainer.resumed_extra = state.extra
         return trainer
-
-
-def _merge_stats(terms: Sequence[LossTerms]) -> dict[str, float]:
-    """Combine micro-batch statistics: counts add up, everything else is averaged."""
-    merged: dict[str, float] = {}
-    for key in terms[0].stats:
-        values = [t.stats.get(key, 0.0) for t in terms]
-        merged[key] = sum(values) if key in _SUMMED_STATS else sum(values) / len(values)
-    return merged

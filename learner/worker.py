@@ -31,11 +31,11 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from learner.assemble import GroupBatcher
-from learner.settings import LearnerSettings
-from learner.staleness import admit
+from learner.settings import LearnerSettings, LossName
+from learner.staleness import admit, staleness
 from learner.trainer import StepResult, Trainer
 from schemas.codec import scored_decoder
-from schemas.train import StepStats, TrainRecord
+from schemas.train import DropReason, Fate, StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory
 from streams import policy
 from streams.bus import Consumer, Delivery, Publisher
@@ -92,7 +92,7 @@ class Learner:
         """Versions continue after a restart: N = max(checkpoint version, announced version)."""
         announced = await policy.latest(self.js, self.run)
         if announced is not None and announced.version > self.trainer.version:
-            self.trainer.version = announced.version
+            self.trainer.adopt_version(announced.version)
         elif announced is None or announced.version < self.trainer.version:
             await self.publish_weights()
         log.info("learner_version", policy_version=self.trainer.version, step=self.trainer.step)
@@ -105,17 +105,25 @@ class Learner:
             await policy.delete_weights(self.js, self.run, old)
 
     def _record(
-        self, s: ScoredTrajectory, fate: str, reason: str, staleness: int, step: int, loss: float = 0.0
+        self,
+        s: ScoredTrajectory,
+        fate: Fate,
+        reason: DropReason,
+        step: int,
+        *,
+        loss: float = 0.0,
+        detail: str = "",
     ) -> TrainRecord:
         return TrainRecord(
             run=self.run,
             traj_id=s.traj.traj_id,
             task_id=s.traj.task_id,
-            fate=fate,  # type: ignore[arg-type]
+            fate=fate,
             reason=reason,
+            detail=detail,
             learner_version=self.version,
-            min_version=s.traj.min_version,
-            staleness=staleness,
+            min_version=s.traj.oldest_version,
+            staleness=staleness(self.version, s.traj),
             max_staleness=self.settings.max_staleness,
             step=step,
             reward=s.reward,
@@ -124,6 +132,19 @@ class Learner:
             time=time.time(),
         )
 
+    def _drop_reason(self, s: ScoredTrajectory) -> tuple[DropReason, str]:
+        """Why ``s`` cannot be trained now (``""`` when it can), with a free-text detail."""
+        # Replays re-train lake trajectories on purpose (each replay has its own msg id).
+        if not s.replay and s.traj.traj_id in self._recent_set:
+            return "duplicate", "already trained"
+        if not s.valid:
+            return "invalid", s.invalid_reason[:500]
+        if not s.traj.chunks:
+            return "empty", "no chunks"
+        if not s.replay and not admit(self.version, s.traj, self.settings.max_staleness)[0]:
+            return "stale", ""
+        return "", ""
+
     def triage(
         self, batch: Sequence[Delivery[ScoredTrajectory]]
     ) -> tuple[list[Delivery[ScoredTrajectory]], list[TrainRecord]]:
@@ -131,29 +152,9 @@ class Learner:
         keep: list[Delivery[ScoredTrajectory]] = []
         drops: list[TrainRecord] = []
         for d in batch:
-            s = d.record
-            ok, stale = admit(self.version, s.traj, self.settings.max_staleness)
-            # Replays re-train lake trajectories on purpose (each replay has its own msg id).
-            if not s.replay and s.traj.traj_id in self._recent_set:
-                drops.append(
-                    self._record(s, "dropped", "duplicate: already trained", stale, self.trainer.step)
-                )
-            elif not s.valid:
-                drops.append(
-                    self._record(s, "dropped", f"invalid: {s.invalid_reason}"[:500], stale, self.trainer.step)
-                )
-            elif not s.traj.chunks:
-                drops.append(self._record(s, "dropped", "empty: no chunks", stale, self.trainer.step))
-            elif not ok and not s.replay:
-                drops.append(
-                    self._record(
-                        s,
-                        "dropped",
-                        f"stale: s={stale} > eta={self.settings.max_staleness}",
-                        stale,
-                        self.trainer.step,
-                    )
-                )
+            reason, detail = self._drop_reason(d.record)
+            if reason:
+                drops.append(self._record(d.record, "dropped", reason, self.trainer.step, detail=detail))
             else:
                 keep.append(d)
         return keep, drops
@@ -166,7 +167,7 @@ class Learner:
         rest = [s for s in samples if not (s.replay and s.replay_mode == "sft")]
         result: StepResult | None = None
         records: list[TrainRecord] = []
-        groups: list[tuple[list[ScoredTrajectory], str | None]] = [(sft, "sft"), (rest, None)]
+        groups: list[tuple[list[ScoredTrajectory], LossName | None]] = [(sft, "sft"), (rest, None)]
         for group, loss in groups:
             if not group:
                 continue
@@ -175,8 +176,7 @@ class Learner:
             result = done
             per = done.per_sample_loss or [done.loss] * len(group)
             for s, sample_loss in zip(group, per, strict=False):
-                stale = self.version - s.traj.min_version
-                records.append(self._record(s, "trained", "", stale, done.step, float(sample_loss)))
+                records.append(self._record(s, "trained", "", done.step, loss=float(sample_loss)))
         for r in records:
             self._remember(r.traj_id)
         return result, records
@@ -281,7 +281,7 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
     # replay and the rest), so a step number that is a multiple of k can be skipped over.
     publish = stepped and trainer.step - learner.published_step >= settings.publish_every
     if publish:
-        trainer.version += 1
+        trainer.next_version()
         learner.published_step = trainer.step
     if publish or (stepped and trainer.step - learner.checkpointed_step >= settings.checkpoint_every):
         await learner.checkpoint_and_ack()
@@ -299,8 +299,8 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
             samples=len(keep),
             dropped=len(drops),
             mean_reward=result.mean_reward,
-            mean_ratio=result.stats.get("mean_ratio", 1.0),
-            masked_fraction=result.stats.get("masked_fraction", 0.0),
+            mean_ratio=result.stats.mean_ratio,
+            masked_fraction=result.stats.masked_fraction,
             grad_norm=result.grad_norm,
             time=time.time(),
         )

@@ -7,25 +7,35 @@ from typing import Literal
 import msgspec
 
 Fate = Literal["trained", "dropped"]
+# Why a sample was dropped ("" when trained). Values that vary (a staleness, the reward group's
+# explanation) live in their own fields, never in the reason, so reasons stay a closed set.
+DropReason = Literal["", "stale", "duplicate", "invalid", "empty", "flagged"]
+# Online samples obey the staleness bound; replays from the lake are exempt by design.
+SampleSource = Literal["online", "replay"]
 
 
-class TrainRecord(msgspec.Struct, frozen=True, kw_only=True, tag="train.v1", tag_field="kind"):
-    """What the learner did with one sample: trained at ``step``, or dropped with ``reason``."""
+class TrainRecord(msgspec.Struct, frozen=True, kw_only=True, tag="train.v2", tag_field="kind"):
+    """What the learner did with one sample: trained at ``step``, or dropped with ``reason``.
+
+    ``train.v2``: ``reason`` became a closed set with ``detail`` beside it (``train.v1`` carried
+    free text such as ``stale: s=93 > eta=2``).
+    """
 
     run: str
     traj_id: str
     task_id: str
     fate: Fate
-    reason: str  # "" when trained; "stale", "invalid", ... when dropped
+    reason: DropReason
     learner_version: int  # N when the sample was taken
     min_version: int
     staleness: int  # N - min_version
     max_staleness: int  # the bound in force
     step: int
     reward: float
-    source: str = "online"  # "online" | "replay"
+    source: SampleSource = "online"
     loss: float = 0.0
     time: float = 0.0
+    detail: str = ""  # e.g. the reward group's reason for an invalid sample
 
 
 class StepStats(msgspec.Struct, frozen=True, kw_only=True, tag="step.v1", tag_field="kind"):

@@ -15,6 +15,11 @@ from schemas.task import Task
 
 ToolStatus = Literal["ok", "error", "timeout", "parse_error", "none"]
 TrajStatus = Literal["completed", "truncated", "aborted"]
+# Who made a trajectory: the policy in a rollout worker, the scripted expert, or an agent behind the
+# OpenAI-compatible proxy.
+TrajSource = Literal["online", "expert", "proxy"]
+# How the learner takes a replayed sample: imitation (SFT) or IPA with importance truncation.
+ReplayMode = Literal["", "sft", "ipa"]
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag="chunk.v1", tag_field="kind"):
@@ -56,10 +61,16 @@ class Trajectory(msgspec.Struct, frozen=True, kw_only=True, tag="traj.v1", tag_f
     abort_reason: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
-    # Where it came from: "online" rollout, "expert" script, "proxy" (OpenAI-compatible proxy).
-    source: str = "online"
+    source: TrajSource = "online"
     # The task it ran (set by the rollout worker) so that the verifier is self-contained.
     task: Task | None = None
+
+    @property
+    def oldest_version(self) -> int:
+        """The oldest policy version that generated any of its tokens: ``min(chunk.policy_version)``
+        (``min_version`` for a trajectory without chunks). Staleness and the lake's
+        ``policy_version`` both derive from this one definition."""
+        return min((c.policy_version for c in self.chunks), default=self.min_version)
 
 
 class ScoredTrajectory(msgspec.Struct, frozen=True, kw_only=True, tag="scored.v1", tag_field="kind"):
@@ -76,7 +87,7 @@ class ScoredTrajectory(msgspec.Struct, frozen=True, kw_only=True, tag="scored.v1
     # Replayed from the lake (set by the replay producer): governed by importance truncation,
     # not by the on-policy staleness bound.
     replay: bool = False
-    replay_mode: str = ""  # "sft" | "ipa"
+    replay_mode: ReplayMode = ""
     scored_at: float = 0.0
 
 

@@ -143,7 +143,7 @@ async def test_resumed_learner_holds_the_checkpointed_ids_and_unpublished_record
     await ensure(js, RUN)
     trainer.train_step(samples)
     learner._remember(samples[0].traj.traj_id)
-    learner.pending.append(learner._record(samples[0], "trained", "", 0, trainer.step))
+    learner.pending.append(learner._record(samples[0], "trained", "", trainer.step))
     await learner.checkpoint_and_ack()  # checkpoint, then publish, then ack (nothing to ack here)
 
     resumed = Learner(
@@ -155,7 +155,7 @@ async def test_resumed_learner_holds_the_checkpointed_ids_and_unpublished_record
     await resumed.republish_resumed()  # a second copy of the same record: the broker keeps one
     keep, drops = resumed.triage([_delivery(samples[0]), _delivery(samples[1])])
     assert [d.record.traj.traj_id for d in keep] == [samples[1].traj.traj_id]
-    assert drops[0].reason == "duplicate: already trained"
+    assert (drops[0].reason, drops[0].detail) == ("duplicate", "already trained")
     records, _ = await train_log(js)
     assert [(r.traj_id, r.step) for r in records] == [(samples[0].traj.traj_id, 1)]
 

@@ -190,7 +190,7 @@ def test_positive_reward_loss_is_minus_return_times_mean_chunk_logprob() -> None
     assert lp.grad is not None
     # ∂/∂lp_t = −G_k / (n_k · kept chunks)
     assert lp.grad[0].tolist() == pytest.approx([0, 0, -0.125, -0.125, 0, -0.5])
-    assert stats["tokens"] == 3 and stats["chunks"] == 2 and stats["masked_fraction"] == 0
+    assert stats.tokens == 3 and stats.chunks == 2 and stats.masked_fraction == 0
 
 
 def failed_one_chunk(theta: Sequence[float], behaviour: Sequence[float]) -> tuple[Batch, torch.Tensor]:
@@ -204,7 +204,7 @@ def test_negative_reward_weights_by_clipped_ratio_with_no_gradient_through_it() 
     loss, stats = ipa_loss(lp, b, SETTINGS)
     # −sg(ρ) · G · mean lp = −ρ · (−1) · (−1.5)
     assert loss.item() == pytest.approx(-1.5 * rho)
-    assert stats["mean_ratio"] == pytest.approx(rho)
+    assert stats.mean_ratio == pytest.approx(rho)
     loss.backward()
     assert lp.grad is not None
     # With ρ detached: ∂/∂lp_t = −ρ · G / n = ρ / 2. A gradient through ρ would add −1.5 · ρ / 2.
@@ -259,7 +259,7 @@ def test_mismatch_masking_masks_only_the_chunk_whose_ratio_is_out_of_bounds() ->
     lp = theta_logprobs(b, {(0, 2): -1.0})  # chunk 1: ρ = e^3 ≈ 20 > 10
     loss, stats = ipa_loss(lp, b, SETTINGS)
     assert loss.item() == pytest.approx(1.0)  # chunk 0 alone: −1 · (−1)
-    assert stats["masked_mismatch_fraction"] == 0.5 and stats["masked_error_fraction"] == 0.0
+    assert stats.masked_mismatch_fraction == 0.5 and stats.masked_error_fraction == 0.0
     loss.backward()
     assert lp.grad is not None
     assert lp.grad[0].tolist() == pytest.approx([0.0, -1.0, 0.0])
@@ -270,7 +270,7 @@ def test_mismatch_masking_masks_a_chunk_whose_probability_gap_is_too_large() -> 
     b = batch_of(s)
     lp = theta_logprobs(b, {(0, 2): math.log(0.9)})  # gap 0.4, ratio 1.8 (within ratio bounds)
     _, stats = ipa_loss(lp, b, msgspec.structs.replace(SETTINGS, mismatch_max_prob_gap=0.3))
-    assert stats["masked_mismatch_fraction"] == 0.5 and stats["chunks"] == 1
+    assert stats.masked_mismatch_fraction == 0.5 and stats.chunks == 1
 
 
 def test_error_masking_masks_a_parse_error_chunk() -> None:
@@ -279,9 +279,9 @@ def test_error_masking_masks_a_parse_error_chunk() -> None:
     lp = theta_logprobs(b, {})
     loss, stats = ipa_loss(lp, b, SETTINGS)
     assert loss.item() == pytest.approx(1.0)
-    assert stats["masked_error_fraction"] == 0.5 and stats["masked_mismatch_fraction"] == 0.0
+    assert stats.masked_error_fraction == 0.5 and stats.masked_mismatch_fraction == 0.0
     unmasked, stats_off = ipa_loss(lp, b, msgspec.structs.replace(SETTINGS, mask_errors=False))
-    assert unmasked.item() == pytest.approx((1.0 + 2.0) / 2) and stats_off["masked_fraction"] == 0.0
+    assert unmasked.item() == pytest.approx((1.0 + 2.0) / 2) and stats_off.masked_fraction == 0.0
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_grpo_token_loss_matches_hand_computed_value_on_a_two_sample_group() -> 
     a = 0.5 / (0.5 + GROUP_EPS)  # advantages +a, −a
     # tokens: −min(1.5a, 1.2a) = −1.2a; −min(0.9a, 0.9a) = −0.9a; −min(−0.7a, −0.8a) = 0.8a
     assert loss.item() == pytest.approx((-1.2 - 0.9 + 0.8) * a / 3)
-    assert stats["tokens"] == 3
+    assert stats.tokens == 3
     loss.backward()
     assert lp.grad is not None
     # clipped tokens have no gradient; the others −ratio · A / 3
@@ -311,7 +311,7 @@ def test_sft_loss_is_mean_nll_over_action_tokens_of_successful_samples() -> None
     failed = sample([1], [chunk([4], [-5.0])], reward=0.0)
     b = batch_of(ok, failed)
     loss, stats = sft_loss(theta_logprobs(b, {}), b, SETTINGS)
-    assert loss.item() == pytest.approx(2.0) and stats["tokens"] == 2
+    assert loss.item() == pytest.approx(2.0) and stats.tokens == 2
     loss_all, _ = sft_loss(
         theta_logprobs(b, {}), b, msgspec.structs.replace(SETTINGS, sft_success_only=False)
     )

@@ -69,7 +69,7 @@ def test_one_ipa_step_on_a_successful_trajectory_increases_its_log_likelihood(ba
     before = action_loglik(trainer, s)
     result = trainer.train_step([s])
     assert not result.skipped and trainer.step == 1 and result.step == 1
-    assert result.stats["mean_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert result.stats.mean_ratio == pytest.approx(1.0, abs=1e-5)
     assert result.grad_norm > 0 and len(result.per_sample_loss) == 1
     assert action_loglik(trainer, s) > before + 0.1
 
@@ -78,9 +78,9 @@ def test_grpo_and_sft_steps_run_with_micro_batches(base_checkpoint: Path) -> Non
     trainer = Trainer(base_checkpoint, msgspec.structs.replace(SETTINGS, grad_accum=2))
     samples = [on_policy_sample(trainer, r) for r in (1.0, 0.0, 1.0)]
     grpo = trainer.train_step(samples, loss="grpo")
-    assert not grpo.skipped and grpo.stats["tokens"] == 15 and len(grpo.per_sample_loss) == 3
+    assert not grpo.skipped and grpo.stats.tokens == 15 and len(grpo.per_sample_loss) == 3
     sft = trainer.train_step(samples, loss="sft")
-    assert not sft.skipped and sft.stats["tokens"] == 10 and trainer.step == 2
+    assert not sft.skipped and sft.stats.tokens == 10 and trainer.step == 2
 
 
 def test_a_batch_with_nothing_to_train_does_not_step(base_checkpoint: Path) -> None:
@@ -108,7 +108,7 @@ def test_save_and_resume_restore_version_step_weights_and_optimizer_state(
     trainer = Trainer(base_checkpoint, SETTINGS)
     s = on_policy_sample(trainer)
     trainer.train_step([s])
-    trainer.version = 3
+    trainer.adopt_version(3)
     saved = trainer.checkpoint(tmp_path / "ckpt", extra={"stream_seq": 42})
     assert saved == checkpoint_path(tmp_path / "ckpt", 1)
     assert (saved / "tokenizer_config.json").is_file()

@@ -132,7 +132,7 @@ def test_bytes_that_are_not_msgpack_are_rejected_as_such() -> None:
 def test_each_stream_decoder_knows_exactly_its_stream_tags() -> None:
     assert known_tags(tasks_decoder) == ("task_sample.v1",)
     assert known_tags(traj_decoder) == ("traj.v1", "scored.v1")
-    assert known_tags(train_decoder) == ("train.v1", "step.v1")
+    assert known_tags(train_decoder) == ("train.v2", "step.v1")
 
 
 def test_train_log_union_decodes_both_of_its_members() -> None:

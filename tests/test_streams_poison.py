@@ -61,7 +61,7 @@ def scored(i: int, text: str = "") -> ScoredTrajectory:
 
 def train_record(i: int, text: str = "") -> TrainRecord:
     return TrainRecord(
-        run=RUN, traj_id=f"{RUN}:t{i}:0", task_id=f"t{i}", fate="trained", reason=text,
+        run=RUN, traj_id=f"{RUN}:t{i}:0", task_id=f"t{i}", fate="trained", reason="", detail=text,
         learner_version=1, min_version=1, staleness=0, max_staleness=2, step=i, reward=1.0,
     )  # fmt: skip
 
