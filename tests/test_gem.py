@@ -12,14 +12,10 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from agent_harness.gem_episode import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
-from producers.gem_tasks import family_of, gem_seed, gem_task, gem_tasks
-from sandboxd import envhub
-from sandboxd.client import SandboxClient
-from sandboxd.envhub import ensure_image
-from sandboxd.gem import (
+from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
+from producers.families.gem.api import (
     RESULT_PATH,
     VERIFY_COMMAND,
     EpisodeResult,
@@ -28,6 +24,10 @@ from sandboxd.gem import (
     StepResult,
     decode_answer,
 )
+from producers.families.gem.tasks import family_of, gem_seed, gem_task, gem_tasks
+from sandboxd import envhub
+from sandboxd.client import SandboxClient
+from sandboxd.envhub import ensure_image
 from schemas.sandbox import ExecResult
 from schemas.task import TaskSample
 from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
@@ -212,6 +212,7 @@ def test_the_gem_spec_tags_its_wheels_and_driver_while_older_specs_keep_their_ta
         if k not in ("python_wheels", "files")
     }
     assert envhub.spec_hash(base) == hashlib.sha256(msgspec.json.encode(before)).hexdigest()[:12]
-    assert gem.files == {"/opt/gem_driver.py": "../gem_driver.py"} and "gem-llm==0.1.0" in gem.python_wheels
+    assert gem.files == {"/opt/gem_driver.py": "../../producers/families/gem/driver.py"}
+    assert "gem-llm==0.1.0" in gem.python_wheels
     other = msgspec.structs.replace(gem, python_wheels=[*gem.python_wheels, "pandas==2.2.3"])
     assert envhub.spec_hash(other) != envhub.spec_hash(gem)
