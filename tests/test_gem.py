@@ -14,6 +14,8 @@ from transformers import AutoTokenizer
 
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
+from consumers.reward import score
+from producers import families
 from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
 from producers.families.gem.api import (
     RESULT_PATH,
@@ -162,6 +164,32 @@ async def test_gem_tasks_play_through_the_agent_loop_and_winning_scores_one(
         finally:
             with anyio.move_on_after(30, shield=True):
                 await sandbox_client.close(traj.sandbox_id)
+
+
+@pytest.mark.docker
+async def test_a_lost_gem_sandbox_is_rebuilt_by_replaying_the_act_steps_its_family_names(
+    gem_image: str,
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    [task] = await gem_tasks(sandbox_client, GUESS_RANDOM, seed=9, count=1)
+    traj = await run_episode(
+        TaskSample(run="gem", task=task),
+        engine=GuessTheNumberExpert(tokenizer=tok),
+        sandbox=sandbox_client,
+        settings=SETTINGS,
+        registry=families.tools_for(task),
+    )
+    assert traj.status == "completed" and traj.chunks[-1].tool_name == "act"
+    await sandbox_client.close(traj.sandbox_id)
+    traj = msgspec.structs.replace(traj, task=task)
+    scored = await score(traj, sandbox_client, 30.0, tools_for=families.tools_for)
+    assert scored.valid and scored.reward == 1.0
+    assert scored.verifier_output.startswith("[re-executed in a fresh sandbox]")
+    # Without the family's tools no move is replayed: the rebuilt game was never played, so lost.
+    blind = await score(traj, sandbox_client, 30.0)
+    assert blind.valid and blind.reward == 0.0
 
 
 def test_gem_tasks_are_deterministic_in_seed_and_index() -> None:
