@@ -333,6 +333,36 @@ async def _timed(result: DemoResult, phase: str, job: Awaitable[T]) -> T:
     return value
 
 
+async def warm_phase(s: Stack, base: Path, tasks: Sequence[TaskSample], result: DemoResult) -> Path:
+    """SFT warm start from the seeded lake, then its evaluation; the warm checkpoint."""
+    t = time.monotonic()
+    warm, result.sft_loss, result.demonstrations = await anyio.to_thread.run_sync(
+        lambda: sft_warm_start(s.config(SEED_RUN).lake_root, base, s.state / "warm", s.plan)
+    )
+    result.wall["sft"] = time.monotonic() - t
+    result.warm = await evaluate(s, warm, tasks)
+    result.wall["warm"] = time.monotonic() - t
+    log.info("demo_warm", success=str(result.warm), demonstrations=result.demonstrations)
+    return warm
+
+
+async def online_runs(
+    s: Stack, warm: Path, tasks: Sequence[TaskSample], result: DemoResult, deadline: float
+) -> None:
+    """Each run of the plan from the warm start, sharing what is left until ``deadline`` (a
+    ``time.monotonic()``), each share including its evaluation; then that evaluation."""
+    eval_s = result.wall["warm"] - result.wall["sft"]
+    for i, run in enumerate(s.plan.runs):
+        share = (deadline - time.monotonic()) / (len(s.plan.runs) - i) - eval_s
+        t = time.monotonic()
+        final = await online_phase(s, run, warm, s.plan.online_seconds or max(s.plan.min_online_s, share))
+        result.versions[run] = read_state(final).version
+        result.after[run] = await evaluate(s, final, tasks)
+        result.wall[run] = time.monotonic() - t
+        result.online[run] = online_curve(s.config(run).lake_root, run)
+        log.info("demo_online", run=run, success=str(result.after[run]), version=result.versions[run])
+
+
 async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     """Run every phase in ``out/state`` and write the report into ``out``; returns the figures."""
     from transformers import AutoTokenizer
@@ -351,31 +381,13 @@ async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     async with stack(state, plan) as s:
         tasks = await held_out(s, max(plan.eval_episodes, plan.random_episodes))
         if plan.random_episodes:
-            tokenizer = AutoTokenizer.from_pretrained(base)
-            floor = floor_phase(s, tasks[: plan.random_episodes], tokenizer)
+            floor = floor_phase(s, tasks[: plan.random_episodes], AutoTokenizer.from_pretrained(base))
             result.random = await _timed(result, "random", floor)
         tasks = tasks[: plan.eval_episodes]
         result.expert = await _timed(result, "seed", seed_phase(s))
         log.info("demo_seeded", expert=str(result.expert), seconds=round(result.wall["seed"]))
-        t = time.monotonic()
-        warm, result.sft_loss, result.demonstrations = await anyio.to_thread.run_sync(
-            lambda: sft_warm_start(s.config(SEED_RUN).lake_root, base, state / "warm", plan)
-        )
-        result.wall["sft"] = time.monotonic() - t
-        result.warm = await evaluate(s, warm, tasks)
-        result.wall["warm"] = time.monotonic() - t
-        eval_s = result.wall["warm"] - result.wall["sft"]
-        log.info("demo_warm", success=str(result.warm), demonstrations=result.demonstrations)
-        for i, run in enumerate(plan.runs):
-            left = plan.minutes * 60 - (time.monotonic() - t_start)
-            share = left / (len(plan.runs) - i) - eval_s  # its evaluation comes out of its share
-            t = time.monotonic()
-            final = await online_phase(s, run, warm, plan.online_seconds or max(plan.min_online_s, share))
-            result.versions[run] = read_state(final).version
-            result.after[run] = await evaluate(s, final, tasks)
-            result.wall[run] = time.monotonic() - t
-            result.online[run] = online_curve(s.config(run).lake_root, run)
-            log.info("demo_online", run=run, success=str(result.after[run]), version=result.versions[run])
+        warm = await warm_phase(s, base, tasks, result)
+        await online_runs(s, warm, tasks, result, t_start + plan.minutes * 60)
     result.wall["total"] = time.monotonic() - t_start
     await anyio.to_thread.run_sync(lambda: write_report(state / "lake", out))
     (out / "demo.txt").write_text(result.table() + "\n", encoding="utf-8")
