@@ -1,10 +1,15 @@
-"""Create the tiny default policy: a locally trained tokenizer and a random Qwen2 checkpoint."""
+"""Create the tiny default policy: a locally trained tokenizer and a random Qwen2 checkpoint.
+
+The tokenizer's training text comes from the caller (the command line passes the ``files`` task
+family's corpus), so the harness knows no task family.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,10 @@ TINY_SHAPE: dict[str, Any] = {
 }
 
 
-def create_tiny_policy(path: Path, *, seed: int = 0) -> Path:
-    """Write a Hugging Face checkpoint directory at ``path`` (skipped if ``config.json`` exists).
+def create_tiny_policy(path: Path, corpus: Iterable[str], *, seed: int = 0) -> Path:
+    """Write a Hugging Face checkpoint directory at ``path`` (skipped if ``config.json`` exists):
+    a tokenizer trained on ``corpus`` (read only when the checkpoint is made) and random weights
+    drawn with ``seed``.
 
     It loads back offline with ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``. The
     directory is built next to ``path`` and renamed into place, so readers never see half of it.
@@ -33,7 +40,7 @@ def create_tiny_policy(path: Path, *, seed: int = 0) -> Path:
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(seed=seed)
+    tokenizer = train_tokenizer(corpus)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         **TINY_SHAPE,

@@ -8,12 +8,14 @@ exit code is a normal observation), ``error`` (unknown tool, bad arguments, OOM 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import msgspec
 
 from schemas.sandbox import ExecResult
+from schemas.task import Task
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -130,6 +132,11 @@ class ToolRegistry:
             return f"tool {call.name!r} has no argument {sorted(extra)[0]!r}"
         return None
 
+    def command(self, call: ToolCall) -> str | None:
+        """The shell command a valid call runs in the sandbox (None: it runs none, like ``submit``).
+        The reward worker re-executes these to rebuild a lost sandbox."""
+        return call.arguments["command"] if call.name == "bash" else None
+
     async def execute(self, call: ToolCall, run: Executor, *, timeout_s: float) -> ToolOutcome:
         """Run a call; sandbox failures (``SandboxError``) propagate to the loop, which aborts."""
         problem = self.check(call)
@@ -137,8 +144,21 @@ class ToolRegistry:
             return ToolOutcome("error", f"error: {problem}")
         if call.name == "submit":
             return ToolOutcome("ok", "submitted", done=True)
-        result = await run(call.arguments["command"])
+        command = self.command(call)
+        if command is None:
+            return ToolOutcome("error", f"error: tool {call.name!r} runs nothing here")
+        result = await run(command)
         return _exec_outcome(result, timeout_s)
+
+
+ToolsFor = Callable[[Task], ToolRegistry]
+"""The tools a task's episode offers (a task family's hook, passed to the rollout and reward
+workers by whoever assembles them)."""
+
+
+def default_tools(task: Task) -> ToolRegistry:
+    """``bash`` and ``submit``, for every task."""
+    return ToolRegistry()
 
 
 def _exec_outcome(result: ExecResult, timeout_s: float) -> ToolOutcome:

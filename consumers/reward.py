@@ -1,9 +1,10 @@
 """The reward group: raw trajectories in, scored trajectories out.
 
 Verification runs the task's verify commands in the trajectory's own sandbox while it is alive;
-if it is gone, a fresh sandbox re-runs setup and the trajectory's bash calls first. An agent
-failure scores 0.0; an infrastructure failure (aborted episode, sandbox lost and not rebuildable,
-a verify command that hangs) is published with ``valid=False`` and its reason, never trained on.
+if it is gone, a fresh sandbox re-runs setup and the commands of the trajectory's tool calls first
+(as the task's tools, from ``tools_for``, ran them). An agent failure scores 0.0; an
+infrastructure failure (aborted episode, sandbox lost and not rebuildable, a verify command that
+hangs) is published with ``valid=False`` and its reason, never trained on.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.tools import ToolCall, ToolRegistry, ToolsFor, default_tools
 from ops import metrics
 from ops.config import Config
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
-from sandboxd.gem import step_command
 from schemas.codec import raw_traj_decoder
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams.bus import Consumer, Delivery, Publisher, serve
@@ -48,8 +49,10 @@ async def _run_checks(
     return True, "\n".join(outputs)[-4000:]
 
 
-async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float, created_ids: list[str]) -> str:
-    """A fresh sandbox with the task set up and the trajectory's bash calls re-executed (its id is
+async def _rebuild(
+    sandbox: SandboxClient, traj: Trajectory, timeout_s: float, created_ids: list[str], tools: ToolRegistry
+) -> str:
+    """A fresh sandbox with the task set up and the trajectory's tool calls re-executed (its id is
     appended to ``created_ids`` at once, so the caller closes it even if a later step fails)."""
     assert traj.task is not None
     created = await sandbox.create(traj.task.environment, labels={"rollstream.traj": traj.traj_id[:60]})
@@ -57,25 +60,24 @@ async def _rebuild(sandbox: SandboxClient, traj: Trajectory, timeout_s: float, c
     for cmd in traj.task.setup:
         await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
     for chunk in traj.chunks:
-        command = replay_command(chunk)
+        command = replay_command(chunk, tools)
         if command:
             await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
     return created.sandbox_id
 
 
-def replay_command(chunk: Chunk) -> str:
-    """The shell command that re-executes a chunk's tool call (bash, or a GEM ``act`` step), or ""."""
-    if chunk.tool_status not in ("ok", "error", "timeout") or chunk.tool_name not in ("bash", "act"):
+def replay_command(chunk: Chunk, tools: ToolRegistry) -> str:
+    """The shell command that re-executes a chunk's tool call as ``tools`` ran it, or ""."""
+    if chunk.tool_status not in ("ok", "error", "timeout") or not chunk.tool_name:
         return ""
     try:
         args = msgspec.json.decode(chunk.tool_args)
     except msgspec.DecodeError:
         return ""
-    if not isinstance(args, dict):
+    call = ToolCall(chunk.tool_name, args) if isinstance(args, dict) else None
+    if call is None or tools.check(call) is not None:
         return ""
-    if chunk.tool_name == "act":
-        return step_command(str(args.get("action", "")))
-    return str(args.get("command", ""))
+    return tools.command(call) or ""
 
 
 async def _graded_reward(sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, passed: bool) -> float:
@@ -91,8 +93,11 @@ async def _graded_reward(sandbox: SandboxClient, sandbox_id: str, traj: Trajecto
         return 1.0 if passed else 0.0
 
 
-async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float) -> ScoredTrajectory:
-    """Verify one trajectory; never raises for agent or infrastructure failures."""
+async def score(
+    traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float, *, tools_for: ToolsFor = default_tools
+) -> ScoredTrajectory:
+    """Verify one trajectory; never raises for agent or infrastructure failures. ``tools_for`` gives
+    the tools of its task (to re-execute its calls if its sandbox is gone)."""
 
     def invalid(reason: str) -> ScoredTrajectory:
         return ScoredTrajectory(
@@ -112,7 +117,7 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
             ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
             reward = await _graded_reward(sandbox, sandbox_id, traj, ok)
         except SandboxNotFound:
-            fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt)
+            fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt, tools_for(traj.task))
             ok, out = await _run_checks(sandbox, fresh, traj.task.verify, verify_timeout_s)
             reward = await _graded_reward(sandbox, fresh, traj, ok)
             out = "[re-executed in a fresh sandbox]\n" + out
@@ -131,7 +136,12 @@ async def score(traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: floa
 
 
 async def run(
-    cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    cfg: Config,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    tools_for: ToolsFor = default_tools,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Score trajectories from the shared ``reward`` consumer until cancelled."""
     consumer = await Consumer(js, REWARD, cfg.run, raw_traj_decoder).bind()
@@ -139,7 +149,7 @@ async def run(
     sandbox = SandboxClient(nc)
 
     async def handle(d: Delivery[Trajectory]) -> None:
-        scored = await score(d.record, sandbox, cfg.reward.verify_timeout_s)
+        scored = await score(d.record, sandbox, cfg.reward.verify_timeout_s, tools_for=tools_for)
         await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{d.record.traj_id}")
         await d.ack()
         outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"

@@ -3,7 +3,8 @@
 Each process runs ``rollout.concurrency`` episodes at once against one inference engine, behind a
 ``Batcher`` so that the turns of concurrent episodes are generated together in one batch. Before
 every turn it swaps in newer weights if the learner announced some, so no episode starts (or goes
-on) with weights older than ``latest - eta``; a trajectory may span versions.
+on) with weights older than ``latest - eta``; a trajectory may span versions. The tools of a task's
+episode come from ``tools_for`` (its family's hook, passed in by whoever assembles the pipeline).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from nats.js import JetStreamContext
 
 from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
-from agent_harness.gem_episode import registry_for
 from agent_harness.loop import run_episode
+from agent_harness.tools import ToolsFor, default_tools
 from ops import metrics
 from ops.config import Config
 from sandboxd.client import SandboxClient
@@ -78,9 +79,11 @@ async def run(
     nc: NATS,
     *,
     engine: InferenceEngine | None = None,
+    tools_for: ToolsFor = default_tools,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run episodes from the shared ``rollout`` consumer until cancelled."""
+    """Run episodes from the shared ``rollout`` consumer until cancelled, each with the tools
+    ``tools_for`` gives its task."""
     inner = engine if engine is not None else await anyio.to_thread.run_sync(make_engine, cfg)
     batcher = Batcher(
         inner,
@@ -114,7 +117,7 @@ async def run(
                     sandbox=sandbox,
                     settings=cfg.rollout.harness,
                     before_turn=sync.refresh,
-                    registry=registry_for(sample.task),
+                    registry=tools_for(sample.task),
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
                 await pub.publish(subject("raw", cfg.run), traj, msg_id=f"raw:{traj.traj_id}")

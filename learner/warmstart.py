@@ -209,7 +209,7 @@ async def seed_missing(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_
     from producers import seed
 
     have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
-    missing = set(seed.expert_ids(cfg, settings.seed_episodes)) - have.keys()
+    missing = set(await seed.expert_ids(cfg, nc, settings.seed_episodes)) - have.keys()
     log.info(
         "seed_check",
         in_lake=len(have),

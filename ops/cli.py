@@ -172,7 +172,8 @@ def worker(
     import anyio
 
     from ops.logs import configure_logging
-    from ops.worker import WORKERS, run_worker
+    from ops.pipeline import WORKERS
+    from ops.worker import run_worker
 
     if name not in WORKERS:
         raise fail(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
@@ -210,9 +211,10 @@ def report(
 def init_policy(config_path: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Create the tiny Qwen2 policy and its tokenizer (a Hugging Face checkpoint) if missing."""
     from agent_harness.policy_init import create_tiny_policy
+    from producers.families.files import corpus
 
     cfg = config(config_path, overrides)
-    path = create_tiny_policy(cfg.policy_dir, seed=0)
+    path = create_tiny_policy(cfg.policy_dir, corpus(seed=0), seed=0)
     out.print(f"policy checkpoint: {path}")
 
 

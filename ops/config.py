@@ -40,6 +40,10 @@ class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     ] = "builtin"
     path: Annotated[str, _meta("JSONL task file when source = jsonl.")] = ""
     env_id: Annotated[str, _meta("GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")] = ""
+    reward: Annotated[
+        Literal["graded", "won"],
+        _meta("graded: a task's own graded reward (GEM: summed step rewards); won: 1 iff verified, else 0."),
+    ] = "graded"
     seed: Annotated[int, _meta("Seed of the built-in task family.")] = 0
     levels: Annotated[
         tuple[int, ...], _meta("Difficulty levels of the built-in family (tool calls needed).")

@@ -4,50 +4,56 @@ One command reproduces it (real nats-server, real Docker sandboxes, real torch, 
 
     python -m ops.demo --minutes 15 --out demo-out
 
-Phases, all on the built-in ``files`` family (levels 1-2) in real sandboxes:
+One driver serves every task family (``DemoPlan.family``); ``ops.demo_gem`` is its plan for a GEM
+game. Phases, here on the built-in ``files`` family (levels 1-2) in real sandboxes:
 
-1. **Seed**: ``producers.seed`` runs the scripted expert (it errs with probability ``error_rate``)
-   and publishes its scored trajectories (run ``seed``, ``replay_mode="sft"``); the lake keeps them.
-   The expert's success rate is measured on these episodes.
-2. **Warm start**: ``Trainer`` imitates the successful expert trajectories loaded back from the
-   lake (``producers.lake_source.load_scored``) for a few epochs of SFT.
-3. **Online RL**, twice from the same warm start under the same time budget: run ``ipa`` (IPA
-   loss) and run ``grpo`` (token-level GRPO baseline). Each runs the real workers in-process
-   (producer, rollout, reward, learner, lake writer) on the shared broker and lake.
+0. **Floor** (when ``random_episodes`` > 0): the family's expert at error rate 1.0 plays the
+   held-out tasks.
+1. **Seed**: ``producers.seed`` runs the family's scripted expert (it errs with probability
+   ``error_rate``) and publishes its scored trajectories (run ``seed``, ``replay_mode="sft"``); the
+   lake keeps them. The expert's success rate is measured on these episodes.
+2. **Warm start**: ``learner.warmstart.imitate`` on the successful expert trajectories loaded back
+   from the lake (``producers.lake_source.load_scored``), installed as version 1.
+3. **Online RL** from the same warm start, one run per loss of ``runs`` (``ipa``: IPA loss,
+   ``grpo``: token-level GRPO baseline), under a share of the time budget each. Each runs the real
+   workers in-process (``ops.pipeline``: producer, rollout, reward, learner, lake writer) on the
+   shared broker and lake.
 4. **Evaluation**: the same held-out tasks, the same temperature, for the warm-started policy and
    for each run's final policy.
 
-It prints the success rates with wall times and writes ``rollstream report`` plots for the lake
-(success by policy version per run) into ``--out``.
+Success means full marks (``reward >= 1``: the files family scores 0 or 1; a GEM game is won). It
+prints the success rates with wall times, and writes ``demo.txt``, ``demo.png`` (the table as bars)
+and the ``rollstream report`` plots for the lake (success by policy version per run) into ``--out``.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
 import nats
 import structlog
-from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
-from consumers.reward import score
-from learner.checkpoint import checkpoint_path, latest_checkpoint
+from learner.checkpoint import checkpoint_path, latest_checkpoint, read_state
 from learner.settings import LearnerSettings
-from learner.warmstart import EXPERT_SQL, WARM_VERSION, imitate
+from learner.warmstart import WARM_VERSION, imitate
+from ops import pipeline
 from ops.config import Config, load_config
+from ops.demo_result import Curve, DemoResult, Rate
 from ops.lake_query import query
-from producers.tasks import builtin_task_at
+from producers import families, seed
+from producers.families.files import corpus
+from producers.play import EngineFor, play
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
@@ -57,12 +63,20 @@ from streams.topology import ensure
 log = structlog.get_logger(__name__)
 EVAL_SEED = 424_242
 SEED_RUN = "seed"
+ONLINE_WORKERS = ("lake", "learner", "reward", "rollout", "producer")
+SUCCESS_SQL = (
+    "SELECT traj_id FROM trajectories WHERE source = 'expert' AND valid AND reward >= 1 "
+    f"AND run = '{SEED_RUN}' ORDER BY traj_id"
+)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class DemoPlan:
     """Every knob of the demonstration; the defaults are the settings whose figures are reported."""
 
+    family: str = "files"  # a registered task family (``producers.families``)
+    env_id: str = ""  # GEM env id (``family = "gem"``)
     minutes: float = 20.0  # budget of the whole demo; the online phases get what is left
     levels: tuple[int, ...] = (1, 2)
     # ~350 successful demonstrations: with 116 (160 episodes) SFT reached only ~60 %, because the
@@ -74,10 +88,15 @@ class DemoPlan:
     sft_lr: float = 3e-3
     sft_final_lr: float = 1.0  # fraction of sft_lr at the last step (1.0: constant)
     eval_episodes: int = 256  # 95 % interval about ±4 points at 90 %
+    random_episodes: int = 0  # held-out tasks played by the expert at error rate 1.0 (the floor)
     temperature: float = 1.0
     group_size: int = 4
     concurrency: int = 8
+    runs: tuple[str, ...] = ("ipa", "grpo")  # online runs, each named after its loss
+    online_seconds: float = 0.0  # per run; 0: share what the budget leaves
     min_online_s: float = 60.0  # each online run gets at least this long, whatever the budget left
+    reward: str = "graded"  # producer.reward: "won" scores every task 1 iff won
+    harness: dict[str, Any] = field(default_factory=dict)  # rollout.harness overrides
     rl: dict[str, Any] = field(
         default_factory=lambda: {
             "lr": 1e-4,
@@ -95,88 +114,13 @@ class DemoPlan:
     )
     seed: int = 0
 
-
-@dataclass(frozen=True)
-class Rate:
-    """Successes out of valid episodes, with its 95 % Wilson interval."""
-
-    wins: int
-    n: int
-
     @property
-    def value(self) -> float:
-        return self.wins / self.n if self.n else 0.0
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        from ops.report import wilson_interval
-
-        return wilson_interval(self.wins, self.n)
-
-    def __str__(self) -> str:
-        lo, hi = self.interval
-        return f"{self.value:6.1%}  [{lo:4.0%}, {hi:4.0%}]  n={self.n}"
+    def title(self) -> str:
+        tasks = self.env_id or f"{self.family} levels {'-'.join(map(str, self.levels))}"
+        return f"Learning demo: {tasks}"
 
 
-@dataclass
-class DemoResult:
-    """Success rates (of valid episodes) and wall times in seconds, per phase."""
-
-    expert: Rate = Rate(0, 0)
-    warm: Rate = Rate(0, 0)
-    after: dict[str, Rate] = field(default_factory=dict)  # run -> success after online training
-    versions: dict[str, int] = field(default_factory=dict)  # run -> final policy version
-    wall: dict[str, float] = field(default_factory=dict)  # phase -> seconds
-    sft_loss: list[float] = field(default_factory=list)
-
-    def rows(self) -> list[tuple[str, Rate, float]]:
-        rows = [
-            ("expert (scripted, errs)", self.expert, self.wall.get("seed", 0.0)),
-            ("policy after SFT warm start", self.warm, self.wall.get("warm", 0.0)),
-        ]
-        for run in ("ipa", "grpo"):
-            if run in self.after:
-                label = f"after online {run.upper()} (v{self.versions.get(run, 0)})"
-                rows.append((label, self.after[run], self.wall.get(run, 0.0)))
-        return rows
-
-    def table(self) -> str:
-        lines = [f"{'policy':<34} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
-        lines += [f"{name:<34} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in self.rows()]
-        lines.append(f"{'total':<34} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
-        return "\n".join(lines)
-
-    def plot(self, path: Path) -> Path:
-        """The table as a bar chart with 95 % intervals (``demo.png``)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import PercentFormatter
-
-        rows = self.rows()
-        fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(rows)), dpi=110, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        ys = list(range(len(rows)))[::-1]
-        values = [r.value for _, r, _ in rows]
-        lo = [r.value - r.interval[0] for _, r, _ in rows]
-        hi = [r.interval[1] - r.value for _, r, _ in rows]
-        colours = ["#7f7f7f", "#2ca02c", "#d62728", "#1f77b4"][: len(rows)]
-        ax.barh(ys, values, xerr=[lo, hi], color=colours, alpha=0.8, capsize=4)
-        ax.axvline(self.expert.value, color="#7f7f7f", ls="--", lw=1)
-        for y, (_, rate, sec) in zip(ys, rows, strict=True):
-            ax.text(0.01, y, f" {rate.value:.1%} (n={rate.n}, {sec:.0f} s)", va="center", color="white")
-        ax.set_yticks(ys, [name for name, _, _ in rows])
-        ax.set_xlim(0, 1)
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set_xlabel("success rate on held-out tasks (bars: 95 % Wilson interval)")
-        ax.set_title(
-            f"Learning demo: files levels 1-2, {self.wall.get('total', 0.0) / 60:.0f} min on this machine"
-        )
-        fig.savefig(path)
-        return path
-
-
-# --- configuration ------------------------------------------------------------------------------
+# --- configuration and the shared stack ---------------------------------------------------------
 
 
 def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "ipa") -> Config:
@@ -186,6 +130,10 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "i
         f"run={run}",
         f"nats.port={port}",
         f'sandboxd.scope="demo-{port}"',
+        "sandboxd.max_sandboxes=48",
+        f'producer.source="{families.get(plan.family).source}"',
+        f'producer.env_id="{plan.env_id}"',
+        f'producer.reward="{plan.reward}"',
         f"producer.levels={list(plan.levels)}",
         f"producer.group_size={plan.group_size}",
         f"producer.seed={plan.seed}",
@@ -197,6 +145,7 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "i
         f"learner.seed={plan.seed}",
         "lake.flush_interval_s=2.0",
     ]
+    sets += [f"rollout.harness.{k}={_toml(v)}" for k, v in plan.harness.items()]
     sets += [f"learner.{k}={_toml(v)}" for k, v in plan.rl.items()]
     return load_config(None, sets)
 
@@ -205,34 +154,31 @@ def _toml(value: Any) -> str:
     return msgspec.toml.encode({"v": value}).decode().split("=", 1)[1].strip()
 
 
-# --- the shared stack ---------------------------------------------------------------------------
-
-
 @dataclass
 class Stack:
     state: Path
     port: int
     nc: NATS
     js: JetStreamContext
-    tg: TaskGroup
+    plan: DemoPlan
+
+    def config(self, run: str, loss: str = "ipa") -> Config:
+        return demo_config(self.state, self.port, run, self.plan, loss)
 
 
 @asynccontextmanager
-async def stack(state: Path, runs: Sequence[str]) -> AsyncIterator[Stack]:
-    """A nats-server, the topology of ``runs`` and a sandboxd, for the duration of the block."""
-    from sandboxd import daemon
-    from sandboxd.settings import SandboxdSettings
-
+async def stack(state: Path, plan: DemoPlan) -> AsyncIterator[Stack]:
+    """A nats-server, the topology of the seed and online runs and a sandboxd, for the block."""
     server = NatsServer(store_dir=state / "nats", log_file=state / "nats.log").start()
     try:
         nc = await nats.connect(server.url, max_reconnect_attempts=2)
         js = nc.jetstream(timeout=10)
-        for run in runs:
+        s = Stack(state, server.port, nc, js, plan)
+        for run in (SEED_RUN, *plan.runs):
             await ensure(js, run)
         async with anyio.create_task_group() as tg:
-            settings = SandboxdSettings(scope=f"demo-{server.port}", max_sandboxes=48)
-            await tg.start(lambda task_status: daemon.run(settings, nc, task_status=task_status))
-            yield Stack(state, server.port, nc, js, tg)
+            await pipeline.start(tg, ["sandboxd"], s.config(SEED_RUN), js, nc)
+            yield s
             tg.cancel_scope.cancel()
         await nc.close()
     finally:
@@ -252,32 +198,75 @@ async def wait_for_rows(lake: Path, sql: str, n: int, timeout_s: float = 120.0) 
             await anyio.sleep(1.0)
 
 
+def rate(results: Sequence[ScoredTrajectory]) -> Rate:
+    """Full-marks successes out of the valid episodes."""
+    valid = [r for r in results if r.valid]
+    return Rate(sum(r.reward >= 1.0 for r in valid), len(valid))
+
+
 # --- phases -------------------------------------------------------------------------------------
 
 
-async def seed_phase(s: Stack, plan: DemoPlan) -> Rate:
+async def held_out(s: Stack, count: int) -> list[TaskSample]:
+    """Held-out tasks of the plan's family (their own seed), the same for every policy evaluated."""
+    cfg = s.config("eval")
+    family = families.get(s.plan.family)
+    sandbox = SandboxClient(s.nc)
+    tasks = await family.make_tasks(sandbox, cfg.producer, seed=EVAL_SEED + s.plan.seed, start=0, count=count)
+    return [
+        TaskSample(run="eval", task=msgspec.structs.replace(t, task_id=f"eval-{t.task_id}"), sample_idx=0)
+        for t in tasks
+    ]
+
+
+async def episodes(s: Stack, samples: Sequence[TaskSample], engine_for: EngineFor) -> Rate:
+    """Play and score ``samples`` in real sandboxes, outside the streams; their success rate."""
+    cfg = s.config("eval")
+    results = await play(
+        samples,
+        engine_for,
+        SandboxClient(s.nc),
+        cfg.rollout.harness,
+        tools_for=families.tools_for,
+        verify_timeout_s=cfg.reward.verify_timeout_s,
+        concurrency=s.plan.concurrency,
+    )
+    return rate(results)
+
+
+async def floor_phase(s: Stack, samples: Sequence[TaskSample], tokenizer: Any) -> Rate:
+    """The family's expert erring at every step (error rate 1.0): what chance alone achieves."""
+    family = families.get(s.plan.family)
+    return await episodes(s, samples, seed.experts(family, tokenizer, error_rate=1.0, version=0))
+
+
+async def seed_phase(s: Stack) -> Rate:
     """Publish expert trajectories (run ``seed``), wait until the lake holds them; their success rate."""
-    from consumers import lake
-    from producers import seed
-
-    cfg = demo_config(s.state, s.port, SEED_RUN, plan)
+    cfg = s.config(SEED_RUN)
     async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: lake.run(cfg, s.js, task_status=task_status))
-        report = await seed.run(cfg, s.js, s.nc, episodes=plan.seed_episodes, error_rate=plan.error_rate)
+        await pipeline.start(tg, ["lake"], cfg, s.js, s.nc)
+        report = await seed.run(cfg, s.js, s.nc, episodes=s.plan.seed_episodes, error_rate=s.plan.error_rate)
         sql = f"SELECT count(*) AS n FROM trajectories WHERE run = '{SEED_RUN}'"
-        await wait_for_rows(cfg.lake_root, sql, plan.seed_episodes)
+        await wait_for_rows(cfg.lake_root, sql, report.episodes)
         tg.cancel_scope.cancel()
-    return Rate(report.successes, report.episodes - report.invalid)
+    sql = (
+        "SELECT count(*) AS n, coalesce(sum(CASE WHEN reward >= 1 THEN 1 ELSE 0 END), 0) AS wins "
+        f"FROM trajectories WHERE run = '{SEED_RUN}' AND valid"
+    )
+    [row] = query(cfg.lake_root, sql).to_pylist()
+    return Rate(int(row["wins"]), int(row["n"]))
 
 
-def sft_warm_start(lake_root: Path, base: Path, out_root: Path, plan: DemoPlan) -> tuple[Path, list[float]]:
-    """Imitate the lake's successful expert trajectories (``learner.warmstart``); the checkpoint
-    written under ``out_root`` (version 1, fresh optimiser at the online learning rate)."""
+def sft_warm_start(
+    lake_root: Path, base: Path, out_root: Path, plan: DemoPlan
+) -> tuple[Path, list[float], int]:
+    """Imitate the lake's successful expert trajectories (``learner.warmstart.imitate``): the
+    checkpoint written under ``out_root`` (version 1, fresh optimiser at the online learning rate),
+    the losses and the number of demonstrations."""
     from producers.lake_source import load_scored
 
-    sql = EXPERT_SQL.format(run_filter=f"AND run = '{SEED_RUN}' ")
-    samples = load_scored(lake_root, sql)
-    return imitate(
+    samples = load_scored(lake_root, SUCCESS_SQL)
+    path, losses = imitate(
         base,
         samples,
         out_root,
@@ -287,108 +276,118 @@ def sft_warm_start(lake_root: Path, base: Path, out_root: Path, plan: DemoPlan) 
         lr=plan.sft_lr,
         final_lr_fraction=plan.sft_final_lr,
     )
+    return path, losses, len(samples)
 
 
-def eval_samples(plan: DemoPlan) -> list[TaskSample]:
-    """Held-out tasks (their own seed), the same for every policy evaluated."""
-    out = []
-    for i in range(plan.eval_episodes):
-        task = builtin_task_at(EVAL_SEED + plan.seed, i, plan.levels)
-        task = msgspec.structs.replace(task, task_id=f"eval-{task.task_id}")
-        out.append(TaskSample(run="eval", task=task, sample_idx=0))
-    return out
-
-
-async def evaluate(s: Stack, policy_dir: Path, plan: DemoPlan, cfg: Config) -> Rate:
-    """Success rate of the policy at ``policy_dir`` on the held-out tasks, in real sandboxes."""
+async def evaluate(s: Stack, policy_dir: Path, samples: Sequence[TaskSample]) -> Rate:
+    """Success rate of the policy at ``policy_dir`` on ``samples``, in real sandboxes."""
+    from agent_harness.batcher import Batcher
     from agent_harness.torch_engine import TorchEngine
 
-    engine = await anyio.to_thread.run_sync(lambda: TorchEngine(policy_dir, seed=plan.seed))
-    sandbox = SandboxClient(s.nc)
-    results: list[ScoredTrajectory] = []
-    limit = anyio.Semaphore(plan.concurrency)
-
-    async def one(sample: TaskSample) -> None:
-        async with limit:
-            traj = await run_episode(sample, engine=engine, sandbox=sandbox, settings=cfg.rollout.harness)
-            traj = msgspec.structs.replace(traj, task=sample.task)
-            results.append(await score(traj, sandbox, cfg.reward.verify_timeout_s))
-
-    async with anyio.create_task_group() as tg:
-        for sample in eval_samples(plan):
-            tg.start_soon(one, sample)
-    valid = [r for r in results if r.valid]
-    return Rate(sum(r.reward > 0 for r in valid), len(valid))
+    engine = await anyio.to_thread.run_sync(lambda: TorchEngine(policy_dir, seed=s.plan.seed))
+    batcher = Batcher(engine, max_batch=s.plan.concurrency)
+    return await episodes(s, samples, lambda _: batcher)
 
 
-async def online_phase(s: Stack, run: str, loss: str, warm: Path, plan: DemoPlan, seconds: float) -> Path:
-    """Run the real workers for ``seconds`` from the warm start; the final policy's checkpoint."""
+async def online_phase(s: Stack, run: str, warm: Path, seconds: float) -> Path:
+    """The real workers (``ops.pipeline``) for ``seconds`` from the warm start, with the loss the
+    run is named after; the final policy's checkpoint."""
     from agent_harness.torch_engine import TorchEngine
-    from consumers import lake, reward, rollout
-    from learner import worker
-    from producers import tasks
 
-    cfg = demo_config(s.state, s.port, run, plan, loss)
+    cfg = s.config(run, loss=run)
     ckpt_root = cfg.state / "checkpoints" / run
     if latest_checkpoint(ckpt_root) is None:  # the learner resumes from the warm start (version 1)
         shutil.copytree(warm, checkpoint_path(ckpt_root, 0))
-    engine = await anyio.to_thread.run_sync(lambda: TorchEngine(warm, seed=plan.seed, version=WARM_VERSION))
+    engine = await anyio.to_thread.run_sync(lambda: TorchEngine(warm, seed=s.plan.seed, version=WARM_VERSION))
     with anyio.move_on_after(seconds):
         async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: lake.run(cfg, s.js, task_status=task_status))
-            await tg.start(lambda task_status: worker.run(cfg, s.js, task_status=task_status))
-            await tg.start(lambda task_status: reward.run(cfg, s.js, s.nc, task_status=task_status))
-            await tg.start(
-                lambda task_status: rollout.run(cfg, s.js, s.nc, engine=engine, task_status=task_status)
-            )
-            await tg.start(lambda task_status: tasks.run(cfg, s.js, task_status=task_status))
+            await pipeline.start(tg, ONLINE_WORKERS, cfg, s.js, s.nc, engine=engine)
     final = latest_checkpoint(ckpt_root)
     assert final is not None
     return final
 
 
-def final_version(checkpoint: Path) -> int:
-    from learner.checkpoint import read_state
+def online_curve(lake_root: Path, run: str, buckets: int = 4) -> Curve:
+    """The run's rollouts in ``buckets`` consecutive version ranges: (first version, n, success)."""
+    sql = (
+        "SELECT policy_version AS v, count(*) AS n, sum(CASE WHEN reward >= 1 THEN 1 ELSE 0 END) AS w "
+        f"FROM trajectories WHERE run = '{run}' AND valid GROUP BY 1 ORDER BY 1"
+    )
+    try:
+        rows = query(lake_root, sql).to_pylist()
+    except Exception:  # noqa: BLE001 - no rollout reached the lake
+        return []
+    size = max(1, -(-len(rows) // buckets))
+    out = []
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        n = sum(int(r["n"]) for r in part)
+        out.append((int(part[0]["v"]), n, sum(int(r["w"]) for r in part) / max(1, n)))
+    return out
 
-    return read_state(checkpoint).version
+
+async def _timed(result: DemoResult, phase: str, job: Awaitable[T]) -> T:
+    t = time.monotonic()
+    value = await job
+    result.wall[phase] = time.monotonic() - t
+    return value
+
+
+async def warm_phase(s: Stack, base: Path, tasks: Sequence[TaskSample], result: DemoResult) -> Path:
+    """SFT warm start from the seeded lake, then its evaluation; the warm checkpoint."""
+    t = time.monotonic()
+    warm, result.sft_loss, result.demonstrations = await anyio.to_thread.run_sync(
+        lambda: sft_warm_start(s.config(SEED_RUN).lake_root, base, s.state / "warm", s.plan)
+    )
+    result.wall["sft"] = time.monotonic() - t
+    result.warm = await evaluate(s, warm, tasks)
+    result.wall["warm"] = time.monotonic() - t
+    log.info("demo_warm", success=str(result.warm), demonstrations=result.demonstrations)
+    return warm
+
+
+async def online_runs(
+    s: Stack, warm: Path, tasks: Sequence[TaskSample], result: DemoResult, deadline: float
+) -> None:
+    """Each run of the plan from the warm start, sharing what is left until ``deadline`` (a
+    ``time.monotonic()``), each share including its evaluation; then that evaluation."""
+    eval_s = result.wall["warm"] - result.wall["sft"]
+    for i, run in enumerate(s.plan.runs):
+        share = (deadline - time.monotonic()) / (len(s.plan.runs) - i) - eval_s
+        t = time.monotonic()
+        final = await online_phase(s, run, warm, s.plan.online_seconds or max(s.plan.min_online_s, share))
+        result.versions[run] = read_state(final).version
+        result.after[run] = await evaluate(s, final, tasks)
+        result.wall[run] = time.monotonic() - t
+        result.online[run] = online_curve(s.config(run).lake_root, run)
+        log.info("demo_online", run=run, success=str(result.after[run]), version=result.versions[run])
 
 
 async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     """Run every phase in ``out/state`` and write the report into ``out``; returns the figures."""
+    from transformers import AutoTokenizer
+
     from ops.report import write_report
     from ops.worker import set_torch_threads
 
-    set_torch_threads(1)  # learner and rollout share the cores in this process: one thread each
+    # One thread: learner, rollout and the sandboxes' processes share the same few cores, and two
+    # contending torch threads made an SFT step ~5x slower here.
+    set_torch_threads(1)
     t_start = time.monotonic()
     state = (out / "state").resolve()
     state.mkdir(parents=True, exist_ok=True)
-    base = create_tiny_policy(state / "policy" / "base", seed=plan.seed)
-    result = DemoResult()
-    async with stack(state, [SEED_RUN, "ipa", "grpo"]) as s:
-        t = time.monotonic()
-        result.expert = await seed_phase(s, plan)
-        result.wall["seed"] = time.monotonic() - t
+    base = create_tiny_policy(state / "policy" / "base", corpus(seed=plan.seed), seed=plan.seed)
+    result = DemoResult(title=plan.title)
+    async with stack(state, plan) as s:
+        tasks = await held_out(s, max(plan.eval_episodes, plan.random_episodes))
+        if plan.random_episodes:
+            floor = floor_phase(s, tasks[: plan.random_episodes], AutoTokenizer.from_pretrained(base))
+            result.random = await _timed(result, "random", floor)
+        tasks = tasks[: plan.eval_episodes]
+        result.expert = await _timed(result, "seed", seed_phase(s))
         log.info("demo_seeded", expert=str(result.expert), seconds=round(result.wall["seed"]))
-        t = time.monotonic()
-        cfg = demo_config(state, s.port, "ipa", plan)
-        warm, result.sft_loss = await anyio.to_thread.run_sync(
-            lambda: sft_warm_start(cfg.lake_root, base, state / "warm", plan)
-        )
-        result.wall["sft"] = time.monotonic() - t
-        t = time.monotonic()
-        result.warm = await evaluate(s, warm, plan, cfg)
-        eval_s = time.monotonic() - t
-        result.wall["warm"] = result.wall["sft"] + eval_s
-        log.info("demo_warm", success=str(result.warm), sft_s=round(result.wall["sft"]), eval_s=round(eval_s))
-        left = plan.minutes * 60 - (time.monotonic() - t_start)
-        per_run = max(plan.min_online_s, (left - 2 * eval_s) / 2)
-        for run, loss in (("ipa", "ipa"), ("grpo", "grpo")):
-            t = time.monotonic()
-            final = await online_phase(s, run, loss, warm, plan, per_run)
-            result.versions[run] = final_version(final)
-            result.after[run] = await evaluate(s, final, plan, cfg)
-            result.wall[run] = time.monotonic() - t
-            log.info("demo_online", run=run, success=str(result.after[run]), version=result.versions[run])
+        warm = await warm_phase(s, base, tasks, result)
+        await online_runs(s, warm, tasks, result, t_start + plan.minutes * 60)
     result.wall["total"] = time.monotonic() - t_start
     await anyio.to_thread.run_sync(lambda: write_report(state / "lake", out))
     (out / "demo.txt").write_text(result.table() + "\n", encoding="utf-8")
@@ -396,27 +395,36 @@ async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: str = "demo-out") -> None:
+    """The command line of a demonstration whose defaults are ``plan``."""
     import argparse
 
     from ops.logs import configure_logging
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=DemoPlan.minutes, help="total budget")
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
-    parser.add_argument("--seed-episodes", type=int, default=DemoPlan.seed_episodes)
-    parser.add_argument("--eval-episodes", type=int, default=DemoPlan.eval_episodes)
-    parser.add_argument("--sft-steps", type=int, default=DemoPlan.sft_steps)
-    parser.add_argument("--temperature", type=float, default=DemoPlan.temperature)
+    parser.add_argument("--minutes", type=float, default=plan.minutes, help="total budget")
+    parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
+    parser.add_argument("--runs", default=",".join(plan.runs), help="online runs: ipa, grpo or both")
+    parser.add_argument("--seed-episodes", type=int, default=plan.seed_episodes)
+    parser.add_argument("--eval-episodes", type=int, default=plan.eval_episodes)
+    parser.add_argument("--error-rate", type=float, default=plan.error_rate)
+    parser.add_argument("--sft-steps", type=int, default=plan.sft_steps)
+    parser.add_argument("--temperature", type=float, default=plan.temperature)
+    parser.add_argument("--rl-lr", type=float, default=plan.rl["lr"], help="online learning rate")
+    parser.add_argument("--rl-batch", type=int, default=plan.rl["batch_size"], help="online batch size")
     args = parser.parse_args(argv)
     configure_logging("info")
     plan = replace(
-        DemoPlan(),
+        plan,
         minutes=args.minutes,
+        runs=tuple(r for r in args.runs.split(",") if r),
         seed_episodes=args.seed_episodes,
         eval_episodes=args.eval_episodes,
+        random_episodes=min(plan.random_episodes, args.eval_episodes),
+        error_rate=args.error_rate,
         sft_steps=args.sft_steps,
         temperature=args.temperature,
+        rl={**plan.rl, "lr": args.rl_lr, "batch_size": args.rl_batch},
     )
     result = anyio.run(run_demo, args.out, plan)
     print(result.table())

@@ -158,9 +158,10 @@ def security(scored: ScoredTrajectory) -> tuple[str, list[str]]:
 async def reverify(scored: ScoredTrajectory, sandbox: object, timeout_s: float) -> tuple[str, list[str]]:
     """Re-run the trajectory in a fresh sandbox and compare the reward with the logged one."""
     from consumers.reward import score  # imported here: it pulls in the sandbox client
+    from producers.families import tools_for
 
     fresh = msgspec.structs.replace(scored.traj, sandbox_id="", sandbox_owner="")
-    again = await score(fresh, sandbox, timeout_s)  # type: ignore[arg-type]
+    again = await score(fresh, sandbox, timeout_s, tools_for=tools_for)  # type: ignore[arg-type]
     if not again.valid:
         return "flag", [f"reverify: could not re-run: {again.invalid_reason}"[:300]]
     if not scored.valid:

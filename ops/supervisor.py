@@ -77,9 +77,10 @@ def preflight(cfg: Config, *, quiet: bool = False) -> None:
             ensure_image("base", progress=lambda line: st.update(f"base image: {line[:100]}"))
     if not (cfg.policy_dir / "config.json").exists():
         from agent_harness.policy_init import create_tiny_policy
+        from producers.families.files import corpus
 
         with console.status("creating the tiny Qwen2 policy and its tokenizer"):
-            create_tiny_policy(cfg.policy_dir, seed=0)
+            create_tiny_policy(cfg.policy_dir, corpus(seed=0), seed=0)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One worker process: load settings, connect, start the named worker, stop on SIGINT/SIGTERM.
+"""One worker process: load settings, connect, start the named worker (``ops.pipeline``), stop on
+SIGINT/SIGTERM.
 
 ``main()`` only loads settings, opens one task group and starts the worker in it; a signal
 cancels the root scope and each worker finalises under a shielded budget.
@@ -8,20 +9,18 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import nats
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from ops.config import Config
+from ops.pipeline import starter
 from streams.topology import ensure
 
 log = structlog.get_logger(__name__)
-WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy")
 
 
 async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
@@ -40,44 +39,6 @@ async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
         opts |= {"user": user, "password": password, "inbox_prefix": inbox_prefix(role)}
     # A comma-separated list names several cluster members: nats-py fails over between them.
     return await nats.connect(servers=[u.strip() for u in cfg.nats_url.split(",") if u.strip()], **opts)
-
-
-def _starter(name: str, cfg: Config, js: JetStreamContext, nc: NATS) -> Callable[..., Awaitable[Any]]:
-    if name == "sandboxd":
-        from sandboxd import daemon
-
-        return lambda task_status: daemon.run(cfg.sandboxd, nc, task_status=task_status)
-    if name == "producer":
-        from producers import tasks
-
-        return lambda task_status: tasks.run(cfg, js, nc, task_status=task_status)
-    if name == "rollout":
-        from consumers import rollout
-
-        return lambda task_status: rollout.run(cfg, js, nc, task_status=task_status)
-    if name == "reward":
-        from consumers import reward
-
-        return lambda task_status: reward.run(cfg, js, nc, task_status=task_status)
-    if name == "learner":
-        return lambda task_status: _learner(cfg, js, nc, task_status=task_status)
-    if name == "lake":
-        from consumers import lake
-
-        return lambda task_status: lake.run(cfg, js, task_status=task_status)
-    if name == "proxy":
-        from consumers import proxy_worker
-
-        return lambda task_status: proxy_worker.run(cfg, js, task_status=task_status)
-    raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
-
-
-async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: Any) -> None:
-    """The learner role: the replay warm start when the run has no checkpoint, then training."""
-    from learner import warmstart, worker
-
-    await warmstart.prepare_warm_start(cfg, js, nc)
-    await worker.run(cfg, js, task_status=task_status)
 
 
 async def _watch_signals(scope: anyio.CancelScope) -> None:
@@ -125,7 +86,7 @@ async def run_worker(name: str, cfg: Config, metrics_port: int = 0) -> None:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, scope)
-                await tg.start(_starter(name, cfg, js, nc))
+                await tg.start(starter(name, cfg, js, nc))
                 log.info("worker_ready")
     finally:
         with anyio.move_on_after(5, shield=True):

@@ -1,1 +1,2 @@
-"""What feeds the streams: task sets (built-in, JSONL, Parquet), replay, chunk-level resampling."""
+"""What feeds the streams: task families (``families/``), JSONL task files, the task producer,
+expert seeding, replay, chunk-level resampling."""

@@ -1,8 +1,8 @@
 """Expert seeding: scripted-expert episodes in real sandboxes, scored, published for warm-start.
 
-Each episode runs ``agent_harness.expert.ScriptedExpert`` through the same agent loop as the
-policy (so its tokens look exactly like the policy's) on a built-in task, is verified by
-``consumers.reward.score`` and lands on ``rs.traj.scored.<run>`` as
+Each episode runs the task family's scripted expert (``Family.expert``) through the same agent loop
+as the policy (so its tokens look exactly like the policy's) on one of the family's tasks, is
+verified by ``consumers.reward.score`` and lands on ``rs.traj.scored.<run>`` as
 ``ScoredTrajectory(replay=True, replay_mode="sft")`` with ``traj.source = "expert"``: the lake keeps
 it and the learner imitates the successful ones (SFT), outside the staleness gate.
 
@@ -26,10 +26,10 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.expert import ScriptedExpert
-from agent_harness.loop import run_episode
-from consumers.reward import score
-from producers.tasks import builtin_task_at
+from agent_harness.engine import InferenceEngine
+from producers import families
+from producers.families.base import Family, TaskSandbox
+from producers.play import EngineFor, play
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
@@ -56,36 +56,61 @@ class SeedReport:
         return self.successes / valid if valid else 0.0
 
 
-def expert_sample(cfg: Any, index: int) -> TaskSample:
-    """Expert episode ``index``: a built-in task of the configured levels, with an ``expert-`` id."""
-    task = builtin_task_at(cfg.producer.seed + EXPERT_SEED_OFFSET, index, tuple(cfg.producer.levels))
-    task = msgspec.structs.replace(task, task_id=f"expert-{task.task_id}")
-    return TaskSample(run=cfg.run, task=task, sample_idx=0)
+def family_of(cfg: Any) -> Family:
+    """The family ``producer.source`` names; a source with no scripted expert (jsonl) raises."""
+    family = families.for_source(cfg.producer.source)
+    if family is None:
+        raise ValueError(f"producer.source = {cfg.producer.source!r} has no scripted expert to seed with")
+    return family
 
 
-def expert_ids(cfg: Any, episodes: int) -> list[str]:
-    """The trajectory ids of expert episodes ``0 .. episodes-1`` (deterministic, as published)."""
-    return [expert_sample(cfg, i).msg_id for i in range(episodes)]
-
-
-async def expert_episode(
-    cfg: Any, sample: TaskSample, sandbox: SandboxClient, tokenizer: Any, *, error_rate: float, version: int
-) -> ScoredTrajectory:
-    """Run and score one expert episode; the result is marked for SFT replay."""
-    seed = random.Random(f"expert:{sample.msg_id}").randrange(2**31)
-    expert = ScriptedExpert(tokenizer=tokenizer, error_rate=error_rate, seed=seed, version=version)
-    traj = await run_episode(
-        sample, engine=expert, sandbox=sandbox, settings=cfg.rollout.harness, source="expert"
+async def expert_samples(cfg: Any, sandbox: TaskSandbox, episodes: int, family: Family) -> list[TaskSample]:
+    """Expert episodes ``0 .. episodes-1``: the family's tasks under the expert seed, with ``expert-``
+    ids (deterministic, as published)."""
+    tasks = await family.make_tasks(
+        sandbox, cfg.producer, seed=cfg.producer.seed + EXPERT_SEED_OFFSET, start=0, count=episodes
     )
-    traj = msgspec.structs.replace(traj, task=sample.task)
-    scored = await score(traj, sandbox, cfg.reward.verify_timeout_s)
-    return msgspec.structs.replace(scored, replay=True, replay_mode="sft")
+    return [
+        TaskSample(run=cfg.run, task=msgspec.structs.replace(t, task_id=f"expert-{t.task_id}"), sample_idx=0)
+        for t in tasks
+    ]
+
+
+async def expert_ids(cfg: Any, nc: NATS, episodes: int, family: Family | None = None) -> list[str]:
+    """The trajectory ids of expert episodes ``0 .. episodes-1`` (deterministic, as published)."""
+    samples = await expert_samples(cfg, SandboxClient(nc), episodes, family or family_of(cfg))
+    return [s.msg_id for s in samples]
+
+
+def experts(family: Family, tokenizer: Any, *, error_rate: float, version: int) -> EngineFor:
+    """One expert per episode, its randomness drawn from the episode's id (reproducible)."""
+
+    def engine_for(sample: TaskSample) -> InferenceEngine:
+        seed = random.Random(f"expert:{sample.msg_id}").randrange(2**31)
+        return family.expert(tokenizer=tokenizer, error_rate=error_rate, seed=seed, version=version)
+
+    return engine_for
 
 
 def load_tokenizer(cfg: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(cfg.policy_dir)
+
+
+@dataclass
+class _Tally:
+    todo: int
+    done: int = 0
+    successes: int = 0
+    invalid: int = 0
+
+    def add(self, scored: ScoredTrajectory) -> None:
+        self.done += 1
+        self.successes += scored.valid and scored.reward > 0
+        self.invalid += not scored.valid
+        if self.done % max(1, self.todo // 10) == 0 and self.done < self.todo:
+            log.info("seed_progress", done=self.done, episodes=self.todo, successes=self.successes)
 
 
 async def run(
@@ -97,44 +122,46 @@ async def run(
     error_rate: float = 0.25,
     concurrency: int | None = None,
     skip: Collection[str] = (),
+    family: Family | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> SeedReport:
-    """Publish expert episodes ``0 .. episodes-1`` as scored trajectories to ``rs.traj.scored.<run>``,
-    except those whose trajectory id is in ``skip`` (already in the lake), then return."""
-    todo = [i for i, traj_id in enumerate(expert_ids(cfg, episodes)) if traj_id not in skip]
+    """Publish expert episodes ``0 .. episodes-1`` of ``family`` (default: the one
+    ``producer.source`` names) as scored trajectories to ``rs.traj.scored.<run>``, except those whose
+    trajectory id is in ``skip`` (already in the lake), then return."""
+    family = family or family_of(cfg)
+    sandbox = SandboxClient(nc)
+    todo = [s for s in await expert_samples(cfg, sandbox, episodes, family) if s.msg_id not in skip]
     tokenizer = await anyio.to_thread.run_sync(load_tokenizer, cfg)
     announced = await policy.latest(js, cfg.run)
     version = announced.version if announced is not None else 0
-    sandbox = SandboxClient(nc)
     pub = Publisher(js)
-    limit = anyio.Semaphore(concurrency or cfg.rollout.concurrency)
-    counts = {"ok": 0, "invalid": 0, "done": 0}
-    every = max(1, len(todo) // 10)
+    tally = _Tally(len(todo))
     task_status.started()
     log.info(
         "seed_started",
+        family=family.name,
         episodes=len(todo),
         skipped=episodes - len(todo),
         error_rate=error_rate,
         policy_version=version,
     )
 
-    async def one(index: int) -> None:
-        async with limit:
-            sample = expert_sample(cfg, index)
-            scored = await expert_episode(
-                cfg, sample, sandbox, tokenizer, error_rate=error_rate, version=version
-            )
-            await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{scored.traj.traj_id}")
-            counts["ok"] += scored.valid and scored.reward > 0
-            counts["invalid"] += not scored.valid
-            counts["done"] += 1
-            if counts["done"] % every == 0 and counts["done"] < len(todo):
-                log.info("seed_progress", done=counts["done"], episodes=len(todo), successes=counts["ok"])
+    async def publish(scored: ScoredTrajectory) -> None:
+        scored = msgspec.structs.replace(scored, replay=True, replay_mode="sft")
+        await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{scored.traj.traj_id}")
+        tally.add(scored)
 
-    async with anyio.create_task_group() as tg:
-        for i in todo:
-            tg.start_soon(one, i)
-    report = SeedReport(episodes=len(todo), successes=counts["ok"], invalid=counts["invalid"])
+    await play(
+        todo,
+        experts(family, tokenizer, error_rate=error_rate, version=version),
+        sandbox,
+        cfg.rollout.harness,
+        tools_for=family.tools,
+        verify_timeout_s=cfg.reward.verify_timeout_s,
+        concurrency=concurrency or cfg.rollout.concurrency,
+        source="expert",
+        on_scored=publish,
+    )
+    report = SeedReport(episodes=len(todo), successes=tally.successes, invalid=tally.invalid)
     log.info("seed_done", episodes=report.episodes, successes=report.successes, invalid=report.invalid)
     return report

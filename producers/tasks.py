@@ -7,7 +7,6 @@ are dropped as stale. The producer's position is kept in KV so a restart does no
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from producers.builtin import FAMILY, make_task
+from producers import families
+from producers.families.base import TaskSandbox
 from producers.jsonl import load_jsonl
+from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
 from streams.topology import POLICY_BUCKET, ROLLOUT, check_run, subject
@@ -30,39 +31,26 @@ from streams.topology import POLICY_BUCKET, ROLLOUT, check_run, subject
 log = structlog.get_logger(__name__)
 
 
-def builtin_task_at(seed: int, index: int, levels: tuple[int, ...]) -> Task:
-    """Task number ``index`` of the endless built-in stream (deterministic in seed and index)."""
-    level = levels[index % len(levels)]
-    rng = random.Random(f"{FAMILY}:{seed}:{index}")
-    return make_task(level, rng, f"{FAMILY}-s{seed}-{index:06d}-L{level}")
-
-
-async def task_stream(cfg: Any, start: int, nc: NATS | None = None) -> AsyncIterator[tuple[int, Task]]:
-    """(index, task) pairs from the configured source, starting at ``start``."""
+async def task_stream(cfg: Any, start: int, sandbox: TaskSandbox) -> AsyncIterator[tuple[int, Task]]:
+    """(index, task) pairs from the configured source, starting at ``start``: a JSONL file, or the
+    endless stream of the family ``producer.source`` names, made ``family.batch`` at a time."""
     source = cfg.producer.source
     if source == "jsonl":
         tasks = load_jsonl(Path(cfg.producer.path))
         for i in range(start, len(tasks)):
             yield i, tasks[i]
         return
-    if source == "gem":
-        # GEM tasks read their first observation in a sandbox, so they come in small batches.
-        from producers.gem_tasks import gem_tasks
-        from sandboxd.client import SandboxClient
-
-        if nc is None:
-            raise ValueError("producer.source = gem needs a broker connection for its sandbox")
-        client = SandboxClient(nc)
-        i = start
-        while True:
-            batch = await gem_tasks(client, cfg.producer.env_id, seed=cfg.producer.seed, count=8, start=i)
-            for task in batch:
-                yield i, task
-                i += 1
+    family = families.for_source(source)
+    if family is None:
+        raise ValueError(f"producer.source = {source!r} names no task family")
     i = start
     while True:
-        yield i, builtin_task_at(cfg.producer.seed, i, tuple(cfg.producer.levels))
-        i += 1
+        batch = await family.make_tasks(
+            sandbox, cfg.producer, seed=cfg.producer.seed, start=i, count=family.batch
+        )
+        for task in batch:
+            yield i, task
+            i += 1
 
 
 async def _load_cursor(js: JetStreamContext, run: str) -> int:
@@ -82,14 +70,14 @@ async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
 async def run(
     cfg: Any,
     js: JetStreamContext,
-    nc: NATS | None = None,
+    nc: NATS,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish task samples, at most ``producer.max_inflight`` outstanding, until cancelled or done."""
     pub = Publisher(js)
     cursor = await _load_cursor(js, cfg.run)
-    tasks = task_stream(cfg, cursor, nc)
+    tasks = task_stream(cfg, cursor, SandboxClient(nc))
     group = cfg.producer.group_size
     task_status.started()
     log.info(

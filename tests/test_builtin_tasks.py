@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from producers.builtin import FAMILY, WORDS, builtin_tasks, solution_commands
+from producers.families.files import FAMILY, WORDS, builtin_tasks, solution_commands
 from sandboxd.client import SandboxClient
 from schemas.task import Task
 from tests.test_harness_fixtures import passes, run_concurrently

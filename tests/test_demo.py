@@ -35,6 +35,23 @@ def test_a_rate_carries_its_wilson_interval_and_the_table_lists_every_phase(tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_measured_floor_leads_the_table_and_online_curves_follow_the_total(tmp_path: Path) -> None:
+    result = DemoResult(
+        random=Rate(20, 64),
+        expert=Rate(90, 120),
+        warm=Rate(33, 64),
+        after={"ipa": Rate(29, 64)},
+        versions={"ipa": 40},
+        online={"ipa": [(1, 30, 0.5), (11, 40, 0.45)]},
+        wall={"random": 50.0, "seed": 300.0, "warm": 200.0, "ipa": 600.0, "total": 1200.0},
+    )
+    lines = result.table().splitlines()
+    assert lines[1].startswith("random player (floor)") and "31.2%" in lines[1] and "n=64" in lines[1]
+    assert lines[2].startswith("scripted expert (errs)") and lines[-2].startswith("total")
+    assert lines[-1] == "ipa rollouts successful by policy version: v1: 50% of 30, v11: 45% of 40"
+    assert result.plot(tmp_path / "demo.png").stat().st_size > 0
+
+
 @pytest.mark.docker
 async def test_a_tiny_demo_seeds_warm_starts_trains_both_losses_and_reports(tmp_path: Path) -> None:
     plan = replace(

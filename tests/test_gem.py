@@ -12,14 +12,12 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from agent_harness.gem_episode import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
-from producers.gem_tasks import family_of, gem_seed, gem_task, gem_tasks
-from sandboxd import envhub
-from sandboxd.client import SandboxClient
-from sandboxd.envhub import ensure_image
-from sandboxd.gem import (
+from consumers.reward import score
+from producers import families
+from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
+from producers.families.gem.api import (
     RESULT_PATH,
     VERIFY_COMMAND,
     EpisodeResult,
@@ -28,6 +26,10 @@ from sandboxd.gem import (
     StepResult,
     decode_answer,
 )
+from producers.families.gem.tasks import family_of, gem_seed, gem_task, gem_tasks
+from sandboxd import envhub
+from sandboxd.client import SandboxClient
+from sandboxd.envhub import ensure_image
 from schemas.sandbox import ExecResult
 from schemas.task import TaskSample
 from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
@@ -164,6 +166,32 @@ async def test_gem_tasks_play_through_the_agent_loop_and_winning_scores_one(
                 await sandbox_client.close(traj.sandbox_id)
 
 
+@pytest.mark.docker
+async def test_a_lost_gem_sandbox_is_rebuilt_by_replaying_the_act_steps_its_family_names(
+    gem_image: str,
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,  # noqa: F811
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    [task] = await gem_tasks(sandbox_client, GUESS_RANDOM, seed=9, count=1)
+    traj = await run_episode(
+        TaskSample(run="gem", task=task),
+        engine=GuessTheNumberExpert(tokenizer=tok),
+        sandbox=sandbox_client,
+        settings=SETTINGS,
+        registry=families.tools_for(task),
+    )
+    assert traj.status == "completed" and traj.chunks[-1].tool_name == "act"
+    await sandbox_client.close(traj.sandbox_id)
+    traj = msgspec.structs.replace(traj, task=task)
+    scored = await score(traj, sandbox_client, 30.0, tools_for=families.tools_for)
+    assert scored.valid and scored.reward == 1.0
+    assert scored.verifier_output.startswith("[re-executed in a fresh sandbox]")
+    # Without the family's tools no move is replayed: the rebuilt game was never played, so lost.
+    blind = await score(traj, sandbox_client, 30.0)
+    assert blind.valid and blind.reward == 0.0
+
+
 def test_gem_tasks_are_deterministic_in_seed_and_index() -> None:
     assert [gem_seed(1, i) for i in range(3)] == [gem_seed(1, i) for i in range(3)]
     assert len({gem_seed(s, i) for s in range(3) for i in range(50)}) == 150
@@ -212,6 +240,7 @@ def test_the_gem_spec_tags_its_wheels_and_driver_while_older_specs_keep_their_ta
         if k not in ("python_wheels", "files")
     }
     assert envhub.spec_hash(base) == hashlib.sha256(msgspec.json.encode(before)).hexdigest()[:12]
-    assert gem.files == {"/opt/gem_driver.py": "../gem_driver.py"} and "gem-llm==0.1.0" in gem.python_wheels
+    assert gem.files == {"/opt/gem_driver.py": "../../producers/families/gem/driver.py"}
+    assert "gem-llm==0.1.0" in gem.python_wheels
     other = msgspec.structs.replace(gem, python_wheels=[*gem.python_wheels, "pandas==2.2.3"])
     assert envhub.spec_hash(other) != envhub.spec_hash(gem)

@@ -1,4 +1,5 @@
-"""A GEM game through the real workers: producer (source gem) -> rollout -> reward -> lake."""
+"""A GEM game through the real workers, as ``ops.pipeline`` assembles them: producer (source gem)
+-> rollout -> reward -> lake."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
-from agent_harness.gem_episode import GuessTheNumberExpert
-from consumers import lake, reward, rollout
+from ops import pipeline
 from ops.config import load_config
 from ops.lake_query import query
-from producers import tasks
+from producers.families.gem import GuessTheNumberExpert
 from streams.topology import ensure
 from tests.test_gem import GUESS_RANDOM, gem_image  # noqa: F401
 from tests.test_harness_fixtures import tiny_policy  # noqa: F401
@@ -47,10 +47,7 @@ async def test_gem_episodes_play_through_the_workers_and_their_rewards_land_in_t
     await ensure(js, RUN)
     rows: list[dict[str, object]] = []
     async with anyio.create_task_group() as tg:
-        await tg.start(lake.run, cfg, js)
-        await tg.start(reward.run, cfg, js, nc)
-        await tg.start(lambda task_status: rollout.run(cfg, js, nc, engine=expert, task_status=task_status))
-        await tg.start(tasks.run, cfg, js, nc)
+        await pipeline.start(tg, ["lake", "reward", "rollout", "producer"], cfg, js, nc, engine=expert)
         with anyio.fail_after(240):
             while len(rows) < 3:
                 await anyio.sleep(1)

@@ -16,7 +16,7 @@ from agent_harness.loop import run_episode
 from agent_harness.prompt import encode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
-from producers.builtin import builtin_tasks
+from producers.families.files import builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
 from schemas.task import TaskSample

@@ -16,6 +16,7 @@ from agent_harness.engine import Generation, GenRequest, InferenceEngine
 from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
 from agent_harness.settings import HarnessSettings
+from producers.families.files import corpus
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
 from schemas.task import TaskSample
@@ -26,7 +27,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
+    return create_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", corpus(seed=0), seed=0)
 
 
 class RecordingEngine:

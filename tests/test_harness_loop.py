@@ -14,13 +14,12 @@ from nats.aio.client import Client as NATS
 from transformers import AutoTokenizer
 
 from agent_harness.engine import Generation, GenRequest
-from agent_harness.expert import ScriptedExpert
 from agent_harness.loop import run_episode
 from agent_harness.prompt import encode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
 from agent_harness.torch_engine import TorchEngine
-from producers.builtin import builtin_tasks
+from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.task import Task, TaskSample
@@ -39,9 +38,9 @@ from tests.test_harness_fixtures import (  # noqa: F401
 SETTINGS = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=700, max_observation_tokens=32)
 
 
-def _expert(policy: Path, seed: int = 0, *, error_rate: float = 0.0, version: int = 0) -> ScriptedExpert:
+def _expert(policy: Path, seed: int = 0, *, error_rate: float = 0.0, version: int = 0) -> FilesExpert:
     tok = AutoTokenizer.from_pretrained(policy)
-    return ScriptedExpert(tokenizer=tok, error_rate=error_rate, seed=seed, version=version)
+    return FilesExpert(tokenizer=tok, error_rate=error_rate, seed=seed, version=version)
 
 
 def _level3(**changes: Any) -> Task:
@@ -284,7 +283,7 @@ async def test_a_sandbox_removed_mid_episode_aborts_it_with_exact_accounting(
     await sandbox_client.close(traj.sandbox_id)  # already gone: closing is still fine
 
 
-class _HangsOnTurn(ScriptedExpert):
+class _HangsOnTurn(FilesExpert):
     """The expert, but from turn ``hang_at`` on it never answers (the episode clock runs out)."""
 
     hang_at = 2

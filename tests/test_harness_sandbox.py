@@ -8,11 +8,10 @@ import anyio
 import pytest
 from transformers import AutoTokenizer
 
-from agent_harness.expert import ScriptedExpert
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from agent_harness.torch_engine import TorchEngine
-from producers.builtin import builtin_tasks
+from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
 from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
@@ -32,7 +31,7 @@ async def test_expert_episodes_solve_tasks_in_real_sandboxes(
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     for i, task in enumerate(builtin_tasks(seed=5, count=3)):  # levels 1, 2, 3
-        expert = RecordingEngine(ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=i))
+        expert = RecordingEngine(FilesExpert(tokenizer=tok, error_rate=0.0, seed=i))
         traj = await run_episode(
             TaskSample(run="it", task=task),
             engine=expert,
@@ -76,7 +75,7 @@ async def test_a_sandbox_closed_under_the_episode_aborts_it(
     tiny_policy: Path,  # noqa: F811
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
-    expert = ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=0)
+    expert = FilesExpert(tokenizer=tok, error_rate=0.0, seed=0)
     created: list[str] = []
 
     class Closing:

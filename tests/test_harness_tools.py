@@ -8,8 +8,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent_harness.prompt import encode, observation_tokens, prompt_tokens, truncate_middle
-from agent_harness.tokenizer import SPECIAL_TOKENS, corpus, train_tokenizer
+from agent_harness.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from agent_harness.tools import ParseError, ToolCall, ToolRegistry, format_tool_call, parse_tool_call
+from producers.families.files import corpus
 from schemas.sandbox import ExecResult
 from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
@@ -92,7 +93,7 @@ def test_tool_call_text_round_trips_through_the_tokenizer(tiny_policy: Path) -> 
 
 def test_the_saved_checkpoint_loads_back_and_encodes_like_the_trained_tokenizer(tiny_policy: Path) -> None:  # noqa: F811
     loaded = AutoTokenizer.from_pretrained(tiny_policy)
-    trained = train_tokenizer(seed=0)
+    trained = train_tokenizer(corpus(seed=0))
     for text in corpus(seed=3, episodes=50):
         assert encode(loaded, text) == encode(trained, text)
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)

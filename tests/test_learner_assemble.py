@@ -9,7 +9,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from learner.assemble import GroupBatcher, GroupBuffer
-from producers.builtin import builtin_tasks
+from producers.families.files import builtin_tasks
 from schemas.codec import scored_decoder
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Consumer, Publisher

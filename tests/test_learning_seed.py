@@ -14,6 +14,7 @@ from agent_harness.policy_init import create_tiny_policy
 from learner import worker
 from ops.config import load_config
 from producers import seed
+from producers.families.files import corpus
 from schemas.codec import scored_decoder, train_decoder
 from schemas.train import TrainRecord
 from schemas.trajectory import ScoredTrajectory
@@ -67,7 +68,7 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
             "learner.batch_timeout_s=1",
         ],
     )
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir))
+    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
     await ensure(js, RUN)
     report = await seed.run(cfg, js, nc, episodes=EPISODES, error_rate=0.0, concurrency=2)
     assert report.successes == EPISODES  # an expert that never errs solves every task, verified in Docker
@@ -76,7 +77,7 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
 
     records = await read_scored(js, EPISODES)
     assert (await js.stream_info(TRAJ.name)).state.messages == EPISODES
-    assert {r.traj.traj_id for r in records} == {seed.expert_sample(cfg, i).msg_id for i in range(EPISODES)}
+    assert {r.traj.traj_id for r in records} == set(await seed.expert_ids(cfg, nc, EPISODES))
     for r in records:
         assert (r.replay, r.replay_mode, r.traj.source, r.reward, r.valid) == (
             True,

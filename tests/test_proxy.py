@@ -22,13 +22,12 @@ from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
 from agent_harness.batcher import Batcher
-from agent_harness.expert import ScriptedExpert
 from agent_harness.proxy import ModelProxy, ProxySettings
 from agent_harness.tools import ToolRegistry
 from agent_harness.torch_engine import TorchEngine
 from consumers.lake_writer import LakeWriter
 from ops.lake_query import query
-from producers.builtin import builtin_tasks
+from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.codec import traj_decoder
@@ -77,7 +76,7 @@ async def test_openai_client_completes_a_tool_using_task_and_the_trajectory_land
     tmp_path: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
-    engine = RecordingEngine(ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=0, version=7))
+    engine = RecordingEngine(FilesExpert(tokenizer=tok, error_rate=0.0, seed=0, version=7))
     proxy = ModelProxy(engine, Publisher(stream), RUN, ProxySettings(port=0, model="tiny"))
     task = builtin_tasks(seed=3, count=3)[2]  # level 3: three bash calls, then submit
     sandbox = await sandbox_client.create()
@@ -204,7 +203,7 @@ async def test_idle_sessions_are_published_and_bad_requests_get_openai_errors(
     tiny_policy: Path,  # noqa: F811
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
-    expert = ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=0)
+    expert = FilesExpert(tokenizer=tok, error_rate=0.0, seed=0)
     proxy = ModelProxy(expert, Publisher(stream), RUN, ProxySettings(port=0, idle_timeout_s=0.05))
     async with _serving(proxy) as client:
         await client.chat.completions.create(

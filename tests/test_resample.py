@@ -10,12 +10,11 @@ import pytest
 from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
-from agent_harness.expert import ScriptedExpert
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
 from consumers.lake_writer import LakeWriter
-from producers.builtin import builtin_tasks, solution_commands
+from producers.families.files import FilesExpert, builtin_tasks, solution_commands
 from producers.resample import ResampleError, prefix_calls, resample
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
@@ -34,7 +33,7 @@ async def expert_trajectory(tok: object, sandbox: SandboxClient) -> ScoredTrajec
     task = builtin_tasks(seed=3, count=3, levels=(3,))[0]
     traj = await run_episode(
         TaskSample(run="src", task=task),
-        engine=ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=1),
+        engine=FilesExpert(tokenizer=tok, error_rate=0.0, seed=1),
         sandbox=sandbox,
         settings=SETTINGS,
         source="expert",
@@ -87,7 +86,7 @@ async def test_resampled_tasks_carry_the_first_k_calls_and_the_episode_starts_af
 
     # The harness re-executes the two calls in a fresh sandbox and the policy starts at chunk 2:
     # the expert can only write the right word if the second file's real content is in its prompt.
-    expert = RecordingEngine(ScriptedExpert(tokenizer=tok, error_rate=0.0, seed=2))
+    expert = RecordingEngine(FilesExpert(tokenizer=tok, error_rate=0.0, seed=2))
     traj = await run_episode(samples[0], engine=expert, sandbox=sandbox_client, settings=SETTINGS)
     try:
         assert traj.status == "completed", traj.abort_reason

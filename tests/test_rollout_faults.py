@@ -19,13 +19,12 @@ from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
 from agent_harness.engine import Generation, GenRequest
-from agent_harness.expert import ScriptedExpert
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from consumers import reward, rollout
 from consumers.reward import score
 from ops.config import Config, RewardSettings, RolloutSettings
-from producers.builtin import builtin_tasks
+from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.codec import scored_decoder
 from schemas.task import Task, TaskSample
@@ -42,8 +41,8 @@ def _task(index: int = 1, **changes: object) -> Task:
     return msgspec.structs.replace(builtin_tasks(seed=8, count=3)[index], **changes)
 
 
-def _expert(policy: Path, version: int = 0) -> ScriptedExpert:
-    return ScriptedExpert(
+def _expert(policy: Path, version: int = 0) -> FilesExpert:
+    return FilesExpert(
         tokenizer=AutoTokenizer.from_pretrained(policy), error_rate=0.0, seed=0, version=version
     )
 
@@ -62,7 +61,7 @@ async def test_a_task_whose_environment_does_not_exist_is_aborted_and_scored_inv
     assert not scored.valid and scored.invalid_reason == f"aborted: {traj.abort_reason}"
 
 
-class _KillsItsSandbox(ScriptedExpert):
+class _KillsItsSandbox(FilesExpert):
     """The expert, but before its second turn the episode's container is killed with ``docker kill``."""
 
     traj_label = ""

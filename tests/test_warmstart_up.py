@@ -32,6 +32,7 @@ from learner.warmstart import (
 )
 from ops.config import load_config
 from ops.security import write_server_config
+from producers.families.files import corpus
 from producers.seed import expert_ids
 from streams import policy
 from streams.server import NatsServer
@@ -68,7 +69,7 @@ async def test_warm_start_seeds_the_lake_installs_version_one_once_and_the_learn
     js: JetStreamContext, nc: NATS, sandboxd_owner: str, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path)
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir))
+    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
     await ensure(js, RUN)
     root = cfg.state / "checkpoints" / RUN
     async with anyio.create_task_group() as tg:
@@ -79,7 +80,7 @@ async def test_warm_start_seeds_the_lake_installs_version_one_once_and_the_learn
         state = read_state(path)
         assert (state.version, state.step, state.extra) == (WARM_VERSION, 0, {"warm_start": True})
         rows = expert_rows(cfg.lake_root, RUN)
-        assert set(rows) == set(expert_ids(cfg, EPISODES))  # every episode is in the lake
+        assert set(rows) == set(await expert_ids(cfg, nc, EPISODES))  # every episode is in the lake
         assert any(rows.values())  # and some succeeded: the SFT had demonstrations
         assert await published(js) == EPISODES
 

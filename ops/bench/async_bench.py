@@ -41,7 +41,7 @@ from agent_harness.prompt import encode, observation_tokens, prompt_tokens
 from agent_harness.tools import ToolRegistry
 from learner import worker
 from ops.config import load_config
-from producers.builtin import WORDS
+from producers.families.files import WORDS, corpus
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.codec import train_decoder
 from schemas.train import TrainRecord
@@ -272,7 +272,9 @@ def render(results: list[EtaResult]) -> Table:
 async def run_bench(plan: BenchPlan) -> list[EtaResult]:
     with tempfile.TemporaryDirectory(prefix="rs-async-") as tmp:
         state = Path(tmp)
-        policy_dir = await anyio.to_thread.run_sync(lambda: create_tiny_policy(state / "policy" / "base"))
+        policy_dir = await anyio.to_thread.run_sync(
+            lambda: create_tiny_policy(state / "policy" / "base", corpus())
+        )
         templates = await policy_templates(policy_dir, 16, plan.turns, plan.seed)
         server = NatsServer(store_dir=state / "nats").start()
         try:

@@ -40,7 +40,7 @@ from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
 from agent_harness.settings import HarnessSettings
 from agent_harness.torch_engine import TorchEngine
-from producers.builtin import builtin_tasks
+from producers.families.files import builtin_tasks, corpus
 from sandboxd import daemon
 from sandboxd.client import SandboxClient
 from sandboxd.envhub import ensure_image
@@ -233,7 +233,7 @@ async def run_benchmark(
 ) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rs-bench-rollout-") as tmp:
-        policy = await anyio.to_thread.run_sync(create_tiny_policy, Path(tmp) / "policy")
+        policy = await anyio.to_thread.run_sync(create_tiny_policy, Path(tmp) / "policy", corpus())
         async with _infrastructure(Path(tmp), max_sandboxes=max(concurrency) * 2 + 2) as client:
             await bench_level(policy, client, 1, 1, batched=True)  # warm-up (image, torch kernels)
             for c in concurrency:

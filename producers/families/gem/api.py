@@ -1,20 +1,22 @@
 """GEM environments in sandboxes: ``reset(seed)`` / ``step(action)`` as ROCK's GEM API has them.
 
-The environment runs inside a sandbox of the ``gem`` EnvHub image (``envs/gem.toml``) through
-``/opt/gem_driver.py``; every call is one ``exec`` of the driver, which keeps the episode's state
-in the sandbox's /work between calls. Only the public ``SandboxClient`` API is used, so the same
-commands also serve the agent loop's tools and the verifier (``VERIFY_COMMAND``).
+The environment runs inside a sandbox of the ``gem`` EnvHub image (``sandboxd/envs/gem.toml``)
+through ``/opt/gem_driver.py`` (this package's ``driver.py``); every call is one ``exec`` of the
+driver, which keeps the episode's state in the sandbox's /work between calls. Only the public
+``SandboxClient`` API is used, so the same commands also serve the agent loop's ``act`` tool and
+the verifier (``VERIFY_COMMAND``).
 """
 
 from __future__ import annotations
 
 import shlex
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
-from schemas.sandbox import Created, ExecResult
+from producers.families.base import TaskSandbox
+from schemas.sandbox import ExecResult
 
 ENVIRONMENT = "gem"
 DRIVER = "/opt/gem_driver.py"
@@ -90,16 +92,6 @@ class _Fault(msgspec.Struct, frozen=True):
     message: str
 
 
-class GemSandbox(Protocol):
-    """The part of ``sandboxd.client.SandboxClient`` the GEM API uses."""
-
-    async def create(self, environment: str = "base", *, ttl_s: float | None = ...) -> Created: ...
-
-    async def exec(self, sandbox_id: str, command: str, *, timeout_s: float = ...) -> ExecResult: ...
-
-    async def close(self, sandbox_id: str) -> None: ...
-
-
 def reset_command(env_id: str, seed: int) -> str:
     return f"python3 {DRIVER} reset {shlex.quote(env_id)} {int(seed)}"
 
@@ -150,7 +142,7 @@ class GemSession:
     """
 
     def __init__(
-        self, sandbox: GemSandbox, sandbox_id: str, env_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+        self, sandbox: TaskSandbox, sandbox_id: str, env_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
         self.sandbox = sandbox
         self.sandbox_id = sandbox_id
@@ -160,7 +152,7 @@ class GemSession:
     @classmethod
     async def open(
         cls,
-        sandbox: GemSandbox,
+        sandbox: TaskSandbox,
         env_id: str,
         *,
         environment: str = ENVIRONMENT,

@@ -1,10 +1,9 @@
-"""A scripted expert for the built-in ``files`` tasks, acting through the same harness.
+"""The scripted expert of the ``files`` family, acting through the same harness as the policy.
 
-It reads the episode so far from the prompt tokens it is fed (instruction, its earlier calls and
-their tool responses), writes the next correct tool call as text, and tokenises it with the real
-tokenizer, so its trajectories look exactly like the policy's (log-probabilities 0.0). Once per
-episode, at the step that writes the answer, it errs with probability ``error_rate``: a wrong word
-or a typo (the episode fails) or a malformed call (it recovers on the next turn).
+A ``ScriptedEngine``: it reads the episode so far from the prompt tokens it is fed (instruction, its
+earlier calls and their tool responses) and writes the next correct tool call. Once per episode, at
+the step that writes the answer, it errs with probability ``error_rate``: a wrong word or a typo
+(the episode fails) or a malformed call (it recovers on the next turn).
 """
 
 from __future__ import annotations
@@ -13,51 +12,28 @@ import random
 import re
 from typing import Any
 
-from agent_harness.engine import Generation, GenRequest
-from agent_harness.prompt import IM_START, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, encode
+from agent_harness.prompt import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN
+from agent_harness.scripted import ScriptedEngine, episode_body
 from agent_harness.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, format_tool_call, parse_tool_call
-from producers.builtin import WORDS
+from producers.families.files.tasks import WORDS
 
-_USER = f"{IM_START}user\n"
 _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r".*?(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
 _RESPONSE = re.compile(re.escape(TOOL_RESPONSE_OPEN) + r"\n(.*?)\n" + re.escape(TOOL_RESPONSE_CLOSE), re.S)
 _WRITE = re.compile(r"Write the word (\w+) to answer\.txt")
 _FIRST_FILE = re.compile(r"The file (\S+\.txt)")
 
 
-class ScriptedExpert:
-    """An ``InferenceEngine`` that solves built-in tasks by script (``load_weights`` only moves
-    ``version``: its trajectories are stamped with the policy version it is told)."""
+class FilesExpert(ScriptedEngine):
+    """Solves ``files`` tasks by script, erring once per episode with probability ``error_rate``."""
 
     def __init__(self, *, tokenizer: Any, error_rate: float = 0.25, seed: int, version: int = 0) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer=tokenizer, version=version)
         self.error_rate = error_rate
-        self.version = version
         self._rng = random.Random(seed)
-
-    async def generate(self, requests: list[GenRequest]) -> list[Generation]:
-        return [self._one(r) for r in requests]
-
-    async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
-        self.version = version
-
-    def _one(self, req: GenRequest) -> Generation:
-        text = self.tokenizer.decode(req.prompt_tokens, skip_special_tokens=False)
-        tokens = encode(self.tokenizer, self.next_action(text))
-        stops = set(req.stop_token_ids or ())
-        for i, t in enumerate(tokens):
-            if t in stops:
-                tokens = tokens[: i + 1]
-                return Generation(tokens, [0.0] * len(tokens), "stop", self.version)
-        if len(tokens) > req.max_new_tokens:
-            tokens = tokens[: req.max_new_tokens]
-            return Generation(tokens, [0.0] * len(tokens), "length", self.version)
-        return Generation(tokens, [0.0] * len(tokens), "stop", self.version)
 
     def next_action(self, context: str) -> str:
         """The next assistant message given the whole episode text so far."""
-        start = context.find(_USER)
-        body = context[start + len(_USER) :] if start >= 0 else context
+        body = episode_body(context)
         instruction = body.split("<|im_end|>", 1)[0]
         calls = [parse_tool_call(m.group(0)) for m in _CALL.finditer(body)]
         responses = _RESPONSE.findall(body)

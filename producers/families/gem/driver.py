@@ -1,4 +1,4 @@
-"""GEM driver: runs INSIDE a ``gem`` sandbox (installed as /opt/gem_driver.py by envs/gem.toml).
+"""GEM driver: runs INSIDE a ``gem`` sandbox (installed as /opt/gem_driver.py by sandboxd/envs/gem.toml).
 
 Each call is one short process; the environment lives between calls as a pickle (the env object
 plus the global ``random``/``numpy`` states GEM games draw from) under /work/.gem. Commands, each
@@ -28,7 +28,7 @@ import re
 import sys
 import types
 
-# This file's folder must not shadow GEM's ``gem`` package (in the repo it holds sandboxd/gem.py).
+# This file's folder must not shadow what GEM imports (in the repo it holds the family's modules).
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 

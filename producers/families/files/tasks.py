@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
+from producers.families.base import TaskParams
 from schemas.task import Task
 
 FAMILY = "files"
@@ -77,6 +79,19 @@ def builtin_tasks(*, seed: int, count: int, levels: Sequence[int] = (1, 2, 3)) -
         make_task(levels[i % len(levels)], rng, f"{FAMILY}-s{seed}-{i:05d}-L{levels[i % len(levels)]}")
         for i in range(count)
     ]
+
+
+def task_at(seed: int, index: int, levels: Sequence[int]) -> Task:
+    """Task number ``index`` of the endless built-in stream (deterministic in seed and index)."""
+    level = levels[index % len(levels)]
+    rng = random.Random(f"{FAMILY}:{seed}:{index}")
+    return make_task(level, rng, f"{FAMILY}-s{seed}-{index:06d}-L{level}")
+
+
+async def make_tasks(sandbox: Any, params: TaskParams, *, seed: int, start: int, count: int) -> list[Task]:
+    """Tasks ``start .. start+count-1`` of the stream of ``seed`` at ``params.levels`` (no sandbox
+    needed: the family's ``make_tasks`` hook)."""
+    return [task_at(seed, i, tuple(params.levels)) for i in range(start, start + count)]
 
 
 def solution_commands(task: Task) -> list[str]:

@@ -1,0 +1,97 @@
+"""The figures of a learning demonstration (``ops.demo``): success rates with their intervals, wall
+times per phase, the table ``demo.txt`` and the bar chart ``demo.png``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Successes out of valid episodes, with its 95 % Wilson interval."""
+
+    wins: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.wins / self.n if self.n else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        from ops.report import wilson_interval
+
+        return wilson_interval(self.wins, self.n)
+
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        return f"{self.value:6.1%}  [{lo:4.0%}, {hi:4.0%}]  n={self.n}"
+
+
+Curve = list[tuple[int, int, float]]
+"""Online rollouts in consecutive policy-version ranges: (first version, episodes, success rate)."""
+
+
+@dataclass
+class DemoResult:
+    """Success rates (of valid episodes) and wall times in seconds, per phase."""
+
+    title: str = "Learning demo"
+    random: Rate | None = None  # the floor: a player that errs at every step (when measured)
+    expert: Rate = Rate(0, 0)
+    warm: Rate = Rate(0, 0)
+    after: dict[str, Rate] = field(default_factory=dict)  # run -> success after online training
+    versions: dict[str, int] = field(default_factory=dict)  # run -> final policy version
+    online: dict[str, Curve] = field(default_factory=dict)  # run -> its rollouts' success by version
+    wall: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    sft_loss: list[float] = field(default_factory=list)
+    demonstrations: int = 0  # successful expert episodes the warm start imitated
+
+    def rows(self) -> list[tuple[str, Rate, float]]:
+        rows = [] if self.random is None else [("random player (floor)", self.random, self.wall["random"])]
+        rows += [
+            ("scripted expert (errs)", self.expert, self.wall.get("seed", 0.0)),
+            ("policy after SFT warm start", self.warm, self.wall.get("warm", 0.0)),
+        ]
+        for run in ("ipa", "grpo"):
+            if run in self.after:
+                label = f"after online {run.upper()} (v{self.versions.get(run, 0)})"
+                rows.append((label, self.after[run], self.wall.get(run, 0.0)))
+        return rows
+
+    def table(self) -> str:
+        lines = [f"{'policy':<34} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
+        lines += [f"{name:<34} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in self.rows()]
+        lines.append(f"{'total':<34} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
+        for run, curve in self.online.items():
+            steps = ", ".join(f"v{v}: {w:.0%} of {n}" for v, n, w in curve)
+            lines.append(f"{run} rollouts successful by policy version: {steps}")
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        """The table as a bar chart with 95 % intervals (``demo.png``)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
+
+        rows = self.rows()
+        fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(rows)), dpi=110, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ys = list(range(len(rows)))[::-1]
+        values = [r.value for _, r, _ in rows]
+        lo = [r.value - r.interval[0] for _, r, _ in rows]
+        hi = [r.interval[1] - r.value for _, r, _ in rows]
+        colours = ["#bcbd22"] * (self.random is not None) + ["#7f7f7f", "#2ca02c", "#d62728", "#1f77b4"]
+        ax.barh(ys, values, xerr=[lo, hi], color=colours[: len(rows)], alpha=0.8, capsize=4)
+        ax.axvline(self.expert.value, color="#7f7f7f", ls="--", lw=1)
+        for y, (_, rate, sec) in zip(ys, rows, strict=True):
+            ax.text(0.01, y, f" {rate.value:.1%} (n={rate.n}, {sec:.0f} s)", va="center", color="white")
+        ax.set_yticks(ys, [name for name, _, _ in rows])
+        ax.set_xlim(0, 1)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_xlabel("success rate on held-out tasks (bars: 95 % Wilson interval)")
+        ax.set_title(f"{self.title}, {self.wall.get('total', 0.0) / 60:.0f} min on this machine")
+        fig.savefig(path)
+        return path

@@ -1,0 +1,84 @@
+"""The pipeline builder: every worker of a run, assembled in one place.
+
+``ops.worker`` starts one of them per process (``just up``); the learning demonstrations
+(``ops.demo``) start several in one process on a shared broker. Task families are wired in here and
+nowhere else: the producer streams the family that ``producer.source`` names, the rollout and
+reward workers take each task's tools from its family (``producers.families.tools_for``), and the
+learner's warm start seeds with the family's scripted expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from agent_harness.engine import InferenceEngine
+from ops.config import Config
+
+WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy")
+Starter = Callable[..., Coroutine[Any, Any, Any]]
+"""``await task_group.start(starter)``: runs a worker, which calls ``task_status.started()`` once bound."""
+
+
+def starter(
+    name: str, cfg: Config, js: JetStreamContext, nc: NATS, *, engine: InferenceEngine | None = None
+) -> Starter:
+    """Worker ``name`` of run ``cfg.run``; ``engine`` replaces the rollout worker's own (the
+    demonstrations hand it the warm-started policy). Each worker's modules load only when it starts."""
+    if name == "sandboxd":
+        from sandboxd import daemon
+
+        return lambda task_status: daemon.run(cfg.sandboxd, nc, task_status=task_status)
+    if name == "producer":
+        from producers import tasks
+
+        return lambda task_status: tasks.run(cfg, js, nc, task_status=task_status)
+    if name == "rollout":
+        from consumers import rollout
+        from producers.families import tools_for
+
+        return lambda task_status: rollout.run(
+            cfg, js, nc, engine=engine, tools_for=tools_for, task_status=task_status
+        )
+    if name == "reward":
+        from consumers import reward
+        from producers.families import tools_for
+
+        return lambda task_status: reward.run(cfg, js, nc, tools_for=tools_for, task_status=task_status)
+    if name == "learner":
+        return lambda task_status: _learner(cfg, js, nc, task_status=task_status)
+    if name == "lake":
+        from consumers import lake
+
+        return lambda task_status: lake.run(cfg, js, task_status=task_status)
+    if name == "proxy":
+        from consumers import proxy_worker
+
+        return lambda task_status: proxy_worker.run(cfg, js, task_status=task_status)
+    raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
+
+
+async def start(
+    tg: TaskGroup,
+    names: Iterable[str],
+    cfg: Config,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    engine: InferenceEngine | None = None,
+) -> None:
+    """Start workers ``names`` in ``tg``, in that order, each once it is bound."""
+    for name in names:
+        await tg.start(starter(name, cfg, js, nc, engine=engine))
+
+
+async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: Any) -> None:
+    """The learner role: the replay warm start when the run has no checkpoint, then training."""
+    from learner import warmstart, worker
+
+    await warmstart.prepare_warm_start(cfg, js, nc)
+    await worker.run(cfg, js, task_status=task_status)
