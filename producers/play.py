@@ -18,7 +18,7 @@ from agent_harness.tools import ToolsFor
 from consumers.reward import score
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
-from schemas.trajectory import ScoredTrajectory
+from schemas.trajectory import ScoredTrajectory, TrajSource
 
 EngineFor = Callable[[TaskSample], InferenceEngine]
 """The engine that plays a sample: one shared (a policy behind a ``Batcher``) or one per episode."""
@@ -33,7 +33,7 @@ async def play(
     tools_for: ToolsFor,
     verify_timeout_s: float,
     concurrency: int,
-    source: str = "online",
+    source: TrajSource = "online",
     on_scored: Callable[[ScoredTrajectory], Awaitable[None]] | None = None,
 ) -> list[ScoredTrajectory]:
     """Play and score every sample, ``concurrency`` at a time; ``on_scored`` runs on each result as
