@@ -117,8 +117,9 @@ def query(
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
     """Run SQL over the trajectory lake with DuckDB."""
-    from ops.lake_query import QueryError, render_table, write_result
-    from ops.lake_query import query as run_query
+    from consumers.lake import QueryError, write_result
+    from consumers.lake import query as run_query
+    from ops.lake_cli import render_table
 
     root = lake or config(config_path, overrides).lake_root
     try:
@@ -196,13 +197,13 @@ def report(
     run: Annotated[str | None, typer.Option(help="Only this run (default: every run in the lake).")] = None,
 ) -> None:
     """Write PNG plots (success and reward by version, staleness, throughput, loss) and a summary."""
-    from ops.lake_query import QueryError
+    from consumers.lake import LakeError
     from ops.report import report_command
 
     root = lake or config(config_path, overrides).lake_root
     try:
         report_command(root, out_dir, run)
-    except QueryError as exc:
+    except LakeError as exc:
         raise fail(str(exc)) from None
 
 

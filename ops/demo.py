@@ -10,7 +10,7 @@ Phases, all on the built-in ``files`` family (levels 1-2) in real sandboxes:
    and publishes its scored trajectories (run ``seed``, ``replay_mode="sft"``); the lake keeps them.
    The expert's success rate is measured on these episodes.
 2. **Warm start**: ``Trainer`` imitates the successful expert trajectories loaded back from the
-   lake (``producers.lake_source.load_scored``) for a few epochs of SFT.
+   lake (``consumers.lake.load_scored``) for a few epochs of SFT.
 3. **Online RL**, twice from the same warm start under the same time budget: run ``ipa`` (IPA
    loss) and run ``grpo`` (token-level GRPO baseline). Each runs the real workers in-process
    (producer, rollout, reward, learner, lake writer) on the shared broker and lake.
@@ -41,12 +41,12 @@ from nats.js import JetStreamContext
 
 from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
+from consumers.lake import query
 from consumers.reward import score
 from learner.checkpoint import checkpoint_path, latest_checkpoint
 from learner.settings import LearnerSettings
 from learner.warmstart import EXPERT_SQL, WARM_VERSION, imitate
 from ops.config import Config, load_config
-from ops.lake_query import query
 from producers.tasks import builtin_task_at
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
@@ -273,7 +273,7 @@ async def seed_phase(s: Stack, plan: DemoPlan) -> Rate:
 def sft_warm_start(lake_root: Path, base: Path, out_root: Path, plan: DemoPlan) -> tuple[Path, list[float]]:
     """Imitate the lake's successful expert trajectories (``learner.warmstart``); the checkpoint
     written under ``out_root`` (version 1, fresh optimiser at the online learning rate)."""
-    from producers.lake_source import load_scored
+    from consumers.lake import load_scored
 
     sql = EXPERT_SQL.format(run_filter=f"AND run = '{SEED_RUN}' ")
     samples = load_scored(lake_root, sql)

@@ -47,13 +47,13 @@ from agent_harness.gem_episode import GuessTheNumberExpert, act_call, next_guess
 from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
 from agent_harness.prompt import encode
+from consumers.lake import query
 from consumers.reward import score
 from learner.checkpoint import checkpoint_path, latest_checkpoint
 from learner.settings import LearnerSettings
 from learner.warmstart import WARM_VERSION, imitate
 from ops.config import Config
 from ops.demo import EVAL_SEED, SEED_RUN, DemoPlan, Stack, demo_config, final_version, stack, wait_for_rows
-from ops.lake_query import query
 from producers.gem_tasks import gem_tasks
 from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
@@ -317,7 +317,7 @@ def sft_warm_start(
 ) -> tuple[Path, list[float], int]:
     """SFT on the expert's won episodes from the lake; the checkpoint (version 1, fresh optimiser
     at the online rate), the losses and the number of demonstrations."""
-    from producers.lake_source import load_scored
+    from consumers.lake import load_scored
 
     samples = load_scored(lake_root, WON_SQL)
     path, losses = imitate(

@@ -1,6 +1,6 @@
 """``rollstream report``: PNG plots and a text summary of one run (or every run) in the lake.
 
-Everything comes from the deduplicating views of ``ops.lake_query``. A plot whose data is missing
+Everything comes from the deduplicating views of ``consumers.lake``. A plot whose data is missing
 is skipped and named in the summary; an empty lake gives a summary that says so and no PNG. The
 plots use matplotlib's object API (``Figure`` on the Agg canvas): no pyplot state, no display.
 Everything here blocks; async callers go through ``anyio.to_thread``.
@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from ops.lake_query import query
+from consumers.lake import query
 
 DPI = 110
 WIDE = (9.0, 5.0)  # inches: 990 x 550 px at DPI

@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 from agent_harness.engine import GenRequest
 from agent_harness.gem_episode import GemToolRegistry, next_guess
 from agent_harness.prompt import prompt_tokens
+from consumers.lake import query
 from learner.checkpoint import latest_checkpoint, read_state
 from learner.warmstart import WARM_VERSION
 from ops.demo_gem import GemPlan, NoisyGuesser, run_gem_demo
-from ops.lake_query import query
 from producers.gem_tasks import gem_task
 from tests.test_gem import gem_image  # noqa: F401
 from tests.test_harness_fixtures import tiny_policy  # noqa: F401

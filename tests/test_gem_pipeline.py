@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from agent_harness.gem_episode import GuessTheNumberExpert
 from consumers import lake, reward, rollout
+from consumers.lake import query
 from ops.config import load_config
-from ops.lake_query import query
 from producers import tasks
 from streams.topology import ensure
 from tests.test_gem import GUESS_RANDOM, gem_image  # noqa: F401

@@ -14,7 +14,7 @@ from agent_harness.expert import ScriptedExpert
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter
 from producers.builtin import builtin_tasks, solution_commands
 from producers.resample import ResampleError, prefix_calls, resample
 from sandboxd.client import SandboxClient
