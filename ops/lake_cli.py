@@ -16,6 +16,8 @@ User errors (bad SQL, bad config, no broker) are one sentence on stderr and exit
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -28,7 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from consumers.lake import LakeError, QueryError, count_selected
+from consumers.lake import LakeError, QueryError, count_selected, write_result
+from consumers.lake.export import Format
 from ops.config import Config, ConfigError, load_config
 
 T = TypeVar("T")
@@ -140,6 +143,16 @@ def render_table(table: pa.Table, *, max_rows: int = 50) -> Table:
         # Text cells: a value like "[bold]" is data, never rich markup.
         out.add_row(*(Text(format_value(v), style="dim" if v is None else "") for v in row))
     return out
+
+
+def write_stdout(table: pa.Table, fmt: Format) -> None:
+    """A result on standard output (the CLI refuses parquet there: it is binary); a reader that
+    stops early (``| head``) is no error."""
+    try:
+        write_result(table, sys.stdout.buffer, fmt)
+    except BrokenPipeError:
+        # Python would complain when it flushes stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # --- lake maintenance, replay, resampling, filters ---------------------------------------------
