@@ -211,6 +211,8 @@ def report(
         report_command(root, out_dir, run)
     except LakeError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot write the report to {out_dir}: {exc.strerror or exc}") from None
 
 
 @app.command("init-policy")
