@@ -39,11 +39,11 @@ logs:
 env-build name:
     {{rs}} env build {{name}}
 
-# Lint (ruff) and type-check (mypy, strict on schemas/ streams/ learner/)
+# Lint (ruff) and type-check (mypy, strict on schemas/ streams/ learner/ consumers/lake/)
 lint:
     {{venv}}/bin/ruff check .
     {{venv}}/bin/ruff format --check .
-    {{venv}}/bin/mypy schemas streams learner
+    {{venv}}/bin/mypy schemas streams learner consumers/lake
 
 # The whole test suite (real nats-server, real Docker, real torch), after lint
 test *args: lint

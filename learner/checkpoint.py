@@ -1,20 +1,21 @@
 """Checkpoints: a Hugging Face model directory plus optimiser state and ``state.json``, written
-atomically (temporary directory, fsync, rename), so a directory with ``state.json`` is complete.
+atomically (``consumers.lake.durable.atomic_write``: temporary directory, fsync, rename, fsync of
+the parent), so a directory with ``state.json`` is complete.
 
 Layout: ``<root>/step-<step:08d>/{config.json, model.safetensors, ..., optimizer.pt, state.json}``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import torch
+
+from consumers.lake.durable import atomic_write
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -62,22 +63,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None if best is None else best[2]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for f in directory.iterdir():
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(directory)
-
-
 def copy_tokenizer_files(source: Path, target: Path) -> None:
     """Copy tokenizer files from ``source`` to ``target`` (those ``target`` does not have)."""
     for pattern in TOKENIZER_GLOBS:
@@ -95,28 +80,17 @@ def write_checkpoint(
     tokenizer_source: Path | None = None,
 ) -> Path:
     """Write a complete checkpoint at ``target``, replacing any previous one there atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def fill(tmp: Path) -> None:
         tmp.mkdir()
         model.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        if tokenizer_source is not None and tokenizer_source.resolve() != tmp.resolve():
+        if tokenizer_source is not None:
             copy_tokenizer_files(tokenizer_source, tmp)
         stamped = msgspec.structs.replace(state, time=state.time or time.time())
         (tmp / STATE_FILE).write_bytes(msgspec.json.encode(stamped))
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-        tmp.rename(target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(target, fill)
     return target
 
 

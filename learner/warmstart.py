@@ -134,7 +134,7 @@ def warm_start(
     Does nothing (returns ``None``) when the run already has a checkpoint or the lake holds no
     successful expert trajectory; otherwise returns the checkpoint written. Blocking.
     """
-    from producers.lake_source import load_scored
+    from consumers.lake import load_scored
 
     root = cfg.state / "checkpoints" / cfg.run
     if latest_checkpoint(root) is not None:
@@ -158,7 +158,7 @@ def warm_start(
 
 def expert_rows(lake_root: Path, run: str) -> dict[str, bool]:
     """The lake's expert trajectories of ``run``: traj_id -> success (valid and reward > 0)."""
-    from ops.lake_query import query
+    from consumers.lake import query
     from streams.topology import check_run
 
     sql = (

@@ -112,14 +112,18 @@ def query(
         Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format.")
     ] = "table",
     output: Annotated[
-        Path | None, typer.Option("--out", "-o", help="File for csv/json/parquet output.")
+        Path | None,
+        typer.Option("--out", "-o", help="File for csv/json/parquet output (csv/json: stdout without it)."),
     ] = None,
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
-    """Run SQL over the trajectory lake with DuckDB."""
-    from ops.lake_query import QueryError, render_table, write_result
-    from ops.lake_query import query as run_query
+    """Run SQL over the trajectory lake with DuckDB (csv and json go to stdout without --out)."""
+    from consumers.lake import QueryError, write_result
+    from consumers.lake import query as run_query
+    from ops.lake_cli import render_table, write_stdout
 
+    if fmt == "parquet" and output is None:
+        raise fail("--format parquet writes a binary file: add --out PATH.")
     root = lake or config(config_path, overrides).lake_root
     try:
         table = run_query(root, sql)
@@ -127,11 +131,14 @@ def query(
         raise fail(str(exc)) from None
     if fmt == "table":
         out.print(render_table(table, max_rows=max_rows))
-        return
-    if output is None:
-        raise fail(f"--format {fmt} writes a file: add --out PATH.")
-    write_result(table, output, fmt)
-    out.print(f"wrote {table.num_rows} rows to {output}")
+    elif output is None:
+        write_stdout(table, fmt)
+    else:
+        try:
+            write_result(table, output, fmt)
+        except OSError as exc:
+            raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+        out.print(f"wrote {table.num_rows} rows to {output}")
 
 
 @app.command()
@@ -197,14 +204,16 @@ def report(
     run: Annotated[str | None, typer.Option(help="Only this run (default: every run in the lake).")] = None,
 ) -> None:
     """Write PNG plots (success and reward by version, staleness, throughput, loss) and a summary."""
-    from ops.lake_query import QueryError
+    from consumers.lake import LakeError
     from ops.report import report_command
 
     root = lake or config(config_path, overrides).lake_root
     try:
         report_command(root, out_dir, run)
-    except QueryError as exc:
+    except LakeError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot write the report to {out_dir}: {exc.strerror or exc}") from None
 
 
 @app.command("init-policy")

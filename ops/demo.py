@@ -13,7 +13,7 @@ game. Phases, here on the built-in ``files`` family (levels 1-2) in real sandbox
    ``error_rate``) and publishes its scored trajectories (run ``seed``, ``replay_mode="sft"``); the
    lake keeps them. The expert's success rate is measured on these episodes.
 2. **Warm start**: ``learner.warmstart.imitate`` on the successful expert trajectories loaded back
-   from the lake (``producers.lake_source.load_scored``), installed as version 1.
+   from the lake (``consumers.lake.load_scored``), installed as version 1.
 3. **Online RL** from the same warm start, one run per loss of ``runs`` (``ipa``: IPA loss,
    ``grpo``: token-level GRPO baseline), under a share of the time budget each. Each runs the real
    workers in-process (``ops.pipeline``: producer, rollout, reward, learner, lake writer) on the
@@ -44,13 +44,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.policy_init import create_tiny_policy
+from consumers.lake import query
 from learner.checkpoint import checkpoint_path, latest_checkpoint, read_state
 from learner.settings import LearnerSettings
 from learner.warmstart import WARM_VERSION, imitate
 from ops import pipeline
 from ops.config import Config, load_config
 from ops.demo_result import Curve, DemoResult, Rate
-from ops.lake_query import query
 from producers import families, seed
 from producers.families.files import corpus
 from producers.play import EngineFor, play
@@ -263,7 +263,7 @@ def sft_warm_start(
     """Imitate the lake's successful expert trajectories (``learner.warmstart.imitate``): the
     checkpoint written under ``out_root`` (version 1, fresh optimiser at the online learning rate),
     the losses and the number of demonstrations."""
-    from producers.lake_source import load_scored
+    from consumers.lake import load_scored
 
     samples = load_scored(lake_root, SUCCESS_SQL)
     path, losses = imitate(

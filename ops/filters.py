@@ -33,8 +33,7 @@ import anyio
 import msgspec
 import numpy as np
 
-from consumers.lake_writer import FilterVerdict, LakeWriter, check_name
-from producers.lake_source import iter_scored
+from consumers.lake import FilterVerdict, LakeWriter, check_name, iter_scored
 from schemas.arrays import unpack_tokens
 from schemas.trajectory import Chunk, ScoredTrajectory
 

@@ -1,4 +1,5 @@
-"""Operator commands over the lake: ``lake compact``, ``filter run``, ``replay``, ``resample``.
+"""Operator commands over the lake: ``lake compact``, ``filter run``, ``replay``, ``resample``, and
+the terminal rendering and output of ``rollstream query``. The lake itself is ``consumers.lake``.
 
 Mount in ``ops/cli.py``::
 
@@ -14,18 +15,24 @@ User errors (bad SQL, bad config, no broker) are one sentence on stderr and exit
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
+import pyarrow as pa
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+from consumers.lake import LakeError, QueryError, count_selected, write_result
+from consumers.lake.export import Format
 from ops.config import Config, ConfigError, load_config
-from ops.lake_query import QueryError
 
 T = TypeVar("T")
 out = Console()
@@ -90,6 +97,67 @@ def _with_broker(cfg: Config, work: Callable[[Any, Any], Awaitable[T]]) -> T:
         raise _fail(f"cannot reach the broker at {cfg.nats_url}: {exc}") from None
 
 
+# --- rollstream query: terminal tables and standard output ------------------------------------
+
+_MAX_CELL = 60
+_MAX_ITEMS = 8
+
+
+def _truncate(text: str, limit: int = _MAX_CELL) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_value(value: Any) -> str:
+    """A short, readable rendering of one cell (floats to 6 significant digits, long lists elided)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        items = [format_value(v) for v in value[:_MAX_ITEMS]]
+        if len(value) > _MAX_ITEMS:
+            items.append(f"… +{len(value) - _MAX_ITEMS}")
+        return _truncate("[" + ", ".join(items) + "]")
+    if isinstance(value, dict):
+        return _truncate("{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}")
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    return _truncate(str(value))
+
+
+def render_table(table: pa.Table, *, max_rows: int = 50) -> Table:
+    """A rich table of the first ``max_rows`` rows; the caption says how many rows there are."""
+    shown = table.slice(0, max_rows)
+    caption = f"{table.num_rows} rows"
+    if table.num_rows > max_rows:
+        caption = f"first {max_rows} of {table.num_rows} rows"
+    out = Table(caption=caption, header_style="bold")
+    for field in table.schema:
+        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+        out.add_column(field.name, justify="right" if numeric else "left", overflow="fold")
+    # Column-wise, so duplicate column names (``SELECT 1 AS a, 2 AS a``) keep both values.
+    for row in zip(*(column.to_pylist() for column in shown.columns), strict=True):
+        # Text cells: a value like "[bold]" is data, never rich markup.
+        out.add_row(*(Text(format_value(v), style="dim" if v is None else "") for v in row))
+    return out
+
+
+def write_stdout(table: pa.Table, fmt: Format) -> None:
+    """A result on standard output (the CLI refuses parquet there: it is binary); a reader that
+    stops early (``| head``) is no error."""
+    try:
+        write_result(table, sys.stdout.buffer, fmt)
+    except BrokenPipeError:
+        # Python would complain when it flushes stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# --- lake maintenance, replay, resampling, filters ---------------------------------------------
+
+
 @lake_app.command("compact")
 def compact_command(
     config_path: ConfigOpt = None,
@@ -98,10 +166,13 @@ def compact_command(
     run: Annotated[str | None, typer.Option(help="Only this run's partitions (default: all).")] = None,
 ) -> None:
     """Merge each partition's parts into one, drop redelivered copies, remove orphaned temp files."""
-    from ops.lake_query import compact
+    from consumers.lake import compact
 
     root = lake or _config(config_path, overrides).lake_root
-    stats = compact(root, run=run)
+    try:
+        stats = compact(root, run=run)
+    except LakeError as exc:
+        raise _fail(str(exc)) from None
     table = Table(title=f"compacted {root}", header_style="bold")
     for column in ("partitions", "parts before", "parts after", "rows before", "rows after", "orphans"):
         table.add_column(column, justify="right")
@@ -133,7 +204,7 @@ def replay_command(
     lake: LakeOpt = None,
 ) -> None:
     """Publish trajectories chosen by SQL over the lake to the learner as replay samples."""
-    from producers.replay import count_selected, replay
+    from producers.replay import replay
 
     cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
     root = lake or cfg.lake_root
@@ -168,7 +239,6 @@ def resample_command(
     lake: LakeOpt = None,
 ) -> None:
     """Create tasks that restart chosen trajectories at chunk K (first K tool calls replayed)."""
-    from producers.replay import count_selected
     from producers.resample import resample
 
     cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
@@ -215,7 +285,6 @@ def filter_run_command(
 ) -> None:
     """Judge trajectories with one filter stage and write the verdicts to the lake."""
     from ops.filters import default_sql, run_stage
-    from producers.replay import count_selected
 
     cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
     root = lake or cfg.lake_root

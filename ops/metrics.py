@@ -1,13 +1,16 @@
-"""Prometheus metrics: one small set of counters and gauges that every worker process imports.
+"""Prometheus metrics: the server that exposes them, and every metric of rollstream by name.
 
-A process calls ``start_metrics_server(port)`` once (it serves ``/metrics`` on ``127.0.0.1``
-from a daemon thread) and then updates the metrics below where the work happens. Every metric
-has a ``worker`` label (``rollout``, ``reward``, ``learner``, ``lake``, ``producer``,
-``sandboxd``) and a ``run`` label. Updates are thread-safe and cost well under a microsecond.
+Metrics are declared next to the code they count (``streams.metrics``: messages, dead letters and
+work in flight of every worker; ``consumers.lake.metrics``: lake flushes; the others below). They
+all live in the default registry and are re-exported here. A process calls
+``start_metrics_server(port)`` once (it serves ``/metrics`` on ``127.0.0.1`` from a daemon thread)
+and then updates the metrics where the work happens. Every metric has a ``run`` label, most a
+``worker`` label (``rollout``, ``reward``, ``learner``, ``lake``, ``producer``, ``sandboxd``).
+Updates are thread-safe and cost well under a microsecond.
 
     from ops import metrics
     metrics.start_metrics_server(9101)
-    metrics.MESSAGES.labels(worker="lake", run=run).inc(n)
+    metrics.EPISODES.labels(run=run, status="completed").inc()
 """
 
 from __future__ import annotations
@@ -16,18 +19,25 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import anyio
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
 
-MESSAGES = Counter(
-    "rollstream_messages_processed",
-    "Messages a worker processed and acked.",
-    ["worker", "run"],
-)
-DEAD_LETTERED = Counter(
-    "rollstream_messages_dead_lettered",
-    "Messages a worker sent to its dead-letter subject.",
-    ["worker", "run"],
-)
+from consumers.lake.metrics import FLUSH_ROWS, FLUSH_SECONDS
+from streams.metrics import DEAD_LETTERED, IN_FLIGHT, MESSAGES
+
+__all__ = [
+    "DEAD_LETTERED",
+    "EPISODES",
+    "FLUSH_ROWS",
+    "FLUSH_SECONDS",
+    "IN_FLIGHT",
+    "MESSAGES",
+    "POLICY_VERSION",
+    "REWARDS",
+    "TRAIN_SAMPLES",
+    "start_metrics_server",
+    "track_dead_letters",
+]
+
 EPISODES = Counter(
     "rollstream_episodes",
     "Episodes finished by rollout workers, by trajectory status (completed, truncated, aborted).",
@@ -46,22 +56,6 @@ TRAIN_SAMPLES = Counter(
 POLICY_VERSION = Gauge(
     "rollstream_policy_version",
     "Policy version the worker holds (learner: the one it trains; rollout: the one it generates with).",
-    ["worker", "run"],
-)
-FLUSH_ROWS = Counter(
-    "rollstream_lake_rows_flushed",
-    "Rows the lake writer made durable, by table.",
-    ["run", "table"],
-)
-FLUSH_SECONDS = Histogram(
-    "rollstream_lake_flush_seconds",
-    "Duration of one lake flush (temp file, fsync, rename, for every table).",
-    ["run"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-IN_FLIGHT = Gauge(
-    "rollstream_in_flight",
-    "Units of work a worker holds right now (episodes, verifications, unacked lake messages).",
     ["worker", "run"],
 )
 

@@ -70,7 +70,7 @@ async def _status(cfg: Any, console: Console) -> None:
         console.print(t)
     finally:
         await nc.close()
-    from ops.lake_query import QueryError, query
+    from consumers.lake import QueryError, query
 
     try:
         table = query(

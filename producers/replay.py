@@ -1,6 +1,6 @@
 """The replay producer: trajectories chosen by SQL over the lake, re-published to the learner.
 
-Each selected trajectory is loaded back in full (``producers.lake_source.iter_scored``) and
+Each selected trajectory is loaded back in full (``consumers.lake.iter_scored``) and
 published to ``rs.traj.scored.<run>`` as ``ScoredTrajectory(replay=True, replay_mode=mode)``. The
 learner trains replay samples with SFT (``mode="sft"``) or with IPA under truncated importance
 sampling against their logged behaviour log-probabilities (``mode="ipa"``); they are governed by
@@ -22,8 +22,7 @@ import msgspec
 import structlog
 from nats.js import JetStreamContext
 
-from ops.lake_query import query
-from producers.lake_source import iter_scored
+from consumers.lake import iter_scored
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
 from streams.topology import subject
@@ -31,12 +30,6 @@ from streams.topology import subject
 log = structlog.get_logger(__name__)
 ReplayMode = Literal["sft", "ipa"]
 MODES: tuple[str, ...] = ("sft", "ipa")
-
-
-def count_selected(root: Path, sql: str) -> int:
-    """How many distinct trajectories ``sql`` selects (raises ``QueryError`` for bad SQL)."""
-    table = query(root, f"SELECT count(DISTINCT traj_id) AS n FROM ({sql}) AS selected")
-    return int(table["n"][0].as_py() or 0)
 
 
 def as_replay(scored: ScoredTrajectory, mode: ReplayMode) -> ScoredTrajectory:

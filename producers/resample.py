@@ -25,7 +25,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from agent_harness.tools import format_tool_call
-from producers.lake_source import iter_scored
+from consumers.lake import iter_scored
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher

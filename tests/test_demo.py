@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from consumers.lake import query
 from learner.checkpoint import latest_checkpoint, read_state
 from learner.warmstart import WARM_VERSION
 from ops.demo import DemoPlan, DemoResult, Rate, run_demo
-from ops.lake_query import query
 
 
 def test_a_rate_carries_its_wilson_interval_and_the_table_lists_every_phase(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from transformers import AutoTokenizer
 
 from agent_harness.engine import GenRequest
 from agent_harness.prompt import prompt_tokens
+from consumers.lake import query
 from learner.checkpoint import latest_checkpoint, read_state
 from learner.warmstart import WARM_VERSION
 from ops.demo import run_demo
 from ops.demo_gem import GemPlan
-from ops.lake_query import query
 from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, gem_task, next_guess
 from tests.test_gem import gem_image  # noqa: F401
 from tests.test_harness_fixtures import tiny_policy  # noqa: F401

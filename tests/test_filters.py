@@ -9,9 +9,8 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter, query
 from ops.filters import heuristic, run_stage, security
-from ops.lake_query import query
 from sandboxd.client import SandboxClient
 from schemas.arrays import pack_tokens
 from schemas.trajectory import Chunk, ScoredTrajectory

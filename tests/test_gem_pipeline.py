@@ -11,9 +11,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
+from consumers.lake import query
 from ops import pipeline
 from ops.config import load_config
-from ops.lake_query import query
 from producers.families.gem import GuessTheNumberExpert
 from streams.topology import ensure
 from tests.test_gem import GUESS_RANDOM, gem_image  # noqa: F401

@@ -8,9 +8,8 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter, query
 from ops.lake_cli import filter_app, lake_app, replay_command, resample_command
-from ops.lake_query import query
 from streams.server import NatsServer
 from tests.test_lake_writer import fill
 from tests.test_replay import lake_trajectory

@@ -12,8 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from consumers.lake_writer import SCHEMAS, FilterVerdict, LakeWriter
-from ops.lake_query import compact, query
+from consumers.lake import SCHEMAS, FilterVerdict, LakeWriteError, LakeWriter, compact, query
 from tests.test_lake_writer import DAY, fill, make_scored, make_step, make_train
 
 VIEWS = list(SCHEMAS)
@@ -124,7 +123,7 @@ def test_a_crash_between_rename_and_removal_leaves_rows_visible_once_and_the_nex
         real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", crash_on_old_parts)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(LakeWriteError, match="Input/output"):
         compact(lake)
     monkeypatch.undo()
     assert any("compact" in p.name for p in parts(lake))  # the merged part is durable ...

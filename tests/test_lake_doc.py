@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.lake_writer import SCHEMAS
+from consumers.lake import SCHEMAS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "lake.md"
 

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from consumers.lake_writer import SCHEMAS, FilterVerdict, LakeWriter
-from ops.lake_query import QueryError, open_lake, query, render_table, write_result
+from consumers.lake import SCHEMAS, FilterVerdict, LakeWriter, QueryError, open_lake, query, write_result
+from consumers.lake.views import view_sql
+from ops.lake_cli import render_table
 from tests.test_lake_writer import DAY, fill, make_scored, make_step, make_task, make_train
 
 VIEWS = list(SCHEMAS)
@@ -115,12 +116,30 @@ def test_empty_views_have_the_same_column_types_as_written_parts(lake: Path, tmp
         assert [f.type for f in full_types] == [f.type for f in empty_types], table
 
 
+def test_parts_written_before_a_column_existed_read_it_as_null(lake: Path) -> None:
+    """An older writer had no ``task`` column: the view still has it (NULL), in its declared place."""
+    for part in (lake / "trajectories").glob("**/*.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns(["task"]), part)
+
+    table = query(lake, "SELECT * FROM trajectories")
+
+    assert table.column_names == [*SCHEMAS["trajectories"].names, "date"]
+    assert table.num_rows == 6 and table["task"].null_count == 6
+    assert query(lake, "SELECT count(*) AS n FROM chunks")["n"][0].as_py() > 0  # other views as before
+
+
+def test_a_lake_with_every_column_gets_the_plain_view_without_a_union(lake: Path) -> None:
+    assert all("UNION" not in view_sql(lake, table) for table in VIEWS)
+
+
 def test_a_bad_query_raises_query_error_with_duckdbs_message(lake: Path) -> None:
     with pytest.raises(QueryError, match="no_such_column") as info:
         query(lake, "SELECT no_such_column FROM trajectories")
     assert info.value.kind == "BinderException"
-    with pytest.raises(QueryError, match="syntax error"):
+    with pytest.raises(QueryError, match="syntax error") as info:
         query(lake, "SELEC 1")
+    assert "\n" in info.value.message  # DuckDB's words: a message, then the line and a caret marker
+    assert str(info.value) == 'Parser Error: syntax error at or near "SELEC" LINE 1: SELEC 1'
     with pytest.raises(QueryError, match="nope"):
         query(lake, "SELECT * FROM nope")
 

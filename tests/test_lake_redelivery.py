@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.dataset as ds
 from nats.js import JetStreamContext
 
+from consumers.lake import query
 from ops.config import load_config, to_toml
-from ops.lake_query import query
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams.bus import Publisher

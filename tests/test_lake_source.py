@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.lake_writer import LakeWriter
-from ops.lake_query import QueryError
-from producers.lake_source import LakeIntegrityError, iter_scored, load_scored
+from consumers.lake import LakeIntegrityError, LakeWriter, QueryError, iter_scored, load_scored
 from schemas.trajectory import ScoredTrajectory
 from tests.test_lake_writer import DAY, make_scored
 

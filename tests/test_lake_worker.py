@@ -9,8 +9,8 @@ import msgspec
 from nats.js import JetStreamContext
 
 from consumers import lake
+from consumers.lake import query
 from ops.config import load_config
-from ops.lake_query import query
 from schemas.codec import dlq_decoder
 from streams.bus import Publisher
 from streams.topology import DLQ, ensure, subject

@@ -10,8 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from consumers.lake_writer import SCHEMAS, LakeWriteError, LakeWriter
-from ops.lake_query import query
+from consumers.lake import SCHEMAS, LakeWriteError, LakeWriter, query
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.task import Task, TaskSample
 from schemas.train import StepStats, TrainRecord

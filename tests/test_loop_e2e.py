@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.lake_query import query
+from consumers.lake import query
 from streams.server import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -22,9 +22,9 @@ import nats
 import pytest
 
 from agent_harness.policy_init import create_tiny_policy
+from consumers.lake import QueryError, query
 from ops.cluster import Cluster, Member, cluster_config, write_host_configs
 from ops.config import load_config, to_toml
-from ops.lake_query import QueryError, query
 from ops.security import ROLES, authorization_block, ensure_credentials
 from producers.families.files import corpus
 from streams.server import nats_server_binary

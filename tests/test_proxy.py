@@ -25,8 +25,7 @@ from agent_harness.batcher import Batcher
 from agent_harness.proxy import ModelProxy, ProxySettings
 from agent_harness.tools import ToolRegistry
 from agent_harness.torch_engine import TorchEngine
-from consumers.lake_writer import LakeWriter
-from ops.lake_query import query
+from consumers.lake import LakeWriter, query
 from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_logprobs, unpack_tokens

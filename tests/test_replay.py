@@ -8,11 +8,11 @@ import anyio
 import numpy as np
 from nats.js import JetStreamContext
 
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter, count_selected
 from learner import worker
 from ops.config import load_config
 from ops.filters import run_stage
-from producers.replay import count_selected, replay
+from producers.replay import replay
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.codec import scored_decoder, train_decoder
 from schemas.train import TrainRecord

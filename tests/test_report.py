@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter
 from ops.report import (
     PLOTS,
     plot_reward_by_version,

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
-from consumers.lake_writer import LakeWriter
+from consumers.lake import LakeWriter
 from producers.families.files import FilesExpert, builtin_tasks, solution_commands
 from producers.resample import ResampleError, prefix_calls, resample
 from sandboxd.client import SandboxClient

@@ -26,8 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from consumers.lake_writer import LakeWriter
-from ops.lake_query import compact, open_lake
+from consumers.lake import LakeWriter, compact, open_lake
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 
 DAY = 1_767_268_800.0

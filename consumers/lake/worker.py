@@ -1,4 +1,4 @@
-"""The lake writer process: tasks, scored trajectories and the train log into Parquet.
+"""The lake worker (``rollstream worker lake``): tasks, scored trajectories and the train log into Parquet.
 
 Steps, as a checkpoint does: add (buffer) -> flush (temp file, fsync, rename) -> ack. A failed
 flush acks nothing, so the broker redelivers and the views hide the duplicates.
@@ -16,10 +16,12 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
-from consumers.lake_writer import LakeWriteError, LakeWriter
-from ops import metrics
+from consumers.lake.errors import LakeWriteError
+from consumers.lake.metrics import FLUSH_ROWS, FLUSH_SECONDS
+from consumers.lake.writer import LakeWriter
 from schemas.codec import scored_decoder, tasks_decoder, train_decoder
 from streams.bus import Consumer, Delivery
+from streams.metrics import DEAD_LETTERED, IN_FLIGHT, MESSAGES
 from streams.topology import LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
 
 log = structlog.get_logger(__name__)
@@ -42,15 +44,15 @@ async def run(
             return
         started = time.perf_counter()
         rows = await anyio.to_thread.run_sync(writer.flush)
-        metrics.FLUSH_SECONDS.labels(run=cfg.run).observe(time.perf_counter() - started)
+        FLUSH_SECONDS.labels(run=cfg.run).observe(time.perf_counter() - started)
         for d in unacked:
             await d.ack()
         for table, n in rows.items():
-            metrics.FLUSH_ROWS.labels(run=cfg.run, table=table).inc(n)
-        metrics.MESSAGES.labels(worker="lake", run=cfg.run).inc(len(unacked))
+            FLUSH_ROWS.labels(run=cfg.run, table=table).inc(n)
+        MESSAGES.labels(worker="lake", run=cfg.run).inc(len(unacked))
         log.info("lake_flush", messages=len(unacked), **rows)
         unacked.clear()
-        metrics.IN_FLIGHT.labels(worker="lake", run=cfg.run).set(0)
+        IN_FLIGHT.labels(worker="lake", run=cfg.run).set(0)
 
     async def take(consumer: Consumer[Any], add: Any) -> int:
         got, poisoned = 0, consumer.stats.dead_lettered
@@ -63,8 +65,8 @@ async def run(
             unacked.append(d)
             got += 1
         # Undecodable messages (dead-lettered inside fetch) and unwritable ones alike.
-        metrics.DEAD_LETTERED.labels(worker="lake", run=cfg.run).inc(consumer.stats.dead_lettered - poisoned)
-        metrics.IN_FLIGHT.labels(worker="lake", run=cfg.run).set(len(unacked))
+        DEAD_LETTERED.labels(worker="lake", run=cfg.run).inc(consumer.stats.dead_lettered - poisoned)
+        IN_FLIGHT.labels(worker="lake", run=cfg.run).set(len(unacked))
         return got
 
     last_flush = time.monotonic()

@@ -1,15 +1,15 @@
-"""The lake's storage core: buffer decoded records, write them as Parquet parts, durably.
+"""The lake writer: buffer decoded records, write them as Parquet parts, durably.
 
 Layout: ``<lake>/<table>/run=<run>/date=<YYYY-MM-DD>/part-<unix ns>-<writer id>-<seq>.parquet``.
 ``run`` is stored in the files too (so every reader sees it as a string); ``date`` lives only in
-the path. The NATS consumer loop calls ``add_*`` per message, then ``flush()``, and acks only after
-``flush()`` returns: a flush that raises has made nothing it still buffers durable.
+the path. The NATS consumer loop (``consumers.lake.worker``) calls ``add_*`` per message, then
+``flush()``, and acks only after ``flush()`` returns: a flush that raises has made nothing it still
+buffers durable.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 from collections import defaultdict
@@ -22,171 +22,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from consumers.lake.durable import atomic_write
+from consumers.lake.errors import LakeRecordError, LakeWriteError
+from consumers.lake.tables import FILTERS, FLUSH_ORDER, SCHEMAS, TRAIN_LOG, TRAIN_STEPS, FilterVerdict
 from schemas.arrays import LOGPROB_DTYPE, TOKEN_DTYPE
 from schemas.task import TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory
 
-TOKENS = pa.list_(pa.int32())
-LOGPROBS = pa.list_(pa.float32())
-STRINGS = pa.list_(pa.string())
-
-# Timestamps are float64 seconds since the Unix epoch (as on the wire), so they round-trip exactly.
-TRAJECTORIES = pa.schema(
-    [
-        ("traj_id", pa.string()),
-        ("run", pa.string()),
-        ("task_id", pa.string()),
-        ("family", pa.string()),
-        ("group_id", pa.string()),
-        ("sample_idx", pa.int64()),
-        ("source", pa.string()),
-        ("status", pa.string()),
-        ("abort_reason", pa.string()),
-        ("reward", pa.float64()),
-        ("chunk_rewards", pa.list_(pa.float64())),
-        ("valid", pa.bool_()),
-        ("invalid_reason", pa.string()),
-        ("replay", pa.bool_()),
-        ("replay_mode", pa.string()),
-        ("flags", STRINGS),
-        ("num_chunks", pa.int32()),
-        ("num_action_tokens", pa.int64()),
-        ("num_tokens", pa.int64()),
-        ("min_version", pa.int64()),
-        ("max_version", pa.int64()),
-        ("policy_version", pa.int64()),
-        ("sandbox_id", pa.string()),
-        ("sandbox_owner", pa.string()),
-        ("started_at", pa.float64()),
-        ("finished_at", pa.float64()),
-        ("scored_at", pa.float64()),
-        ("verifier_output", pa.string()),
-        ("prompt_tokens", TOKENS),
-        ("task", pa.string()),  # JSON of Trajectory.task (the Task it ran), null when absent
-    ]
-)
-
-CHUNKS = pa.schema(
-    [
-        ("traj_id", pa.string()),
-        ("run", pa.string()),
-        ("chunk_index", pa.int32()),
-        ("policy_version", pa.int64()),
-        ("tool_name", pa.string()),
-        ("tool_args", pa.string()),
-        ("tool_status", pa.string()),
-        ("action_tokens", TOKENS),
-        ("action_logprobs", LOGPROBS),
-        ("obs_tokens", TOKENS),
-        ("obs_text", pa.string()),
-        ("gen_ms", pa.float64()),
-        ("tool_ms", pa.float64()),
-        ("num_action_tokens", pa.int32()),
-    ]
-)
-
-TRAIN_LOG = pa.schema(
-    [
-        ("run", pa.string()),
-        ("traj_id", pa.string()),
-        ("task_id", pa.string()),
-        ("fate", pa.string()),
-        ("reason", pa.string()),
-        ("learner_version", pa.int64()),
-        ("min_version", pa.int64()),
-        ("staleness", pa.int64()),
-        ("max_staleness", pa.int64()),
-        ("step", pa.int64()),
-        ("reward", pa.float64()),
-        ("source", pa.string()),
-        ("loss", pa.float64()),
-        ("time", pa.float64()),
-    ]
-)
-
-TRAIN_STEPS = pa.schema(
-    [
-        ("run", pa.string()),
-        ("step", pa.int64()),
-        ("version", pa.int64()),
-        ("loss", pa.float64()),
-        ("samples", pa.int64()),
-        ("dropped", pa.int64()),
-        ("mean_reward", pa.float64()),
-        ("mean_ratio", pa.float64()),
-        ("masked_fraction", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("time", pa.float64()),
-    ]
-)
-
-TASKS = pa.schema(
-    [
-        ("run", pa.string()),
-        ("task_id", pa.string()),
-        ("sample_idx", pa.int64()),
-        ("family", pa.string()),
-        ("instruction", pa.string()),
-        ("environment", pa.string()),
-        ("setup", STRINGS),
-        ("verify", STRINGS),
-        ("difficulty", pa.int64()),
-        ("group_size", pa.int64()),
-        ("max_turns", pa.int64()),
-        ("metadata", pa.map_(pa.string(), pa.string())),
-        ("prefix_calls", STRINGS),
-        ("created_at", pa.float64()),
-    ]
-)
-
-# One verdict of one filter stage (ops.filters) on one trajectory.
-FILTERS = pa.schema(
-    [
-        ("traj_id", pa.string()),
-        ("run", pa.string()),
-        ("stage", pa.string()),
-        ("verdict", pa.string()),
-        ("reasons", STRINGS),
-        ("time", pa.float64()),
-    ]
-)
-
-# File schemas per table. Every view adds ``date`` (DATE) from the partition path.
-SCHEMAS: dict[str, pa.Schema] = {
-    "trajectories": TRAJECTORIES,
-    "chunks": CHUNKS,
-    "train_log": TRAIN_LOG,
-    "train_steps": TRAIN_STEPS,
-    "tasks": TASKS,
-    "filters": FILTERS,
-}
-# Chunks are made durable before trajectories, so a visible trajectory row always has its chunks.
-FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "filters")
 _TOKEN_COLUMNS = {"prompt_tokens", "action_tokens", "obs_tokens"}
 _LOGPROB_COLUMNS = {"action_logprobs"}
 # A run or writer id becomes a path component: keep it to characters every reader parses as-is.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-class FilterVerdict(msgspec.Struct, frozen=True, kw_only=True):
-    """A filter stage's verdict on one trajectory (a ``filters`` row; lake-only, never on the wire)."""
-
-    traj_id: str
-    run: str
-    stage: str  # "heuristic" | "reverify" | "security"
-    verdict: str  # "pass" | "flag" | "fail"
-    reasons: list[str] = []
-    time: float = 0.0
-
-
-class LakeWriteError(Exception):
-    """A flush could not make a part durable; the records of that part are still buffered."""
-
-    def __init__(self, table: str, path: Path, cause: BaseException) -> None:
-        super().__init__(f"could not write {table} part {path}: {cause}")
-        self.table = table
-        self.path = path
 
 
 def partition_date(timestamp: float) -> str:
@@ -195,19 +42,22 @@ def partition_date(timestamp: float) -> str:
     Using the record's time keeps a redelivered record in the same partition as its first copy.
     """
     ts = timestamp if timestamp > 0 else time.time()
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d")
+    try:
+        return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d")
+    except (OverflowError, OSError, ValueError) as exc:
+        raise LakeRecordError(f"timestamp {timestamp!r} has no calendar date: {exc}") from exc
 
 
 def check_name(kind: str, value: str) -> str:
     """Reject a run or writer id that would not survive as a hive path component."""
     if not _SAFE_NAME.match(value):
-        raise ValueError(f"{kind} {value!r} must match {_SAFE_NAME.pattern} to name a lake partition")
+        raise LakeRecordError(f"{kind} {value!r} must match {_SAFE_NAME.pattern} to name a lake partition")
     return value
 
 
 def _token_bytes(kind: str, raw: bytes, width: int) -> bytes:
     if len(raw) % width:
-        raise ValueError(f"{kind} has {len(raw)} bytes, not a multiple of {width}")
+        raise LakeRecordError(f"{kind} has {len(raw)} bytes, not a multiple of {width}")
     return raw
 
 
@@ -238,7 +88,7 @@ def trajectory_row(scored: ScoredTrajectory) -> dict[str, Any]:
         "num_tokens": len(traj.prompt_tokens) // 4 + num_action + num_obs,
         "min_version": traj.min_version,
         "max_version": traj.max_version,
-        "policy_version": traj.min_version,
+        "policy_version": traj.oldest_version,
         "sandbox_id": traj.sandbox_id,
         "sandbox_owner": traj.sandbox_owner,
         "started_at": traj.started_at,
@@ -317,38 +167,14 @@ def build_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _ensure_dir(path: Path) -> None:
-    """Create ``path`` and make each newly created directory entry durable in its parent."""
-    if path.is_dir():
-        return
-    _ensure_dir(path.parent)
-    path.mkdir(exist_ok=True)
-    _fsync_dir(path.parent)
-
-
 def write_part(directory: Path, name: str, table: pa.Table) -> Path:
     """Write ``table`` as ``directory/name`` atomically: temp file, fsync, rename, fsync directory."""
-    _ensure_dir(directory)
+
+    def fill(tmp: Path) -> None:
+        pq.write_table(table, tmp, compression="zstd")
+
     final = directory / name
-    tmp = directory / f".{name}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(final, fill)
     return final
 
 

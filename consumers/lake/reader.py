@@ -1,4 +1,4 @@
-"""Load scored trajectories back from the lake, exactly as they were written, for replay.
+"""Read scored trajectories back from the lake, exactly as they were written (replay, filters).
 
 A SQL query over the lake's views picks the trajectories (it must select a ``traj_id`` column);
 this module rebuilds each full ``ScoredTrajectory`` (chunks, tokens, log-probabilities, versions,
@@ -17,16 +17,13 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from ops.lake_query import QueryError, open_lake
+from consumers.lake.errors import LakeIntegrityError, QueryError
+from consumers.lake.views import open_lake, query_error
 from schemas.arrays import LOGPROB_DTYPE, TOKEN_DTYPE
 from schemas.task import Task
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 
 _task_decoder = msgspec.json.Decoder(Task)
-
-
-class LakeIntegrityError(Exception):
-    """The lake holds a trajectory whose chunks do not match its ``num_chunks``."""
 
 
 def _packed(column: pa.ChunkedArray, dtype: np.dtype[Any]) -> list[bytes]:
@@ -125,7 +122,7 @@ def _selected_ids(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
             raise QueryError(f"the query must select a traj_id column; it selects {relation.columns}")
         ids = relation.select("traj_id").to_arrow_table()["traj_id"].to_pylist()
     except duckdb.Error as exc:
-        raise QueryError(str(exc), kind=type(exc).__name__) from exc
+        raise query_error(exc) from exc
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
@@ -161,14 +158,14 @@ def iter_scored(root: Path, sql: str, *, batch_size: int = 256) -> Iterator[list
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    try:
-        con = open_lake(root)
-    except duckdb.Error as exc:
-        raise QueryError(str(exc), kind=type(exc).__name__) from exc
+    con = open_lake(root)
     try:
         ids = _selected_ids(con, sql)
         for start in range(0, len(ids), batch_size):
-            batch = _load_batch(con, ids[start : start + batch_size])
+            try:
+                batch = _load_batch(con, ids[start : start + batch_size])
+            except duckdb.Error as exc:
+                raise query_error(exc) from exc
             if batch:
                 yield batch
     finally:
