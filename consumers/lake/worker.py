@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ async def run(
         unacked.clear()
         IN_FLIGHT.labels(worker="lake", run=run).set(0)
 
-    async def take(consumer: Consumer[Any], add: Any) -> int:
+    async def take(consumer: Consumer[Any], add: Callable[[Any], None]) -> int:
         got, poisoned = 0, consumer.stats.dead_lettered
         for d in await consumer.fetch(min(256, settings.max_batch), timeout_s=0.5):
             try:
