@@ -11,7 +11,8 @@ One home for the lake (docs/lake.md):
 - ``compaction``: merge each partition's parts, drop redelivered copies, remove orphaned temp files;
 - ``export``: query results as CSV, JSON Lines or Parquet, to a file or a stream;
 - ``worker``: ``run``, the lake worker process (``rollstream worker lake``);
-- ``errors``: ``LakeError`` and its subclasses; ``metrics``: the worker's Prometheus metrics.
+- ``errors``: ``LakeError`` and its subclasses; ``metrics``: the worker's Prometheus metrics; ``settings``:
+  ``LakeSettings`` (section ``[lake]``).
 
 Everything but ``worker.run`` blocks; async callers go through ``anyio.to_thread``.
 """
