@@ -90,11 +90,10 @@ async def run(
     """Run episodes of run ``run`` from the shared ``rollout`` consumer until cancelled, each with
     the tools ``tools_for`` gives its task. ``engine`` replaces the one ``make_engine`` makes for
     the policy at ``policy_dir``."""
-    inner = (
-        engine if engine is not None else await anyio.to_thread.run_sync(make_engine, settings, policy_dir)
-    )
+    if engine is None:
+        engine = await anyio.to_thread.run_sync(make_engine, settings, policy_dir)
     batcher = Batcher(
-        inner,
+        engine,
         max_batch=settings.concurrency,
         max_wait_s=settings.harness.batch_max_wait_ms / 1000,
     )

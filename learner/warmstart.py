@@ -250,7 +250,7 @@ async def seed_missing(
         skip=have.keys(),
     )
     await wait_for_lake(lake_root, run, missing, lake_wait_s)
-    return int(report.episodes)
+    return report.episodes
 
 
 def cancellable_progress(steps: int) -> OnStep:
