@@ -39,11 +39,11 @@ logs:
 env-build name:
     {{rs}} env build {{name}}
 
-# Lint (ruff) and type-check (mypy, strict on schemas/ streams/ learner/ consumers/lake/)
+# Lint (ruff) and type-check (mypy, strict on every package; tests are not type-checked)
 lint:
     {{venv}}/bin/ruff check .
     {{venv}}/bin/ruff format --check .
-    {{venv}}/bin/mypy schemas streams learner consumers/lake
+    {{venv}}/bin/mypy schemas streams sandboxd agent_harness consumers producers learner ops
 
 # The whole test suite (real nats-server, real Docker, real torch), after lint
 test *args: lint

@@ -8,7 +8,7 @@ engine follows the learner's versions like a rollout worker does.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import anyio
 import structlog
@@ -16,8 +16,9 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from agent_harness.batcher import Batcher
-from agent_harness.proxy import ModelProxy, serve
+from agent_harness.proxy import ModelProxy, ProxySettings, serve
 from consumers.rollout import WeightSync, make_engine
+from consumers.settings import RolloutSettings
 from streams.bus import Publisher
 
 log = structlog.get_logger(__name__)
@@ -30,13 +31,20 @@ async def _follow(sync: WeightSync, every_s: float) -> None:
 
 
 async def run(
-    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    settings: ProxySettings,
+    rollout: RolloutSettings,
+    js: JetStreamContext,
+    *,
+    run: str,
+    policy_dir: Path,
+    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the proxy until cancelled; ``task_status`` receives its base URL."""
-    inner = await anyio.to_thread.run_sync(make_engine, cfg)
-    engine = Batcher(inner, max_batch=8, max_wait_s=cfg.rollout.harness.batch_max_wait_ms / 1000)
-    sync = WeightSync(js, cfg.run, engine)
-    proxy = ModelProxy(engine, Publisher(js), cfg.run, cfg.proxy)
+    """Serve the proxy of run ``run`` until cancelled, on the engine ``rollout`` names for the
+    policy at ``policy_dir``; ``task_status`` receives its base URL."""
+    inner = await anyio.to_thread.run_sync(make_engine, rollout, policy_dir)
+    engine = Batcher(inner, max_batch=8, max_wait_s=rollout.harness.batch_max_wait_ms / 1000)
+    sync = WeightSync(js, run, engine)
+    proxy = ModelProxy(engine, Publisher(js), run, settings)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_follow, sync, 2.0)
         await serve(proxy, task_status=task_status)

@@ -19,13 +19,14 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.tools import ToolCall, ToolRegistry, ToolsFor, default_tools
-from ops import metrics
-from ops.config import Config
+from consumers.metrics import REWARDS
+from consumers.settings import RewardSettings
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
 from schemas.codec import raw_traj_decoder
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.metrics import MESSAGES, track_dead_letters
 from streams.topology import REWARD, subject
 
 log = structlog.get_logger(__name__)
@@ -136,28 +137,29 @@ async def score(
 
 
 async def run(
-    cfg: Config,
+    settings: RewardSettings,
     js: JetStreamContext,
     nc: NATS,
     *,
+    run: str,
     tools_for: ToolsFor = default_tools,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Score trajectories from the shared ``reward`` consumer until cancelled."""
-    consumer = await Consumer(js, REWARD, cfg.run, raw_traj_decoder).bind()
+    """Score trajectories of run ``run`` from the shared ``reward`` consumer until cancelled."""
+    consumer = await Consumer(js, REWARD, run, raw_traj_decoder).bind()
     pub = Publisher(js)
     sandbox = SandboxClient(nc)
 
     async def handle(d: Delivery[Trajectory]) -> None:
-        scored = await score(d.record, sandbox, cfg.reward.verify_timeout_s, tools_for=tools_for)
-        await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{d.record.traj_id}")
+        scored = await score(d.record, sandbox, settings.verify_timeout_s, tools_for=tools_for)
+        await pub.publish(subject("scored", run), scored, msg_id=f"scored:{d.record.traj_id}")
         await d.ack()
         outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"
-        metrics.REWARDS.labels(run=cfg.run, outcome=outcome).inc()
-        metrics.MESSAGES.labels(worker="reward", run=cfg.run).inc()
+        REWARDS.labels(run=run, outcome=outcome).inc()
+        MESSAGES.labels(worker="reward", run=run).inc()
 
     task_status.started()
-    log.info("reward_started", concurrency=cfg.reward.concurrency)
+    log.info("reward_started", concurrency=settings.concurrency)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(metrics.track_dead_letters, consumer, "reward", cfg.run)
-        await serve(consumer, cfg.reward.concurrency, handle)
+        tg.start_soon(track_dead_letters, consumer, "reward", run)
+        await serve(consumer, settings.concurrency, handle)

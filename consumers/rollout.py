@@ -9,6 +9,7 @@ episode come from ``tools_for`` (its family's hook, passed in by whoever assembl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,28 +23,30 @@ from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
 from agent_harness.tools import ToolsFor, default_tools
-from ops import metrics
-from ops.config import Config
+from consumers.metrics import EPISODES
+from consumers.settings import RolloutSettings
 from sandboxd.client import SandboxClient
 from schemas.codec import tasks_decoder
 from schemas.task import TaskSample
 from schemas.trajectory import Trajectory
 from streams import policy
 from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.metrics import IN_FLIGHT, MESSAGES, POLICY_VERSION, track_dead_letters
 from streams.topology import ROLLOUT, subject
 
 log = structlog.get_logger(__name__)
 
 
-def make_engine(cfg: Config) -> InferenceEngine:
-    """The engine named in the config: local torch (CPU/GPU) or an sglang server."""
-    if cfg.rollout.engine == "sglang":
+def make_engine(settings: RolloutSettings, policy_dir: Path) -> InferenceEngine:
+    """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (CPU/GPU)
+    or an sglang server."""
+    if settings.engine == "sglang":
         from agent_harness.sglang_engine import SGLangEngine
 
-        return SGLangEngine(cfg.rollout.sglang_url, cfg.policy_dir)
+        return SGLangEngine(settings.sglang_url, policy_dir)
     from agent_harness.torch_engine import TorchEngine
 
-    return TorchEngine(cfg.policy_dir)
+    return TorchEngine(policy_dir)
 
 
 class WeightSync:
@@ -74,29 +77,33 @@ async def _heartbeat(delivery: Delivery[Any], every_s: float) -> None:
 
 
 async def run(
-    cfg: Config,
+    settings: RolloutSettings,
     js: JetStreamContext,
     nc: NATS,
     *,
+    run: str,
+    policy_dir: Path,
     engine: InferenceEngine | None = None,
     tools_for: ToolsFor = default_tools,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run episodes from the shared ``rollout`` consumer until cancelled, each with the tools
-    ``tools_for`` gives its task."""
-    inner = engine if engine is not None else await anyio.to_thread.run_sync(make_engine, cfg)
+    """Run episodes of run ``run`` from the shared ``rollout`` consumer until cancelled, each with
+    the tools ``tools_for`` gives its task. ``engine`` replaces the one ``make_engine`` makes for
+    the policy at ``policy_dir``."""
+    if engine is None:
+        engine = await anyio.to_thread.run_sync(make_engine, settings, policy_dir)
     batcher = Batcher(
-        inner,
-        max_batch=cfg.rollout.concurrency,
-        max_wait_s=cfg.rollout.harness.batch_max_wait_ms / 1000,
+        engine,
+        max_batch=settings.concurrency,
+        max_wait_s=settings.harness.batch_max_wait_ms / 1000,
     )
-    consumer = await Consumer(js, ROLLOUT, cfg.run, tasks_decoder).bind()
+    consumer = await Consumer(js, ROLLOUT, run, tasks_decoder).bind()
     pub = Publisher(js)
-    sync = WeightSync(js, cfg.run, batcher)
+    sync = WeightSync(js, run, batcher)
     sandbox = SandboxClient(nc)
     counts = {"episodes": 0}
 
-    in_flight = metrics.IN_FLIGHT.labels(worker="rollout", run=cfg.run)
+    in_flight = IN_FLIGHT.labels(worker="rollout", run=run)
 
     async def handle(delivery: Delivery[TaskSample]) -> None:
         sample = delivery.record
@@ -109,23 +116,23 @@ async def run(
     async def episode(delivery: Delivery[TaskSample], sample: TaskSample) -> None:
         with structlog.contextvars.bound_contextvars(traj_id=sample.msg_id):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_heartbeat, delivery, cfg.rollout.heartbeat_s)
+                tg.start_soon(_heartbeat, delivery, settings.heartbeat_s)
                 await sync.refresh()
                 traj: Trajectory = await run_episode(
                     sample,
                     engine=batcher,
                     sandbox=sandbox,
-                    settings=cfg.rollout.harness,
+                    settings=settings.harness,
                     before_turn=sync.refresh,
                     registry=tools_for(sample.task),
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
-                await pub.publish(subject("raw", cfg.run), traj, msg_id=f"raw:{traj.traj_id}")
+                await pub.publish(subject("raw", run), traj, msg_id=f"raw:{traj.traj_id}")
                 tg.cancel_scope.cancel()
             await delivery.ack()
-        metrics.EPISODES.labels(run=cfg.run, status=traj.status).inc()
-        metrics.MESSAGES.labels(worker="rollout", run=cfg.run).inc()
-        metrics.POLICY_VERSION.labels(worker="rollout", run=cfg.run).set(batcher.version)
+        EPISODES.labels(run=run, status=traj.status).inc()
+        MESSAGES.labels(worker="rollout", run=run).inc()
+        POLICY_VERSION.labels(worker="rollout", run=run).set(batcher.version)
         counts["episodes"] += 1
         if counts["episodes"] % 20 == 0:
             log.info(
@@ -137,7 +144,7 @@ async def run(
             )
 
     task_status.started()
-    log.info("rollout_started", concurrency=cfg.rollout.concurrency, policy_version=batcher.version)
+    log.info("rollout_started", concurrency=settings.concurrency, policy_version=batcher.version)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(metrics.track_dead_letters, consumer, "rollout", cfg.run)
-        await serve(consumer, cfg.rollout.concurrency, handle)
+        tg.start_soon(track_dead_letters, consumer, "rollout", run)
+        await serve(consumer, settings.concurrency, handle)

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
@@ -33,11 +33,16 @@ import anyio.to_thread
 import msgspec
 import structlog
 import torch
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from learner.checkpoint import CheckpointState, checkpoint_path, latest_checkpoint, write_checkpoint
 from learner.settings import LearnerSettings
 from learner.trainer import Trainer
 from schemas.trajectory import ScoredTrajectory
+
+if TYPE_CHECKING:
+    from producers.seed import Seeding
 
 EXPERT_SQL = (
     "SELECT traj_id FROM trajectories WHERE source = 'expert' AND valid AND reward > 0 "
@@ -121,34 +126,37 @@ def imitate(
 
 
 def warm_start(
-    cfg: Any,
+    settings: LearnerSettings,
     *,
+    policy_dir: Path,
+    lake_root: Path,
+    checkpoint_root: Path,
     steps: int = 600,
     batch: int = 16,
     lr: float = 3e-3,
     lake_run: str | None = None,
     on_step: OnStep | None = None,
 ) -> Path | None:
-    """Warm-start run ``cfg.run`` from the lake's expert successes (of ``lake_run``, default any run).
+    """Warm-start the policy at ``policy_dir`` from the expert successes in the lake at
+    ``lake_root`` (of ``lake_run``, default any run), as the first checkpoint under ``checkpoint_root``.
 
     Does nothing (returns ``None``) when the run already has a checkpoint or the lake holds no
     successful expert trajectory; otherwise returns the checkpoint written. Blocking.
     """
     from consumers.lake import load_scored
 
-    root = cfg.state / "checkpoints" / cfg.run
-    if latest_checkpoint(root) is not None:
+    if latest_checkpoint(checkpoint_root) is not None:
         return None
     run_filter = "" if lake_run is None else f"AND run = '{lake_run}' "
     try:
-        samples = load_scored(cfg.lake_root, EXPERT_SQL.format(run_filter=run_filter))
+        samples = load_scored(lake_root, EXPERT_SQL.format(run_filter=run_filter))
     except Exception:  # noqa: BLE001 - a lake with no trajectories yet has nothing to warm-start from
         return None
     if not samples:
         return None
     log.info("warm_start_sft", demonstrations=len(samples), steps=steps, batch=batch, lr=lr)
     path, _ = imitate(
-        cfg.policy_dir, samples, root, cfg.learner, steps=steps, batch=batch, lr=lr, on_step=on_step
+        policy_dir, samples, checkpoint_root, settings, steps=steps, batch=batch, lr=lr, on_step=on_step
     )
     return path
 
@@ -169,12 +177,13 @@ def expert_rows(lake_root: Path, run: str) -> dict[str, bool]:
     return dict(zip(table.column("traj_id").to_pylist(), table.column("ok").to_pylist(), strict=True))
 
 
-async def wait_for_lake(cfg: Any, ids: set[str], timeout_s: float) -> bool:
-    """Wait until the lake holds every trajectory of ``ids``; False (logged) after ``timeout_s``."""
+async def wait_for_lake(lake_root: Path, run: str, ids: set[str], timeout_s: float) -> bool:
+    """Wait until the lake holds every trajectory of ``ids`` (of run ``run``); False (logged) after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last_log = time.monotonic()
     while True:
-        have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
+        have = await anyio.to_thread.run_sync(expert_rows, lake_root, run)
         stored = len(ids & have.keys())
         if stored == len(ids):
             log.info("warm_start_lake_ready", stored=stored, successes=sum(have.values()))
@@ -194,22 +203,33 @@ async def wait_for_lake(cfg: Any, ids: set[str], timeout_s: float) -> bool:
         await anyio.sleep(1.0)
 
 
-async def seed_missing(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_WAIT_S) -> int:
-    """Run the expert episodes of ``learner.seed_episodes`` that the lake lacks and wait until it
-    stores them. Returns how many episodes ran (0 when the lake already holds them all)."""
-    settings: LearnerSettings = cfg.learner
+async def seed_missing(
+    settings: LearnerSettings,
+    seeding: Seeding,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    run: str,
+    policy_dir: Path,
+    lake_root: Path,
+    lake_wait_s: float = LAKE_WAIT_S,
+) -> int:
+    """Run the expert episodes of ``settings.seed_episodes`` that the lake at ``lake_root`` lacks
+    (``producers.seed``, as ``seeding`` says, with the tokenizer at ``policy_dir``) and wait until
+    it stores them. Returns how many episodes ran (0 when the lake already holds them all)."""
     if settings.seed_episodes == 0:
         return 0
-    if cfg.producer.source != "builtin":
+    if seeding.producer.source != "builtin":
         log.info(
             "seed_skipped",
-            reason=f"the scripted expert solves built-in tasks only, not {cfg.producer.source}",
+            reason=f"the scripted expert solves built-in tasks only, not {seeding.producer.source}",
         )
         return 0
     from producers import seed
 
-    have = await anyio.to_thread.run_sync(expert_rows, cfg.lake_root, cfg.run)
-    missing = set(await seed.expert_ids(cfg, nc, settings.seed_episodes)) - have.keys()
+    have = await anyio.to_thread.run_sync(expert_rows, lake_root, run)
+    wanted = await seed.expert_ids(seeding.producer, nc, settings.seed_episodes, run=run)
+    missing = set(wanted) - have.keys()
     log.info(
         "seed_check",
         in_lake=len(have),
@@ -220,10 +240,17 @@ async def seed_missing(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_
     if not missing:
         return 0
     report = await seed.run(
-        cfg, js, nc, episodes=settings.seed_episodes, error_rate=settings.seed_error_rate, skip=have.keys()
+        seeding,
+        js,
+        nc,
+        run=run,
+        policy_dir=policy_dir,
+        episodes=settings.seed_episodes,
+        error_rate=settings.seed_error_rate,
+        skip=have.keys(),
     )
-    await wait_for_lake(cfg, missing, lake_wait_s)
-    return int(report.episodes)
+    await wait_for_lake(lake_root, run, missing, lake_wait_s)
+    return report.episodes
 
 
 def cancellable_progress(steps: int) -> OnStep:
@@ -240,27 +267,49 @@ def cancellable_progress(steps: int) -> OnStep:
     return on_step
 
 
-async def prepare_warm_start(cfg: Any, js: Any, nc: Any, *, lake_wait_s: float = LAKE_WAIT_S) -> Path | None:
-    """The learner's first act (before ``Trainer.resume``): when the run has no checkpoint and
-    ``learner.warm_start_steps`` > 0, seed the lake with expert episodes, then warm-start from its
-    successful ones. Returns the checkpoint written (version 1), or None when there was nothing to do."""
-    settings: LearnerSettings = cfg.learner
-    root = cfg.state / "checkpoints" / cfg.run
+async def prepare_warm_start(
+    settings: LearnerSettings,
+    seeding: Seeding,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    run: str,
+    policy_dir: Path,
+    lake_root: Path,
+    checkpoint_root: Path,
+    lake_wait_s: float = LAKE_WAIT_S,
+) -> Path | None:
+    """The learner's first act (before ``Trainer.resume``): when run ``run`` has no checkpoint under
+    ``checkpoint_root`` and ``settings.warm_start_steps`` > 0, seed the lake at ``lake_root`` with
+    expert episodes, then warm-start the policy at ``policy_dir`` from its successful ones. Returns
+    the checkpoint written (version 1), or None when there was nothing to do."""
     if settings.warm_start_steps == 0:
         log.info("warm_start_skipped", reason="learner.warm_start_steps = 0")
         return None
-    if await anyio.to_thread.run_sync(latest_checkpoint, root) is not None:
+    if await anyio.to_thread.run_sync(latest_checkpoint, checkpoint_root) is not None:
         log.info("warm_start_skipped", reason="the run has a checkpoint")
         return None
     started = time.monotonic()
-    seeded = await seed_missing(cfg, js, nc, lake_wait_s=lake_wait_s)
+    seeded = await seed_missing(
+        settings,
+        seeding,
+        js,
+        nc,
+        run=run,
+        policy_dir=policy_dir,
+        lake_root=lake_root,
+        lake_wait_s=lake_wait_s,
+    )
     job = functools.partial(
         warm_start,
-        cfg,
+        settings,
+        policy_dir=policy_dir,
+        lake_root=lake_root,
+        checkpoint_root=checkpoint_root,
         steps=settings.warm_start_steps,
         batch=settings.warm_start_batch,
         lr=settings.warm_start_lr,
-        lake_run=cfg.run,
+        lake_run=run,
         on_step=cancellable_progress(settings.warm_start_steps),
     )
     path = await anyio.to_thread.run_sync(job)

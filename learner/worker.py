@@ -226,26 +226,30 @@ class Learner:
 
 
 async def run(
-    cfg: Any,
+    settings: LearnerSettings,
     js: JetStreamContext,
     *,
+    run: str,
+    policy_dir: Path,
+    checkpoint_root: Path,
+    group_size: int,
     stats: LearnerStats | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Train from the shared ``learner`` consumer until cancelled. ``cfg`` is an ``ops.config.Config``;
-    ``stats``, when given, accumulates where the time went."""
+    """Train run ``run`` from the shared ``learner`` consumer until cancelled: resume from the last
+    checkpoint under ``checkpoint_root`` (or the base policy at ``policy_dir``), assemble batches of
+    whole groups of ``group_size`` (``producer.group_size``). ``stats``, when given, accumulates
+    where the time went."""
     stats = stats if stats is not None else LearnerStats()
-    settings: LearnerSettings = cfg.learner
-    ckpt_root = cfg.state / "checkpoints" / cfg.run
-    trainer = await anyio.to_thread.run_sync(Trainer.resume, ckpt_root, cfg.policy_dir, settings)
-    learner = Learner(trainer, settings, js, cfg.run, ckpt_root)
+    trainer = await anyio.to_thread.run_sync(Trainer.resume, checkpoint_root, policy_dir, settings)
+    learner = Learner(trainer, settings, js, run, checkpoint_root)
     await learner.sync_version()
     await learner.republish_resumed()
-    consumer = await Consumer(js, LEARNER, cfg.run, scored_decoder).bind()
+    consumer = await Consumer(js, LEARNER, run, scored_decoder).bind()
     batcher = GroupBatcher(
         consumer,
         batch_size=settings.batch_size,
-        group_size=cfg.producer.group_size,
+        group_size=group_size,
         group_timeout_s=settings.group_timeout_s,
         batch_timeout_s=settings.batch_timeout_s,
     )
@@ -255,7 +259,7 @@ async def run(
         policy_version=learner.version,
         eta=settings.max_staleness,
         batch=settings.batch_size,
-        group_size=cfg.producer.group_size,
+        group_size=group_size,
     )
     while True:
         t0 = time.monotonic()
@@ -263,7 +267,7 @@ async def run(
         t1 = time.monotonic()
         for d in learner.unacked:
             await d.in_progress()
-        await _one_batch(learner, batch, cfg.run)
+        await _one_batch(learner, batch, run)
         stats.wait_s += t1 - t0
         stats.busy_s += time.monotonic() - t1
         stats.batches += 1

@@ -24,8 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.js.errors import APIError, ServiceUnavailableError
@@ -33,6 +32,9 @@ from nats.js.errors import APIError, ServiceUnavailableError
 from ops import security
 from streams.server import NatsServer, NatsServerError, free_ports
 from streams.topology import ensure
+
+if TYPE_CHECKING:
+    from ops.config import Config
 
 CLUSTER_NAME = "rollstream"
 
@@ -165,7 +167,7 @@ class Cluster:
         """``nats.connect`` options for ``role`` (empty when the cluster has no credentials)."""
         if self.creds_dir is None:
             return {}
-        user, password = security.role_credentials(_creds_cfg(self.creds_dir), role)
+        user, password = security.role_credentials(self.creds_dir, role)
         return {"user": user, "password": password, "inbox_prefix": security.inbox_prefix(role)}
 
     def start(self) -> Cluster:
@@ -193,21 +195,16 @@ class Cluster:
         await wait_jetstream(self.urls, timeout_s, **self.login("ops"))
 
 
-def _creds_cfg(creds_dir: Path | str) -> Any:
-    """The slice of ``Config`` that ``security.role_credentials`` reads."""
-    return SimpleNamespace(nats=SimpleNamespace(creds_dir=str(creds_dir)))
-
-
 def server_list(url: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` -> one URL per server (nats-py wants a list for failover)."""
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
-async def ensure_replicated(cfg: Any, replicas: int = 3) -> None:
+async def ensure_replicated(cfg: Config, replicas: int = 3) -> None:
     """Create the run's streams, consumers, KV and object store with ``replicas`` copies, as ops."""
     login: dict[str, Any] = {}
     if cfg.nats.creds_dir:
-        user, password = security.role_credentials(cfg, "ops")
+        user, password = security.role_credentials(cfg.nats.creds_dir, "ops")
         login = {"user": user, "password": password, "inbox_prefix": security.inbox_prefix("ops")}
     nc = await nats.connect(servers=server_list(cfg.nats_url), connect_timeout=5, **login)
     try:

@@ -1,6 +1,10 @@
-"""One configuration, ``rollstream.toml``: every part's settings as frozen msgspec Structs.
+"""One configuration, ``rollstream.toml``: the sections of every part, composed into ``Config``.
 
-Decoded once (file, then ``--set section.key=value`` flags) and passed down; workers never read
+Each part declares its own settings next to its code (``producers.settings``, ``consumers.settings``,
+``consumers.lake.settings``, ``learner.settings``, ``sandboxd.settings``, ``agent_harness.settings``,
+``agent_harness.proxy``); this module declares only the ops sections (broker, metrics, process
+counts), composes them, and derives the run's paths. Decoded once (file, then ``--set
+section.key=value`` flags); ``ops.pipeline`` hands each worker its own section. Workers never read
 ``os.environ``. Unknown keys are errors that name the key.
 """
 
@@ -13,8 +17,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent_harness.proxy import ProxySettings
-from agent_harness.settings import HarnessSettings
+from consumers.lake.settings import LakeSettings
+from consumers.settings import RewardSettings, RolloutSettings
 from learner.settings import LearnerSettings
+from producers.settings import ProducerSettings
 from sandboxd.settings import SandboxdSettings
 
 
@@ -31,51 +37,6 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     host: Annotated[str, _meta("Address the embedded nats-server listens on.")] = "127.0.0.1"
     port: Annotated[int, _meta("Port of the embedded nats-server.", ge=1, le=65535)] = 4222
     creds_dir: Annotated[str, _meta("Directory of per-role credentials; empty = no auth (tests).")] = ""
-
-
-class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    source: Annotated[
-        Literal["builtin", "jsonl", "gem"],
-        _meta("Task source: built-in family, JSONL file or GEM env."),
-    ] = "builtin"
-    path: Annotated[str, _meta("JSONL task file when source = jsonl.")] = ""
-    env_id: Annotated[str, _meta("GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")] = ""
-    reward: Annotated[
-        Literal["graded", "won"],
-        _meta("graded: a task's own graded reward (GEM: summed step rewards); won: 1 iff verified, else 0."),
-    ] = "graded"
-    seed: Annotated[int, _meta("Seed of the built-in task family.")] = 0
-    levels: Annotated[
-        tuple[int, ...], _meta("Difficulty levels of the built-in family (tool calls needed).")
-    ] = (1, 2)
-    group_size: Annotated[int, _meta("Samples per task (a group, for group baselines).", ge=1)] = 1
-    max_inflight: Annotated[
-        int, _meta("Samples published but not yet finished by rollout, at most.", ge=1)
-    ] = 16
-    total: Annotated[int, _meta("Stop after this many tasks; 0 = run forever.", ge=0)] = 0
-
-
-class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    concurrency: Annotated[int, _meta("Episodes one rollout process runs at once.", ge=1)] = 4
-    engine: Annotated[Literal["torch", "sglang"], _meta("Inference engine.")] = "torch"
-    sglang_url: Annotated[str, _meta("sglang server URL when engine = sglang.")] = ""
-    heartbeat_s: Annotated[
-        float, _meta("Seconds between in_progress heartbeats of a long episode.", gt=0)
-    ] = 20.0
-    harness: HarnessSettings = HarnessSettings()
-
-
-class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    concurrency: Annotated[int, _meta("Trajectories one reward process verifies at once.", ge=1)] = 4
-    verify_timeout_s: Annotated[
-        float, _meta("Limit of one verify command; a hang is an infra failure.", gt=0)
-    ] = 20.0
-
-
-class LakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    path: Annotated[str, _meta("Lake root; relative paths are under state_dir.")] = "lake"
-    flush_interval_s: Annotated[float, _meta("Seconds between flushes.", gt=0)] = 5.0
-    max_batch: Annotated[int, _meta("Flush when this many messages wait.", ge=1)] = 512
 
 
 class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -134,6 +95,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     @property
     def policy_dir(self) -> Path:
         return self.state / "policy" / "base"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """The learner's checkpoints of this run."""
+        return self.state / "checkpoints" / self.run
 
     @property
     def nats_url(self) -> str:

@@ -245,7 +245,15 @@ async def seed_phase(s: Stack) -> Rate:
     cfg = s.config(SEED_RUN)
     async with anyio.create_task_group() as tg:
         await pipeline.start(tg, ["lake"], cfg, s.js, s.nc)
-        report = await seed.run(cfg, s.js, s.nc, episodes=s.plan.seed_episodes, error_rate=s.plan.error_rate)
+        report = await seed.run(
+            pipeline.seeding(cfg),
+            s.js,
+            s.nc,
+            run=cfg.run,
+            policy_dir=cfg.policy_dir,
+            episodes=s.plan.seed_episodes,
+            error_rate=s.plan.error_rate,
+        )
         sql = f"SELECT count(*) AS n FROM trajectories WHERE run = '{SEED_RUN}'"
         await wait_for_rows(cfg.lake_root, sql, report.episodes)
         tg.cancel_scope.cancel()
@@ -295,7 +303,7 @@ async def online_phase(s: Stack, run: str, warm: Path, seconds: float) -> Path:
     from agent_harness.torch_engine import TorchEngine
 
     cfg = s.config(run, loss=run)
-    ckpt_root = cfg.state / "checkpoints" / run
+    ckpt_root = cfg.checkpoint_root
     if latest_checkpoint(ckpt_root) is None:  # the learner resumes from the warm start (version 1)
         shutil.copytree(warm, checkpoint_path(ckpt_root, 0))
     engine = await anyio.to_thread.run_sync(lambda: TorchEngine(warm, seed=s.plan.seed, version=WARM_VERSION))

@@ -1,10 +1,12 @@
 """The pipeline builder: every worker of a run, assembled in one place.
 
 ``ops.worker`` starts one of them per process (``just up``); the learning demonstrations
-(``ops.demo``) start several in one process on a shared broker. Task families are wired in here and
-nowhere else: the producer streams the family that ``producer.source`` names, the rollout and
-reward workers take each task's tools from its family (``producers.families.tools_for``), and the
-learner's warm start seeds with the family's scripted expert.
+(``ops.demo``) start several in one process on a shared broker. This is where the whole ``Config``
+is sliced: each worker receives its own section and the few run-level facts it needs (the run's
+name, the policy, lake and checkpoint paths), never the whole configuration. Task families are
+wired in here and nowhere else: the producer streams the family that ``producer.source`` names, the
+rollout and reward workers take each task's tools from its family (``producers.families.tools_for``),
+and the learner's warm start seeds with the family's scripted expert.
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.engine import InferenceEngine
 from ops.config import Config
+from producers.seed import Seeding
 
 WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy")
 Starter = Callable[..., Coroutine[Any, Any, Any]]
 """``await task_group.start(starter)``: runs a worker, which calls ``task_status.started()`` once bound."""
+
+
+def seeding(cfg: Config) -> Seeding:
+    """The sections expert seeding reads (``producers.seed``)."""
+    return Seeding(producer=cfg.producer, rollout=cfg.rollout, reward=cfg.reward)
 
 
 def starter(
@@ -36,29 +44,42 @@ def starter(
     if name == "producer":
         from producers import tasks
 
-        return lambda task_status: tasks.run(cfg, js, nc, task_status=task_status)
+        return lambda task_status: tasks.run(cfg.producer, js, nc, run=cfg.run, task_status=task_status)
     if name == "rollout":
         from consumers import rollout
         from producers.families import tools_for
 
         return lambda task_status: rollout.run(
-            cfg, js, nc, engine=engine, tools_for=tools_for, task_status=task_status
+            cfg.rollout,
+            js,
+            nc,
+            run=cfg.run,
+            policy_dir=cfg.policy_dir,
+            engine=engine,
+            tools_for=tools_for,
+            task_status=task_status,
         )
     if name == "reward":
         from consumers import reward
         from producers.families import tools_for
 
-        return lambda task_status: reward.run(cfg, js, nc, tools_for=tools_for, task_status=task_status)
+        return lambda task_status: reward.run(
+            cfg.reward, js, nc, run=cfg.run, tools_for=tools_for, task_status=task_status
+        )
     if name == "learner":
         return lambda task_status: _learner(cfg, js, nc, task_status=task_status)
     if name == "lake":
         from consumers import lake
 
-        return lambda task_status: lake.run(cfg, js, task_status=task_status)
+        return lambda task_status: lake.run(
+            cfg.lake, js, run=cfg.run, root=cfg.lake_root, task_status=task_status
+        )
     if name == "proxy":
         from consumers import proxy_worker
 
-        return lambda task_status: proxy_worker.run(cfg, js, task_status=task_status)
+        return lambda task_status: proxy_worker.run(
+            cfg.proxy, cfg.rollout, js, run=cfg.run, policy_dir=cfg.policy_dir, task_status=task_status
+        )
     raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
 
 
@@ -76,9 +97,26 @@ async def start(
         await tg.start(starter(name, cfg, js, nc, engine=engine))
 
 
-async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: Any) -> None:
+async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: TaskStatus[None]) -> None:
     """The learner role: the replay warm start when the run has no checkpoint, then training."""
     from learner import warmstart, worker
 
-    await warmstart.prepare_warm_start(cfg, js, nc)
-    await worker.run(cfg, js, task_status=task_status)
+    await warmstart.prepare_warm_start(
+        cfg.learner,
+        seeding(cfg),
+        js,
+        nc,
+        run=cfg.run,
+        policy_dir=cfg.policy_dir,
+        lake_root=cfg.lake_root,
+        checkpoint_root=cfg.checkpoint_root,
+    )
+    await worker.run(
+        cfg.learner,
+        js,
+        run=cfg.run,
+        policy_dir=cfg.policy_dir,
+        checkpoint_root=cfg.checkpoint_root,
+        group_size=cfg.producer.group_size,
+        task_status=task_status,
+    )

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -21,9 +22,13 @@ from schemas.codec import scored_decoder, train_decoder
 from schemas.train import StepStats, TrainRecord
 from streams.topology import subject
 
+if TYPE_CHECKING:
+    from ops.config import Config
+    from ops.supervisor import Supervisor
+
 
 class Progress:
-    def __init__(self, cfg: Any, nc: NATS, supervisor: Any) -> None:
+    def __init__(self, cfg: Config, nc: NATS, supervisor: Supervisor) -> None:
         self.cfg, self.nc, self.sup = cfg, nc, supervisor
         self.started = time.monotonic()
         self.trajectories = 0
@@ -42,7 +47,7 @@ class Progress:
         await self.nc.subscribe(subject("scored", self.cfg.run), cb=self._on_scored)
         await self.nc.subscribe(subject("train", self.cfg.run), cb=self._on_train)
 
-    async def _on_scored(self, msg: Any) -> None:
+    async def _on_scored(self, msg: Msg) -> None:
         try:
             s = scored_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -58,7 +63,7 @@ class Progress:
         self.versions[s.traj.min_version] += 1
         self.success_by_version.setdefault(s.traj.min_version, []).append(s.reward)
 
-    async def _on_train(self, msg: Any) -> None:
+    async def _on_train(self, msg: Msg) -> None:
         try:
             r = train_decoder.decode(msg.data)
         except msgspec.DecodeError:

@@ -29,7 +29,6 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from streams.topology import (
     LAKE_TASKS,
@@ -230,15 +229,15 @@ def ensure_credentials(creds_dir: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def role_credentials(cfg: Any, role: str) -> tuple[str, str]:
-    """(user, password) of ``role`` from ``<cfg.nats.creds_dir>/<role>.json``."""
+def role_credentials(creds_dir: Path | str, role: str) -> tuple[str, str]:
+    """(user, password) of ``role`` from ``<creds_dir>/<role>.json`` (``nats.creds_dir``)."""
     if role not in ROLES:
         raise SecurityError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    path = _creds_file(Path(cfg.nats.creds_dir), role)
+    path = _creds_file(Path(creds_dir), role)
     if not path.exists():
         raise SecurityError(
             f"credentials file {path} does not exist: generate the per-role credentials with "
-            f"`python -m ops.security <server.conf> {cfg.nats.creds_dir}` (the supervisor does this when it "
+            f"`python -m ops.security <server.conf> {creds_dir}` (the supervisor does this when it "
             "starts the broker) or set nats.creds_dir to the directory that holds them."
         )
     return _read_creds(path)

@@ -9,9 +9,11 @@ from typing import Any
 import anyio
 import msgspec
 import nats
+from nats.aio.client import Client as NATS
 from rich.console import Console
 from rich.table import Table
 
+from ops.config import Config
 from streams import policy
 from streams.bus import backlog
 from streams.topology import CONSUMERS
@@ -21,7 +23,7 @@ async def _quiet(exc: Exception) -> None:
     """nats-py reports connection errors here; the caller turns them into one sentence."""
 
 
-async def _connect(cfg: Any) -> nats.aio.client.Client:
+async def _connect(cfg: Config) -> NATS:
     """Connect as the ops role (with the deployment's credentials when it has them)."""
     from ops.worker import connect
 
@@ -39,7 +41,7 @@ async def _connect(cfg: Any) -> nats.aio.client.Client:
         raise ConnectionError(f"no broker answers at {cfg.nats_url}: is `just up` running?") from None
 
 
-def processes(cfg: Any) -> dict[str, int]:
+def processes(cfg: Config) -> dict[str, int]:
     path = cfg.state / "processes.json"
     if not path.exists():
         return {}
@@ -49,7 +51,7 @@ def processes(cfg: Any) -> dict[str, int]:
     return counts
 
 
-async def _status(cfg: Any, console: Console) -> None:
+async def _status(cfg: Config, console: Console) -> None:
     nc = await _connect(cfg)
     try:
         js = nc.jetstream(timeout=5)
@@ -95,7 +97,7 @@ async def _status(cfg: Any, console: Console) -> None:
         console.print(f"lake: {exc}")
 
 
-def _as_ops(cfg: Any) -> Any:
+def _as_ops(cfg: Config) -> Config:
     """The config the ops role connects with: the deployment's credentials, which must exist."""
     from ops.supervisor import with_credentials
 
@@ -105,11 +107,11 @@ def _as_ops(cfg: Any) -> Any:
     return cfg
 
 
-def show_status(cfg: Any, console: Console) -> None:
+def show_status(cfg: Config, console: Console) -> None:
     anyio.run(_status, _as_ops(cfg), console)
 
 
-async def _scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
+async def _scale(cfg: Config, want: dict[str, int]) -> dict[str, Any]:
     nc = await _connect(cfg)
     try:
         msg = await nc.request(f"rs.ops.scale.{cfg.run}", msgspec.json.encode(want), timeout=10)
@@ -120,5 +122,5 @@ async def _scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
         await nc.close()
 
 
-def request_scale(cfg: Any, want: dict[str, int]) -> dict[str, Any]:
+def request_scale(cfg: Config, want: dict[str, int]) -> dict[str, Any]:
     return anyio.run(_scale, _as_ops(cfg), want)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import nats
 import structlog
+from nats.aio.msg import Msg
 
 from ops.config import Config, to_toml
 from ops.progress import Progress
@@ -258,7 +258,7 @@ class Supervisor:
                     log.info("sandboxes_removed", count=removed)
                 (self.state / "supervisor.pid").unlink(missing_ok=True)
 
-    async def _on_scale(self, msg: nats.aio.msg.Msg) -> None:
+    async def _on_scale(self, msg: Msg) -> None:
         try:
             want = msgspec.json.decode(msg.data, type=dict[str, int])
             for name, n in want.items():

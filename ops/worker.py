@@ -35,7 +35,7 @@ async def connect(cfg: Config, role: str, **extra: Any) -> NATS:
     if cfg.nats.creds_dir:
         from ops.security import inbox_prefix, role_credentials
 
-        user, password = role_credentials(cfg, role)
+        user, password = role_credentials(cfg.nats.creds_dir, role)
         opts |= {"user": user, "password": password, "inbox_prefix": inbox_prefix(role)}
     # A comma-separated list names several cluster members: nats-py fails over between them.
     return await nats.connect(servers=[u.strip() for u in cfg.nats_url.split(",") if u.strip()], **opts)

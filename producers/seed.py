@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,9 +28,11 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.engine import InferenceEngine
+from consumers.settings import RewardSettings, RolloutSettings
 from producers import families
 from producers.families.base import Family, TaskSandbox
 from producers.play import EngineFor, play
+from producers.settings import ProducerSettings
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
@@ -40,6 +43,15 @@ from streams.topology import subject
 log = structlog.get_logger(__name__)
 EXPERT_SEED_OFFSET = 1_000_003
 """Expert tasks are drawn with ``producer.seed + EXPERT_SEED_OFFSET`` (not the online tasks)."""
+
+
+class Seeding(msgspec.Struct, frozen=True, kw_only=True):
+    """The sections of a run that seeding reads: ``producer`` (the task family and its seed),
+    ``rollout`` (the agent loop's budgets, episodes at once) and ``reward`` (the verify limit)."""
+
+    producer: ProducerSettings
+    rollout: RolloutSettings
+    reward: RewardSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,29 +68,35 @@ class SeedReport:
         return self.successes / valid if valid else 0.0
 
 
-def family_of(cfg: Any) -> Family:
+def family_of(settings: ProducerSettings) -> Family:
     """The family ``producer.source`` names; a source with no scripted expert (jsonl) raises."""
-    family = families.for_source(cfg.producer.source)
+    family = families.for_source(settings.source)
     if family is None:
-        raise ValueError(f"producer.source = {cfg.producer.source!r} has no scripted expert to seed with")
+        raise ValueError(f"producer.source = {settings.source!r} has no scripted expert to seed with")
     return family
 
 
-async def expert_samples(cfg: Any, sandbox: TaskSandbox, episodes: int, family: Family) -> list[TaskSample]:
-    """Expert episodes ``0 .. episodes-1``: the family's tasks under the expert seed, with ``expert-``
-    ids (deterministic, as published)."""
+async def expert_samples(
+    settings: ProducerSettings, sandbox: TaskSandbox, episodes: int, family: Family, *, run: str
+) -> list[TaskSample]:
+    """Expert episodes ``0 .. episodes-1`` of run ``run``: the family's tasks under the expert
+    seed, with ``expert-`` ids (deterministic, as published)."""
     tasks = await family.make_tasks(
-        sandbox, cfg.producer, seed=cfg.producer.seed + EXPERT_SEED_OFFSET, start=0, count=episodes
+        sandbox, settings, seed=settings.seed + EXPERT_SEED_OFFSET, start=0, count=episodes
     )
     return [
-        TaskSample(run=cfg.run, task=msgspec.structs.replace(t, task_id=f"expert-{t.task_id}"), sample_idx=0)
+        TaskSample(run=run, task=msgspec.structs.replace(t, task_id=f"expert-{t.task_id}"), sample_idx=0)
         for t in tasks
     ]
 
 
-async def expert_ids(cfg: Any, nc: NATS, episodes: int, family: Family | None = None) -> list[str]:
-    """The trajectory ids of expert episodes ``0 .. episodes-1`` (deterministic, as published)."""
-    samples = await expert_samples(cfg, SandboxClient(nc), episodes, family or family_of(cfg))
+async def expert_ids(
+    settings: ProducerSettings, nc: NATS, episodes: int, *, run: str, family: Family | None = None
+) -> list[str]:
+    """The trajectory ids of run ``run``'s expert episodes ``0 .. episodes-1`` (deterministic, as
+    published)."""
+    family = family or family_of(settings)
+    samples = await expert_samples(settings, SandboxClient(nc), episodes, family, run=run)
     return [s.msg_id for s in samples]
 
 
@@ -92,10 +110,10 @@ def experts(family: Family, tokenizer: Any, *, error_rate: float, version: int) 
     return engine_for
 
 
-def load_tokenizer(cfg: Any) -> Any:
+def load_tokenizer(policy_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.policy_dir)
+    return AutoTokenizer.from_pretrained(policy_dir)
 
 
 @dataclass
@@ -114,10 +132,12 @@ class _Tally:
 
 
 async def run(
-    cfg: Any,
+    seeding: Seeding,
     js: JetStreamContext,
     nc: NATS,
     *,
+    run: str,
+    policy_dir: Path,
     episodes: int,
     error_rate: float = 0.25,
     concurrency: int | None = None,
@@ -127,12 +147,14 @@ async def run(
 ) -> SeedReport:
     """Publish expert episodes ``0 .. episodes-1`` of ``family`` (default: the one
     ``producer.source`` names) as scored trajectories to ``rs.traj.scored.<run>``, except those whose
-    trajectory id is in ``skip`` (already in the lake), then return."""
-    family = family or family_of(cfg)
+    trajectory id is in ``skip`` (already in the lake), then return. The expert writes with the
+    tokenizer of the policy at ``policy_dir``."""
+    family = family or family_of(seeding.producer)
     sandbox = SandboxClient(nc)
-    todo = [s for s in await expert_samples(cfg, sandbox, episodes, family) if s.msg_id not in skip]
-    tokenizer = await anyio.to_thread.run_sync(load_tokenizer, cfg)
-    announced = await policy.latest(js, cfg.run)
+    samples = await expert_samples(seeding.producer, sandbox, episodes, family, run=run)
+    todo = [s for s in samples if s.msg_id not in skip]
+    tokenizer = await anyio.to_thread.run_sync(load_tokenizer, policy_dir)
+    announced = await policy.latest(js, run)
     version = announced.version if announced is not None else 0
     pub = Publisher(js)
     tally = _Tally(len(todo))
@@ -148,17 +170,17 @@ async def run(
 
     async def publish(scored: ScoredTrajectory) -> None:
         scored = msgspec.structs.replace(scored, replay=True, replay_mode="sft")
-        await pub.publish(subject("scored", cfg.run), scored, msg_id=f"scored:{scored.traj.traj_id}")
+        await pub.publish(subject("scored", run), scored, msg_id=f"scored:{scored.traj.traj_id}")
         tally.add(scored)
 
     await play(
         todo,
         experts(family, tokenizer, error_rate=error_rate, version=version),
         sandbox,
-        cfg.rollout.harness,
+        seeding.rollout.harness,
         tools_for=family.tools,
-        verify_timeout_s=cfg.reward.verify_timeout_s,
-        concurrency=concurrency or cfg.rollout.concurrency,
+        verify_timeout_s=seeding.reward.verify_timeout_s,
+        concurrency=concurrency or seeding.rollout.concurrency,
         source="expert",
         on_scored=publish,
     )

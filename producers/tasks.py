@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
@@ -23,6 +22,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from producers import families
 from producers.families.base import TaskSandbox
 from producers.jsonl import load_jsonl
+from producers.settings import ProducerSettings
 from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
@@ -31,12 +31,14 @@ from streams.topology import POLICY_BUCKET, ROLLOUT, check_run, subject
 log = structlog.get_logger(__name__)
 
 
-async def task_stream(cfg: Any, start: int, sandbox: TaskSandbox) -> AsyncIterator[tuple[int, Task]]:
+async def task_stream(
+    settings: ProducerSettings, start: int, sandbox: TaskSandbox
+) -> AsyncIterator[tuple[int, Task]]:
     """(index, task) pairs from the configured source, starting at ``start``: a JSONL file, or the
-    endless stream of the family ``producer.source`` names, made ``family.batch`` at a time."""
-    source = cfg.producer.source
+    endless stream of the family ``settings.source`` names, made ``family.batch`` at a time."""
+    source = settings.source
     if source == "jsonl":
-        tasks = load_jsonl(Path(cfg.producer.path))
+        tasks = load_jsonl(Path(settings.path))
         for i in range(start, len(tasks)):
             yield i, tasks[i]
         return
@@ -45,9 +47,7 @@ async def task_stream(cfg: Any, start: int, sandbox: TaskSandbox) -> AsyncIterat
         raise ValueError(f"producer.source = {source!r} names no task family")
     i = start
     while True:
-        batch = await family.make_tasks(
-            sandbox, cfg.producer, seed=cfg.producer.seed, start=i, count=family.batch
-        )
+        batch = await family.make_tasks(sandbox, settings, seed=settings.seed, start=i, count=family.batch)
         for task in batch:
             yield i, task
             i += 1
@@ -68,25 +68,25 @@ async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
 
 
 async def run(
-    cfg: Any,
+    settings: ProducerSettings,
     js: JetStreamContext,
     nc: NATS,
     *,
+    run: str,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Publish task samples, at most ``producer.max_inflight`` outstanding, until cancelled or done."""
+    """Publish task samples of run ``run``, at most ``settings.max_inflight`` outstanding, until
+    cancelled or done."""
     pub = Publisher(js)
-    cursor = await _load_cursor(js, cfg.run)
-    tasks = task_stream(cfg, cursor, SandboxClient(nc))
-    group = cfg.producer.group_size
+    cursor = await _load_cursor(js, run)
+    tasks = task_stream(settings, cursor, SandboxClient(nc))
+    group = settings.group_size
     task_status.started()
-    log.info(
-        "producer_started", cursor=cursor, source=cfg.producer.source, max_inflight=cfg.producer.max_inflight
-    )
+    log.info("producer_started", cursor=cursor, source=settings.source, max_inflight=settings.max_inflight)
     published = 0
-    while cfg.producer.total == 0 or cursor < cfg.producer.total:
-        pending, ack_pending, _ = await backlog(js, ROLLOUT, cfg.run)
-        room = cfg.producer.max_inflight - (pending + ack_pending)
+    while settings.total == 0 or cursor < settings.total:
+        pending, ack_pending, _ = await backlog(js, ROLLOUT, run)
+        room = settings.max_inflight - (pending + ack_pending)
         if room < group:
             await anyio.sleep(0.5)
             continue
@@ -96,15 +96,15 @@ async def run(
         index, task = nxt
         # a task that names its own group size (JSONL, resampling) keeps it; the learner reads
         # the size from the task to assemble whole groups
-        group = task.group_size if task.group_size > 1 else cfg.producer.group_size
+        group = task.group_size if task.group_size > 1 else settings.group_size
         if task.group_size != group:
             task = msgspec.structs.replace(task, group_size=group)
         for k in range(group):
-            sample = TaskSample(run=cfg.run, task=task, sample_idx=k, created_at=time.time())
-            await pub.publish(subject("tasks", cfg.run), sample, msg_id=sample.msg_id)
+            sample = TaskSample(run=run, task=task, sample_idx=k, created_at=time.time())
+            await pub.publish(subject("tasks", run), sample, msg_id=sample.msg_id)
         cursor = index + 1
         published += group
-        await _save_cursor(js, cfg.run, cursor)
+        await _save_cursor(js, run, cursor)
         if published % 50 < group:
             log.info("producer_progress", published=published, cursor=cursor, inflight=pending + ack_pending)
     log.info("producer_done", cursor=cursor)

@@ -14,11 +14,12 @@ from agent_harness.engine import GenRequest
 from agent_harness.scripted import ScriptedEngine
 from agent_harness.tools import ToolCall, ToolRegistry, format_tool_call
 from consumers.reward import replay_command
-from ops.config import ProducerSettings, load_config
+from ops.config import load_config
 from producers import families
 from producers.families.files import FILES, FilesExpert, task_at
 from producers.families.gem import GEM, GemToolRegistry, GuessTheNumberExpert, gem_task, won_only
 from producers.families.gem.api import RESULT_PATH, step_command
+from producers.settings import ProducerSettings
 from producers.tasks import task_stream
 from schemas.task import Task
 from schemas.trajectory import Chunk, ToolStatus
@@ -71,8 +72,8 @@ def test_the_reward_worker_rebuilds_a_sandbox_with_the_commands_the_tasks_tools_
 
 
 async def test_the_producer_streams_the_family_its_source_names_with_stable_ids() -> None:
-    cfg = load_config(None, ["producer.seed=7", "producer.levels=[1, 3]"])
-    stream = task_stream(cfg, 62, sandbox=None)  # type: ignore[arg-type]  # files read no sandbox
+    settings = load_config(None, ["producer.seed=7", "producer.levels=[1, 3]"]).producer
+    stream = task_stream(settings, 62, sandbox=None)  # type: ignore[arg-type]  # files read no sandbox
     got = [await anext(stream) for _ in range(FILES.batch + 2)]  # into the second batch
     assert [i for i, _ in got] == list(range(62, 62 + FILES.batch + 2))
     assert [t for _, t in got] == [task_at(7, i, (1, 3)) for i, _ in got]

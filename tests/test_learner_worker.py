@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import anyio
@@ -10,7 +11,7 @@ from nats.js import JetStreamContext
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from learner import worker
-from ops.config import load_config
+from learner.settings import LearnerSettings
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.codec import train_decoder
 from schemas.train import TrainRecord
@@ -82,21 +83,16 @@ async def read_train_log(js: JetStreamContext, n: int) -> list[TrainRecord]:
 async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
     js: JetStreamContext, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        None,
-        [
-            f'state_dir="{tmp_path}"',
-            f"run={RUN}",
-            "learner.max_staleness=0",
-            "learner.batch_size=2",
-            "learner.batch_timeout_s=1",
-        ],
-    )
-    make_policy(cfg.policy_dir)
+    settings = LearnerSettings(max_staleness=0, batch_size=2, batch_timeout_s=1)
+    policy_dir, ckpts = tmp_path / "policy", tmp_path / "checkpoints"
+    make_policy(policy_dir)
     await ensure(js, RUN)
     pub = Publisher(js)
     async with anyio.create_task_group() as tg:
-        await tg.start(worker.run, cfg, js)
+        learner = functools.partial(
+            worker.run, settings, js, run=RUN, policy_dir=policy_dir, checkpoint_root=ckpts, group_size=1
+        )
+        await tg.start(learner)
         for i in range(2):  # fresh at version 0: trained, N becomes 1
             await pub.publish(subject("scored", RUN), scored(i, 0), msg_id=f"s{i}")
         with anyio.fail_after(30):

@@ -3,6 +3,7 @@ replay, and trained by the learner outside the staleness gate."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,7 @@ from nats.js import JetStreamContext
 
 from agent_harness.policy_init import create_tiny_policy
 from learner import worker
+from ops import pipeline
 from ops.config import load_config
 from producers import seed
 from producers.families.files import corpus
@@ -70,14 +72,16 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
     )
     await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
     await ensure(js, RUN)
-    report = await seed.run(cfg, js, nc, episodes=EPISODES, error_rate=0.0, concurrency=2)
+    seeding = functools.partial(seed.run, pipeline.seeding(cfg), js, nc, run=RUN, policy_dir=cfg.policy_dir)
+    report = await seeding(episodes=EPISODES, error_rate=0.0, concurrency=2)
     assert report.successes == EPISODES  # an expert that never errs solves every task, verified in Docker
-    again = await seed.run(cfg, js, nc, episodes=EPISODES, error_rate=0.0)
+    again = await seeding(episodes=EPISODES, error_rate=0.0)
     assert again.episodes == EPISODES  # the same ids again: the broker keeps one copy of each
 
     records = await read_scored(js, EPISODES)
     assert (await js.stream_info(TRAJ.name)).state.messages == EPISODES
-    assert {r.traj.traj_id for r in records} == set(await seed.expert_ids(cfg, nc, EPISODES))
+    expected = await seed.expert_ids(cfg.producer, nc, EPISODES, run=RUN)
+    assert {r.traj.traj_id for r in records} == set(expected)
     for r in records:
         assert (r.replay, r.replay_mode, r.traj.source, r.reward, r.valid) == (
             True,
@@ -93,7 +97,16 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
     weights = (cfg.policy_dir / "model.safetensors").read_bytes()
     await policy.publish_weights(js, RUN, 3, weights, step=0)
     async with anyio.create_task_group() as tg:
-        await tg.start(worker.run, cfg, js)
+        learner = functools.partial(
+            worker.run,
+            cfg.learner,
+            js,
+            run=RUN,
+            policy_dir=cfg.policy_dir,
+            checkpoint_root=cfg.checkpoint_root,
+            group_size=1,
+        )
+        await tg.start(learner)
         log = await read_train_log(js, EPISODES)
         tg.cancel_scope.cancel()
     assert {r.traj_id for r in log} == {r.traj.traj_id for r in records}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.request
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers import lake
+from consumers.lake.settings import LakeSettings
 from ops import metrics
-from ops.config import load_config
 from streams.bus import Publisher
 from streams.topology import ensure, subject
 from tests.test_replay import lake_trajectory
@@ -44,13 +45,13 @@ def test_the_metrics_server_listens_on_loopback_and_serves_updated_counters() ->
 
 
 async def test_the_lake_worker_counts_messages_and_flushed_rows(js: JetStreamContext, tmp_path: Path) -> None:
-    cfg = load_config(None, [f'state_dir="{tmp_path}"', f"run={RUN}", "lake.flush_interval_s=0.2"])
     await ensure(js, RUN)
     server, port = metrics.start_metrics_server(0)
     records = [lake_trajectory(i) for i in range(5)]
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(lake.run, cfg, js)
+            settings = LakeSettings(flush_interval_s=0.2)
+            await tg.start(functools.partial(lake.run, settings, js, run=RUN, root=tmp_path / "lake"))
             pub = Publisher(js)
             for scored in records:
                 await pub.publish(subject("scored", RUN), scored, msg_id=scored.traj.traj_id)

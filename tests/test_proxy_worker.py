@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import anyio
@@ -10,8 +11,9 @@ import openai
 from nats.js import JetStreamContext
 
 from agent_harness.policy_init import create_tiny_policy
+from agent_harness.proxy import ProxySettings
 from consumers import proxy_worker
-from ops.config import load_config
+from consumers.settings import RolloutSettings
 from producers.families.files import corpus
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.codec import scored_decoder
@@ -23,14 +25,16 @@ RUN = "proxyw"
 async def test_an_openai_client_session_becomes_a_scored_trajectory_on_the_broker(
     js: JetStreamContext, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        None, [f'state_dir="{tmp_path}"', f"run={RUN}", "proxy.port=0", "proxy.max_new_tokens=12"]
-    )
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus(seed=0), seed=0))
+    policy_dir = tmp_path / "policy"
+    await anyio.to_thread.run_sync(lambda: create_tiny_policy(policy_dir, corpus(seed=0), seed=0))
     await ensure(js, RUN)
     sub = await js.pull_subscribe(subject("scored", RUN), stream=TRAJ.name)
     async with anyio.create_task_group() as tg:
-        url = await tg.start(proxy_worker.run, cfg, js)
+        settings = ProxySettings(port=0, max_new_tokens=12)
+        proxy = functools.partial(
+            proxy_worker.run, settings, RolloutSettings(), js, run=RUN, policy_dir=policy_dir
+        )
+        url = await tg.start(proxy)
         client = openai.AsyncOpenAI(base_url=url, api_key="unused")
         messages = [{"role": "user", "content": "Write the word apple to answer.txt."}]
         for _ in range(2):

@@ -23,7 +23,7 @@ from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from consumers import reward, rollout
 from consumers.reward import score
-from ops.config import Config, RewardSettings, RolloutSettings
+from consumers.settings import RewardSettings, RolloutSettings
 from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.codec import scored_decoder
@@ -148,11 +148,8 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
     tiny_policy: Path,  # noqa: F811
 ) -> None:
     run = "faults"
-    cfg = Config(
-        run=run,
-        rollout=RolloutSettings(concurrency=2, heartbeat_s=5.0, harness=SETTINGS),
-        reward=RewardSettings(concurrency=2, verify_timeout_s=1.0),
-    )
+    rollout_settings = RolloutSettings(concurrency=2, heartbeat_s=5.0, harness=SETTINGS)
+    reward_settings = RewardSettings(concurrency=2, verify_timeout_s=1.0)
     await ensure(js, run)
     good = _task(0, group_size=2)
     samples = [
@@ -165,8 +162,13 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
     for s in samples:
         await pub.publish(subject("tasks", run), s, msg_id=s.msg_id)
     async with anyio.create_task_group() as tg:
-        await tg.start(functools.partial(rollout.run, engine=_expert(tiny_policy, version=4)), cfg, js, nc)
-        await tg.start(reward.run, cfg, js, nc)
+        expert = _expert(tiny_policy, version=4)
+        await tg.start(
+            functools.partial(
+                rollout.run, rollout_settings, js, nc, run=run, policy_dir=tiny_policy, engine=expert
+            )
+        )
+        await tg.start(functools.partial(reward.run, reward_settings, js, nc, run=run))
         got = {s.traj.traj_id: s for s in await _scored(js, run, len(samples))}
         tg.cancel_scope.cancel()
     assert set(got) == {s.msg_id for s in samples}

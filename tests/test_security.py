@@ -12,7 +12,6 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -76,8 +75,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 async def login(broker: Broker, role: str) -> Session:
-    cfg = SimpleNamespace(nats=SimpleNamespace(creds_dir=str(broker.creds_dir)))
-    user, password = role_credentials(cfg, role)
+    user, password = role_credentials(broker.creds_dir, role)
     errors: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
@@ -163,9 +161,8 @@ def test_credentials_are_private_files_and_stable(broker: Broker) -> None:
 
 
 def test_missing_credentials_name_the_file_and_the_fix(tmp_path: Path) -> None:
-    cfg = SimpleNamespace(nats=SimpleNamespace(creds_dir=str(tmp_path)))
     with pytest.raises(SecurityError, match=r"rollout\.json.*python -m ops\.security"):
-        role_credentials(cfg, "rollout")
+        role_credentials(tmp_path, "rollout")
 
 
 # -- each role does its job ------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.policy_init import create_tiny_policy
-from consumers import lake
 from learner import worker
 from learner.checkpoint import latest_checkpoint, read_state
 from learner.settings import LearnerSettings
@@ -30,7 +29,8 @@ from learner.warmstart import (
     seed_missing,
     sft_steps,
 )
-from ops.config import load_config
+from ops import pipeline
+from ops.config import Config, load_config
 from ops.security import write_server_config
 from producers.families.files import corpus
 from producers.seed import expert_ids
@@ -45,7 +45,7 @@ EPISODES = 8
 STEPS = 5
 
 
-def config(state: Path, **learner: Any) -> Any:
+def config(state: Path, **learner: Any) -> Config:
     sets = {"warm_start_steps": STEPS, "warm_start_batch": 4, "seed_episodes": EPISODES} | learner
     return load_config(
         None,
@@ -60,6 +60,21 @@ def config(state: Path, **learner: Any) -> Any:
     )
 
 
+async def warm_start(cfg: Config, js: JetStreamContext, nc: NATS, lake_wait_s: float = 180.0) -> Path | None:
+    """The learner's warm start of ``cfg``'s run, as ``ops.pipeline`` starts it."""
+    return await prepare_warm_start(
+        cfg.learner,
+        pipeline.seeding(cfg),
+        js,
+        nc,
+        run=cfg.run,
+        policy_dir=cfg.policy_dir,
+        lake_root=cfg.lake_root,
+        checkpoint_root=cfg.checkpoint_root,
+        lake_wait_s=lake_wait_s,
+    )
+
+
 async def published(js: JetStreamContext) -> int:
     return (await js.stream_info(TRAJ.name)).state.messages
 
@@ -71,34 +86,48 @@ async def test_warm_start_seeds_the_lake_installs_version_one_once_and_the_learn
     cfg = config(tmp_path)
     await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
     await ensure(js, RUN)
-    root = cfg.state / "checkpoints" / RUN
+    root = cfg.checkpoint_root
     async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: lake.run(cfg, js, task_status=task_status))
+        await tg.start(pipeline.starter("lake", cfg, js, nc))
 
-        path = await prepare_warm_start(cfg, js, nc, lake_wait_s=60)
+        path = await warm_start(cfg, js, nc, lake_wait_s=60)
         assert path is not None and latest_checkpoint(root) == path
         state = read_state(path)
         assert (state.version, state.step, state.extra) == (WARM_VERSION, 0, {"warm_start": True})
         rows = expert_rows(cfg.lake_root, RUN)
-        assert set(rows) == set(await expert_ids(cfg, nc, EPISODES))  # every episode is in the lake
+        expected = await expert_ids(cfg.producer, nc, EPISODES, run=RUN)
+        assert set(rows) == set(expected)  # every episode is in the lake
         assert any(rows.values())  # and some succeeded: the SFT had demonstrations
         assert await published(js) == EPISODES
 
         # A second start: the run has its checkpoint, nothing is seeded or trained.
         mtime = (path / "state.json").stat().st_mtime_ns
-        assert await prepare_warm_start(cfg, js, nc) is None
+        assert await warm_start(cfg, js, nc) is None
         assert (path / "state.json").stat().st_mtime_ns == mtime
 
         # A learner killed during the SFT (no checkpoint yet) restarts: no episode runs again and
         # the warm start ends with one checkpoint.
         shutil.rmtree(path)
-        assert await seed_missing(cfg, js, nc) == 0
-        assert await prepare_warm_start(cfg, js, nc) == path
+        seeding = pipeline.seeding(cfg)
+        seeded = await seed_missing(
+            cfg.learner, seeding, js, nc, run=RUN, policy_dir=cfg.policy_dir, lake_root=cfg.lake_root
+        )
+        assert seeded == 0
+        assert await warm_start(cfg, js, nc) == path
         assert [p.name for p in root.iterdir()] == [path.name]
         assert await published(js) == EPISODES
 
         # The learner then resumes from it and announces version 1 to the rollout workers.
-        await tg.start(worker.run, cfg, js)
+        learner = functools.partial(
+            worker.run,
+            cfg.learner,
+            js,
+            run=RUN,
+            policy_dir=cfg.policy_dir,
+            checkpoint_root=root,
+            group_size=cfg.producer.group_size,
+        )
+        await tg.start(learner)
         announced = await policy.latest(js, RUN)
         assert announced is not None and announced.version == WARM_VERSION
         tg.cancel_scope.cancel()
@@ -109,9 +138,9 @@ async def test_warm_start_disabled_seeds_nothing_and_writes_no_checkpoint(
 ) -> None:
     cfg = config(tmp_path, warm_start_steps=0)
     await ensure(js, RUN)
-    assert await prepare_warm_start(cfg, js, nc) is None
+    assert await warm_start(cfg, js, nc) is None
     assert await published(js) == 0
-    assert latest_checkpoint(cfg.state / "checkpoints" / RUN) is None
+    assert latest_checkpoint(cfg.checkpoint_root) is None
 
 
 async def test_a_cancelled_warm_start_stops_at_its_next_step(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from nats.js import JetStreamContext
 
 from consumers.lake.errors import LakeWriteError
 from consumers.lake.metrics import FLUSH_ROWS, FLUSH_SECONDS
+from consumers.lake.settings import LakeSettings
 from consumers.lake.writer import LakeWriter
 from schemas.codec import scored_decoder, tasks_decoder, train_decoder
 from streams.bus import Consumer, Delivery
@@ -28,35 +31,41 @@ log = structlog.get_logger(__name__)
 
 
 async def run(
-    cfg: Any, js: JetStreamContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    settings: LakeSettings,
+    js: JetStreamContext,
+    *,
+    run: str,
+    root: Path,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Write the lake from the three ``lake-*`` consumers until cancelled; flush on the way out."""
-    writer = LakeWriter(cfg.lake_root, writer_id=f"{socket.gethostname()[:16]}-{os.getpid()}")
-    tasks = await Consumer(js, LAKE_TASKS, cfg.run, tasks_decoder, stage="lake").bind()
-    traj = await Consumer(js, LAKE_TRAJ, cfg.run, scored_decoder, stage="lake").bind()
-    train = await Consumer(js, LAKE_TRAIN, cfg.run, train_decoder, stage="lake").bind()
+    """Write run ``run`` into the lake at ``root`` (``settings.path`` resolved by the caller) from
+    the three ``lake-*`` consumers until cancelled; flush on the way out."""
+    writer = LakeWriter(root, writer_id=f"{socket.gethostname()[:16]}-{os.getpid()}")
+    tasks = await Consumer(js, LAKE_TASKS, run, tasks_decoder, stage="lake").bind()
+    traj = await Consumer(js, LAKE_TRAJ, run, scored_decoder, stage="lake").bind()
+    train = await Consumer(js, LAKE_TRAIN, run, train_decoder, stage="lake").bind()
     unacked: list[Delivery[Any]] = []
     task_status.started()
-    log.info("lake_started", root=str(cfg.lake_root))
+    log.info("lake_started", root=str(root))
 
     async def flush() -> None:
         if not unacked:
             return
         started = time.perf_counter()
         rows = await anyio.to_thread.run_sync(writer.flush)
-        FLUSH_SECONDS.labels(run=cfg.run).observe(time.perf_counter() - started)
+        FLUSH_SECONDS.labels(run=run).observe(time.perf_counter() - started)
         for d in unacked:
             await d.ack()
         for table, n in rows.items():
-            FLUSH_ROWS.labels(run=cfg.run, table=table).inc(n)
-        MESSAGES.labels(worker="lake", run=cfg.run).inc(len(unacked))
+            FLUSH_ROWS.labels(run=run, table=table).inc(n)
+        MESSAGES.labels(worker="lake", run=run).inc(len(unacked))
         log.info("lake_flush", messages=len(unacked), **rows)
         unacked.clear()
-        IN_FLIGHT.labels(worker="lake", run=cfg.run).set(0)
+        IN_FLIGHT.labels(worker="lake", run=run).set(0)
 
-    async def take(consumer: Consumer[Any], add: Any) -> int:
+    async def take(consumer: Consumer[Any], add: Callable[[Any], None]) -> int:
         got, poisoned = 0, consumer.stats.dead_lettered
-        for d in await consumer.fetch(min(256, cfg.lake.max_batch), timeout_s=0.5):
+        for d in await consumer.fetch(min(256, settings.max_batch), timeout_s=0.5):
             try:
                 add(d.record)
             except (ValueError, TypeError) as exc:  # a record the lake cannot hold: poison
@@ -65,8 +74,8 @@ async def run(
             unacked.append(d)
             got += 1
         # Undecodable messages (dead-lettered inside fetch) and unwritable ones alike.
-        DEAD_LETTERED.labels(worker="lake", run=cfg.run).inc(consumer.stats.dead_lettered - poisoned)
-        IN_FLIGHT.labels(worker="lake", run=cfg.run).set(len(unacked))
+        DEAD_LETTERED.labels(worker="lake", run=run).inc(consumer.stats.dead_lettered - poisoned)
+        IN_FLIGHT.labels(worker="lake", run=run).set(len(unacked))
         return got
 
     last_flush = time.monotonic()
@@ -75,8 +84,8 @@ async def run(
             got = await take(tasks, writer.add_task)
             got += await take(traj, writer.add_scored)
             got += await take(train, writer.add_train)
-            due = time.monotonic() - last_flush >= cfg.lake.flush_interval_s
-            if len(unacked) >= cfg.lake.max_batch or (due and unacked):
+            due = time.monotonic() - last_flush >= settings.flush_interval_s
+            if len(unacked) >= settings.max_batch or (due and unacked):
                 try:
                     await flush()
                 except LakeWriteError as exc:  # nothing acked; keep the buffers, try again later

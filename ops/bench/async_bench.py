@@ -231,7 +231,18 @@ async def measure_eta(
                 result.dropped += 1
 
     async with anyio.create_task_group() as tg:
-        await tg.start(lambda task_status: worker.run(cfg, js, stats=stats, task_status=task_status))
+        await tg.start(
+            lambda task_status: worker.run(
+                cfg.learner,
+                js,
+                run=run,
+                policy_dir=cfg.policy_dir,
+                checkpoint_root=cfg.checkpoint_root,
+                group_size=cfg.producer.group_size,
+                stats=stats,
+                task_status=task_status,
+            )
+        )
         tg.start_soon(versions.watch, js, run)
         tg.start_soon(count_train_log)
         tg.start_soon(actors, js, run, eta, plan, templates, versions)

@@ -20,7 +20,7 @@ from schemas.task import Task
 
 
 class TaskParams(Protocol):
-    """The producer settings a family reads (``ops.config.ProducerSettings`` has them)."""
+    """The producer settings a family reads (``producers.settings.ProducerSettings`` has them)."""
 
     @property
     def levels(self) -> tuple[int, ...]: ...

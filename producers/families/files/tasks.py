@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
-from producers.families.base import TaskParams
+from producers.families.base import TaskParams, TaskSandbox
 from schemas.task import Task
 
 FAMILY = "files"
@@ -88,7 +87,9 @@ def task_at(seed: int, index: int, levels: Sequence[int]) -> Task:
     return make_task(level, rng, f"{FAMILY}-s{seed}-{index:06d}-L{level}")
 
 
-async def make_tasks(sandbox: Any, params: TaskParams, *, seed: int, start: int, count: int) -> list[Task]:
+async def make_tasks(
+    sandbox: TaskSandbox, params: TaskParams, *, seed: int, start: int, count: int
+) -> list[Task]:
     """Tasks ``start .. start+count-1`` of the stream of ``seed`` at ``params.levels`` (no sandbox
     needed: the family's ``make_tasks`` hook)."""
     return [task_at(seed, i, tuple(params.levels)) for i in range(start, start + count)]

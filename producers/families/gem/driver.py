@@ -18,6 +18,8 @@ step rewards (written to /work/.gem/result.json after every call).
 ids; for any other id a stand-in with no datasets is imported instead (~0.15 s per call).
 """
 
+from __future__ import annotations
+
 import difflib
 import importlib.util
 import json
@@ -27,6 +29,7 @@ import random
 import re
 import sys
 import types
+from typing import Any
 
 # This file's folder must not shadow what GEM imports (in the repo it holds the family's modules).
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
@@ -41,12 +44,13 @@ _HAS_RG = [False]  # whether reasoning_gym is installed (set on the first import
 
 
 class DriverError(Exception):
-    def __init__(self, kind, message):
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
 
-def _import_gem(want_reasoning_gym):
+def _import_gem(want_reasoning_gym: bool) -> tuple[Any, dict[str, Any], bool]:
+    """GEM, its env registry, and whether the real ``reasoning_gym`` is installed."""
     if "gem.envs.registration" in sys.modules:  # imported already (observe makes several envs)
         registration = sys.modules["gem.envs.registration"]
         return sys.modules["gem"], registration.ENV_REGISTRY, _HAS_RG[0]
@@ -54,14 +58,14 @@ def _import_gem(want_reasoning_gym):
     _HAS_RG[0] = real
     if not (want_reasoning_gym and real):
         stub = types.ModuleType("reasoning_gym")
-        stub.factory = types.SimpleNamespace(DATASETS={})
+        vars(stub)["factory"] = types.SimpleNamespace(DATASETS={})
         sys.modules["reasoning_gym"] = stub
     import gem.envs.registration
 
     return gem, gem.envs.registration.ENV_REGISTRY, real
 
 
-def _unknown(env_id, registry, has_rg):
+def _unknown(env_id: str, registry: dict[str, Any], has_rg: bool) -> DriverError:
     ids = sorted(registry)
     prefix = env_id.split(":", 1)[0] + ":"
     same = [i for i in ids if i.startswith(prefix)] or [i for i in ids if i.startswith("game:")] or ids
@@ -76,7 +80,7 @@ def _unknown(env_id, registry, has_rg):
     return DriverError("unknown_env", message)
 
 
-def _make(env_id, seed):
+def _make(env_id: str, seed: int) -> Any:
     gem, registry, has_rg = _import_gem(env_id.startswith("rg:"))
     if env_id not in registry:
         raise _unknown(env_id, registry, has_rg)
@@ -87,18 +91,18 @@ def _make(env_id, seed):
         raise DriverError("unavailable", f"GEM env {env_id!r} cannot run in this image: {exc}") from exc
 
 
-def _seed_globals(seed):
+def _seed_globals(seed: int) -> None:
     random.seed(seed)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed(seed % 2**32)
 
 
-def _global_rng():
+def _global_rng() -> dict[str, Any]:
     numpy = sys.modules.get("numpy")
     return {"random": random.getstate(), "numpy": numpy.random.get_state() if numpy else None}
 
 
-def _restore_rng(state):
+def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["random"])
     if state["numpy"] is not None:
         import numpy
@@ -106,14 +110,14 @@ def _restore_rng(state):
         numpy.random.set_state(state["numpy"])
 
 
-def _atomic_write(path, data):
+def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
 
-def _save(episode):
+def _save(episode: dict[str, Any]) -> None:
     os.makedirs(STATE_DIR, exist_ok=True)
     # Read before unpickling: the episode must import what it was saved with (stand-in or not).
     _atomic_write(ENV_ID, episode["env_id"].encode())
@@ -123,11 +127,11 @@ def _save(episode):
     _atomic_write(RESULT, json.dumps(result).encode())
 
 
-def _won(episode):
+def _won(episode: dict[str, Any]) -> bool:
     return bool(episode["terminated"] and not episode["truncated"] and episode["last_reward"] > 0)
 
 
-def cmd_reset(env_id, seed):
+def cmd_reset(env_id: str, seed: int) -> dict[str, Any]:
     env = _make(env_id, seed)
     observation, info = env.reset(seed=seed)
     episode = {
@@ -144,7 +148,7 @@ def cmd_reset(env_id, seed):
     return {"observation": str(observation), "info": info}
 
 
-def cmd_step(action):
+def cmd_step(action: str) -> dict[str, Any]:
     if not os.path.exists(STATE):
         raise DriverError("no_episode", "no GEM episode in this sandbox: call reset first")
     with open(ENV_ID, encoding="utf-8") as f:
@@ -176,7 +180,7 @@ def cmd_step(action):
     }
 
 
-def cmd_observe(env_id, seeds):
+def cmd_observe(env_id: str, seeds: list[int]) -> dict[str, Any]:
     observations = []
     for seed in seeds:
         observation, info = _make(env_id, seed).reset(seed=seed)
@@ -184,26 +188,27 @@ def cmd_observe(env_id, seeds):
     return {"env_id": env_id, "observations": observations}
 
 
-def cmd_verify():
+def cmd_verify() -> dict[str, Any]:
     if not os.path.exists(RESULT):
         raise DriverError("no_episode", "no GEM episode was played in this sandbox")
     with open(RESULT, encoding="utf-8") as f:
-        return json.load(f)
+        result: dict[str, Any] = json.load(f)
+    return result
 
 
-def cmd_list():
+def cmd_list() -> dict[str, Any]:
     _, registry, _ = _import_gem(True)
     return {"env_ids": sorted(registry)}
 
 
-def _seed_arg(text):
+def _seed_arg(text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise DriverError("bad_request", f"seed must be an integer, got {text!r}") from None
 
 
-def run(argv):
+def run(argv: list[str]) -> tuple[dict[str, Any], int]:
     """Dispatch one command; returns (answer, exit code)."""
     usage = "usage: gem_driver.py reset ENV_ID SEED | step ACTION | observe ENV_ID SEED... | verify | list"
     cmd, args = (argv[0], argv[1:]) if argv else ("", [])
@@ -221,7 +226,7 @@ def run(argv):
     raise DriverError("bad_request", usage)
 
 
-def main():
+def main() -> int:
     try:
         answer, code = run(sys.argv[1:])
     except DriverError as exc:

@@ -1,0 +1,40 @@
+"""Settings of the task producer (section ``[producer]`` of ``rollstream.toml``), decoded once and
+passed down; ``ops.config`` composes them with the other sections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+
+class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where tasks come from and how much work the producer keeps in flight."""
+
+    source: Annotated[
+        Literal["builtin", "jsonl", "gem"],
+        msgspec.Meta(description="Task source: built-in family, JSONL file or GEM env."),
+    ] = "builtin"
+    path: Annotated[str, msgspec.Meta(description="JSONL task file when source = jsonl.")] = ""
+    env_id: Annotated[
+        str, msgspec.Meta(description="GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")
+    ] = ""
+    reward: Annotated[
+        Literal["graded", "won"],
+        msgspec.Meta(
+            description="graded: a task's own graded reward (GEM: summed step rewards); "
+            "won: 1 iff verified, else 0."
+        ),
+    ] = "graded"
+    seed: Annotated[int, msgspec.Meta(description="Seed of the built-in task family.")] = 0
+    levels: Annotated[
+        tuple[int, ...],
+        msgspec.Meta(description="Difficulty levels of the built-in family (tool calls needed)."),
+    ] = (1, 2)
+    group_size: Annotated[
+        int, msgspec.Meta(ge=1, description="Samples per task (a group, for group baselines).")
+    ] = 1
+    max_inflight: Annotated[
+        int, msgspec.Meta(ge=1, description="Samples published but not yet finished by rollout, at most.")
+    ] = 16
+    total: Annotated[int, msgspec.Meta(ge=0, description="Stop after this many tasks; 0 = run forever.")] = 0
