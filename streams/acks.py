@@ -72,9 +72,7 @@ class AckTracker:
         self._acked = 0  # acks seen, to tell a slow broker (progress) from a silent one
         self._failed: list[tuple[Sent, Exception]] = []
         self._waiters: list[tuple[asyncio.Future[None], bool]] = []  # (future, wants all acked)
-
-    def __len__(self) -> int:
-        return len(self._inflight)
+        self._starting = asyncio.Lock()
 
     def full(self) -> bool:
         return len(self._inflight) >= self.max_msgs or self._bytes >= self.max_bytes
@@ -83,8 +81,7 @@ class AckTracker:
         """Publish ``data`` (``record`` encoded) with a reply subject; the ack (or error) is
         collected in the background."""
         if not self._inbox:
-            self._inbox = self._nc.new_inbox() + "."
-            await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
+            await self._start()
         self._seq += 1
         token = str(self._seq)
         self._inflight[token] = Sent(subject, record, headers, len(data))
@@ -94,6 +91,13 @@ class AckTracker:
         except BaseException:
             self._forget(token)
             raise
+
+    async def _start(self) -> None:
+        async with self._starting:  # two first publishes at once subscribe once
+            if not self._inbox:
+                inbox = self._nc.new_inbox() + "."
+                await self._nc.subscribe(inbox + "*", cb=self._on_ack)
+                self._inbox = inbox
 
     def _forget(self, token: str) -> Sent | None:
         sent = self._inflight.pop(token, None)
