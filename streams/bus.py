@@ -1,12 +1,14 @@
-"""The typed publish/consume layer over nats-py JetStream.
+"""The typed publish/consume layer over nats-py (JetStream spoken on core NATS, see docs/streams.md).
 
 - ``Publisher`` publishes msgspec records with ``Nats-Msg-Id`` (broker-side de-duplication), either
-  awaiting each ack or asynchronously with a bounded number of acks in flight.
+  awaiting each ack or asynchronously with a bounded number and size of acks in flight
+  (``streams.acks``); refused (429), failed-over or unacknowledged ones are published again.
 - ``Consumer`` binds a durable pull consumer (one per group and run, shared by all processes of
-  the group), decodes at the edge, and sends poison to the dead-letter subject: a message that does
-  not decode is dead-lettered and terminated at once; a message whose processing keeps failing is
-  nak'ed with backoff and dead-lettered once its delivery budget is spent; a handler that raises
-  ``PermanentError`` (e.g. ``RecordTooLarge``) has its message dead-lettered at once. Never a nak loop.
+  the group), decodes at the edge (as each message arrives, ``streams.pull``), and sends poison to
+  the dead-letter subject: a message that does not decode is dead-lettered and terminated at once;
+  a message whose processing keeps failing is nak'ed with backoff and dead-lettered once its
+  delivery budget is spent; a handler that raises ``PermanentError`` (e.g. ``RecordTooLarge``) has
+  its message dead-lettered at once. Never a nak loop.
 - Records larger than the broker accepts (``max_payload`` of the connected server, or the streams'
   ``max_msg_size``) are refused before publishing with ``RecordTooLarge``, naming size and limit.
 """
