@@ -38,6 +38,15 @@ def small_ingest_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel shows it stopped (on a busy machine that takes a while)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().split()[2] != "T":
+        assert time.monotonic() < deadline, "the broker did not stop"
+        time.sleep(0.01)
+
+
 async def stored(js: JetStreamContext) -> int:
     return int((await js.stream_info(TASKS.name)).state.messages)
 
@@ -67,7 +76,7 @@ async def test_acks_that_never_come_are_settled_by_publishing_again_under_the_sa
     pub = Publisher(js, timeout_s=0.5)
     assert nats_server.proc is not None
     pid = nats_server.proc.pid
-    os.kill(pid, signal.SIGSTOP)  # the broker stops answering: no ack comes
+    freeze(pid)  # the broker stops answering: no ack comes
     thaw = threading.Timer(2.0, os.kill, (pid, signal.SIGCONT))
     try:
         thaw.start()
