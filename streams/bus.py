@@ -1,19 +1,20 @@
-"""The typed publish/consume layer over nats-py JetStream.
+"""The typed publish/consume layer over nats-py (JetStream spoken on core NATS, see docs/streams.md).
 
 - ``Publisher`` publishes msgspec records with ``Nats-Msg-Id`` (broker-side de-duplication), either
-  awaiting each ack or asynchronously with a bounded number of acks in flight.
+  awaiting each ack or asynchronously with a bounded number and size of acks in flight
+  (``streams.acks``); refused (429), failed-over or unacknowledged ones are published again.
 - ``Consumer`` binds a durable pull consumer (one per group and run, shared by all processes of
-  the group), decodes at the edge, and sends poison to the dead-letter subject: a message that does
-  not decode is dead-lettered and terminated at once; a message whose processing keeps failing is
-  nak'ed with backoff and dead-lettered once its delivery budget is spent; a handler that raises
-  ``PermanentError`` (e.g. ``RecordTooLarge``) has its message dead-lettered at once. Never a nak loop.
+  the group), decodes at the edge (as each message arrives, ``streams.pull``), and sends poison to
+  the dead-letter subject: a message that does not decode is dead-lettered and terminated at once;
+  a message whose processing keeps failing is nak'ed with backoff and dead-lettered once its
+  delivery budget is spent; a handler that raises ``PermanentError`` (e.g. ``RecordTooLarge``) has
+  its message dead-lettered at once. Never a nak loop.
 - Records larger than the broker accepts (``max_payload`` of the connected server, or the streams'
   ``max_msg_size``) are refused before publishing with ``RecordTooLarge``, naming size and limit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from nats.errors import ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from schemas.codec import encode, explain
 from schemas.dlq import DeadLetter
+from streams.acks import AckTracker
+from streams.pull import PullFetcher
 from streams.topology import MAX_MSG_BYTES, ConsumerSpec, subject
 
 T = TypeVar("T")
@@ -47,10 +50,19 @@ TRANSIENT: tuple[type[Exception], ...] = (
     ConnectionReconnectingError,
 )
 RETRY_BUDGET_S = 60.0
+TOO_MANY_REQUESTS = 429  # the stream's ingest queue is full: back off and publish again
+
+
+def retryable(exc: BaseException) -> bool:
+    """A failure that publishing again (same msg id) can cure: fail-over, or an overloaded stream."""
+    return isinstance(exc, TRANSIENT) or (isinstance(exc, APIError) and exc.code == TOO_MANY_REQUESTS)
+
+
 log = structlog.get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 DEFAULT_MAX_INFLIGHT = 4096
+DEFAULT_MAX_INFLIGHT_BYTES = 32 * 1024 * 1024
 # A dead letter carries at most this much of the original payload, so that it fits the broker too.
 DLQ_PAYLOAD_HEADROOM = 64 * 1024
 
@@ -87,22 +99,31 @@ def broker_limit(js: JetStreamContext) -> int:
 class Publisher:
     """Publish records to JetStream with de-duplication ids.
 
-    ``max_inflight`` bounds the async publishes awaiting their ack. It is a memory and fairness
-    bound, not admission control (that is the consumers' ``max_ack_pending``): a low value makes the
-    publisher wait a round trip every ``max_inflight`` messages.
+    ``max_inflight`` and ``max_inflight_bytes`` bound the async publishes awaiting their ack. They
+    are a memory bound and keep the server's per-stream ingest queue from overflowing (it answers
+    ``429 too many requests`` then), not admission control (that is the consumers'
+    ``max_ack_pending``): a low value makes the publisher wait a round trip every so often.
     """
 
     def __init__(
-        self, js: JetStreamContext, *, max_inflight: int = DEFAULT_MAX_INFLIGHT, timeout_s: float = 10.0
+        self,
+        js: JetStreamContext,
+        *,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        timeout_s: float = 10.0,
     ) -> None:
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, not {max_inflight}")
+        if max_inflight < 1 or max_inflight_bytes < 1:
+            raise ValueError(
+                f"max_inflight and max_inflight_bytes must be >= 1, not {max_inflight}, {max_inflight_bytes}"
+            )
         self._js = js
-        self._slots = asyncio.Semaphore(max_inflight)
-        # Futures not yet acked, or failed and not yet retried, with what they carried.
-        self._pending: dict[asyncio.Future[PubAck], tuple[str, bytes, dict[str, str]]] = {}
+        self._acks = AckTracker(
+            js._nc, max_msgs=max_inflight, max_bytes=max_inflight_bytes, timeout_s=timeout_s
+        )
         self._timeout_s = timeout_s
         self.max_inflight = max_inflight
+        self.republished = 0  # async publishes that failed or went unacknowledged, published again
 
     def _encode(self, subj: str, record: Any, headers: dict[str, str]) -> bytes:
         data = encode(record)
@@ -126,52 +147,45 @@ class Publisher:
 
     async def _publish_retrying(self, subj: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
         """Publish until acked or the retry budget is spent (broker fail-over takes seconds)."""
-        async for attempt in stamina.retry_context(on=TRANSIENT, timeout=RETRY_BUDGET_S, wait_max=2.0):
+        async for attempt in stamina.retry_context(on=retryable, timeout=RETRY_BUDGET_S, wait_max=2.0):
             with attempt:
                 return await self._js.publish(subj, data, timeout=self._timeout_s, headers=dict(hdrs))
         raise AssertionError("unreachable")
 
     async def publish_async(self, subj: str, record: Any, *, msg_id: str) -> None:
-        """Publish without waiting for the ack; at most ``max_inflight`` acks are outstanding.
+        """Publish without waiting for the ack; ``flush()`` waits for the acks.
 
-        Raises ``RecordTooLarge`` (before anything is sent) if the broker would refuse the record.
+        Waits while ``max_inflight`` messages (or ``max_inflight_bytes``) await their ack; if none
+        comes for ``timeout_s``, settles them as ``flush()`` does. Raises ``RecordTooLarge``
+        (before anything is sent) if the broker would refuse the record.
         """
         hdrs = {MSG_ID: msg_id}
         data = self._encode(subj, record, hdrs)
-        await self._slots.acquire()
+        if self._acks.full() and not await self._acks.wait_for_room():
+            await self.flush()
         try:
-            fut = await self._js.publish_async(subj, data, headers=hdrs)
+            await self._acks.send(subj, data, hdrs, record)
         except TRANSIENT:
-            self._slots.release()
             await self._publish_retrying(subj, data, hdrs)
-            return
-        except BaseException:
-            self._slots.release()
-            raise
-        self._pending[fut] = (subj, data, hdrs)
-        fut.add_done_callback(self._done)
-
-    def _done(self, fut: asyncio.Future[PubAck]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self._pending.pop(fut, None)  # failed ones stay until flush() retries them
-        self._slots.release()
 
     async def flush(self) -> None:
         """Wait until every async publish is acknowledged, re-publishing (same msg id) those that
-        failed while the broker failed over; raise the first permanent failure."""
-        if not self._pending:
-            return
-        sent = dict(self._pending)
-        self._pending.clear()
-        results = await asyncio.gather(*sent, return_exceptions=True)
-        for (subj, data, hdrs), result in zip(sent.values(), results, strict=True):
-            if isinstance(result, TRANSIENT):
-                await self._publish_retrying(subj, data, hdrs)
-            elif isinstance(result, BaseException):
-                raise result
+        failed while the broker failed over, was overloaded (429) or stayed silent for
+        ``timeout_s``; then raise the first permanent failure."""
+        failed = await self._acks.settle()
+        retry = [(sent, error) for sent, error in failed if retryable(error)]
+        if retry:
+            log.info("publish_again", count=len(retry), error=repr(retry[0][1])[:200])
+        for sent, _ in retry:
+            data = self._encode(sent.subject, sent.record, sent.headers)
+            await self._publish_retrying(sent.subject, data, sent.headers)
+            self.republished += 1
+        for _, error in failed:
+            if not retryable(error):
+                raise error
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery(Generic[T]):
     """One decoded message with its ack handle."""
 
@@ -223,34 +237,31 @@ class Consumer(Generic[T]):
         self.stage = stage or spec.group
         self.backoff_s = tuple(backoff_s)
         self.stats = ConsumerStats()
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._puller: PullFetcher[T] | None = None
 
     async def bind(self) -> Consumer[T]:
         """Bind to the durable consumer that ``streams.topology.ensure`` created."""
-        self._sub = await self.js.pull_subscribe_bind(
-            durable=self.spec.durable(self.run), stream=self.spec.stream
-        )
+        durable = self.spec.durable(self.run)
+        puller = PullFetcher(self.js._nc, self.js._prefix, self.spec.stream, durable, self.decoder.decode)
+        self._puller = await puller.start()
         return self
 
     async def fetch(self, batch: int, timeout_s: float) -> list[Delivery[T]]:
         """Up to ``batch`` decoded records; poison is dead-lettered and never returned."""
-        assert self._sub is not None, "call bind() first"
+        assert self._puller is not None, "call bind() first"
         try:
-            msgs = await self._sub.fetch(batch, timeout=timeout_s)
-        except (TimeoutError, NatsTimeoutError):
-            return []
+            fetched = await self._puller.fetch(batch, timeout_s)
         except TRANSIENT as exc:  # fail-over in progress: nothing to hand out yet
             log.info("fetch_retry", stage=self.stage, error=type(exc).__name__)
             await anyio.sleep(0.5)
             return []
-        self.stats.received += len(msgs)
-        decode = self.decoder.decode
+        self.stats.received += len(fetched)
         out: list[Delivery[T]] = []
-        for msg in msgs:
-            try:
-                out.append(Delivery(decode(msg.data), msg))
-            except msgspec.DecodeError as exc:  # poison: never returned, never retried
-                await self.dead_letter(msg, f"decode: {explain(self.decoder, exc)}")
+        for msg, record in fetched:  # decoded on arrival (streams.pull)
+            if isinstance(record, msgspec.DecodeError):  # poison: never returned, never retried
+                await self.dead_letter(msg, f"decode: {explain(self.decoder, record)}")
+            else:
+                out.append(Delivery(record, msg))
         return out
 
     async def fail(self, delivery: Delivery[T], reason: str, *, permanent: bool = False) -> None:
