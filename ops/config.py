@@ -14,6 +14,7 @@ import msgspec
 
 from agent_harness.proxy import ProxySettings
 from agent_harness.settings import HarnessSettings
+from consumers.probe import ProbeSettings
 from learner.settings import LearnerSettings
 from sandboxd.settings import SandboxdSettings
 
@@ -70,6 +71,7 @@ class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     verify_timeout_s: Annotated[
         float, _meta("Limit of one verify command; a hang is an infra failure.", gt=0)
     ] = 20.0
+    probe: ProbeSettings = ProbeSettings()
 
 
 class LakeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
