@@ -26,7 +26,7 @@ from schemas.trajectory import Chunk, RiskFlag
 
 Severity = Literal["fail", "flag"]
 # Offline verdicts (ops.filters): "fail" for behaviour that is never acceptable training signal.
-SEVERITY: dict[RiskFlag, Severity] = {
+SEVERITY: dict[str, Severity] = {
     "egress": "flag",
     "remote_code": "fail",
     "reverse_shell": "fail",
@@ -302,9 +302,10 @@ def screen_calls(chunks: Iterable[Chunk]) -> list[Finding]:
     return out
 
 
-def verdict(findings: Iterable[Finding]) -> Severity | Literal["pass"]:
-    """The offline filter verdict of a set of findings: fail > flag > pass."""
-    severities = {SEVERITY[f.flag] for f in findings}
+def verdict(flags: Iterable[str]) -> Severity | Literal["pass"]:
+    """The offline filter verdict of a set of flags: fail > flag > pass (a flag this reader does not
+    know, from a newer writer, counts as ``flag``)."""
+    severities = {SEVERITY.get(flag, "flag") for flag in flags}
     return "fail" if "fail" in severities else "flag" if severities else "pass"
 
 

@@ -102,14 +102,12 @@ def heuristic(scored: ScoredTrajectory, limits: HeuristicLimits = HeuristicLimit
 
 def security(scored: ScoredTrajectory) -> tuple[str, list[str]]:
     """Verdict and reasons from the text rules of the reward group's security screen
-    (``consumers.screen``, the same rules online and offline) over the tool calls, plus the flags
-    the reward group recorded online (its sandbox probe cannot be re-run on a closed sandbox)."""
+    (``consumers.screen``: the same rules online and offline) over the tool calls, together with the
+    flags the reward group recorded online (its sandbox probe cannot be re-run on a closed sandbox)."""
     found = screen.screen_calls(scored.traj.chunks)
-    reasons = [f.line for f in found]
-    online = [line for line in scored.flag_evidence if line.partition(":")[0] in screen.SEVERITY]
-    verdicts = [screen.verdict(found), *(screen.SEVERITY[line.partition(":")[0]] for line in online)]  # type: ignore[index]
-    worst = "fail" if "fail" in verdicts else "flag" if "flag" in verdicts else "pass"
-    return worst, list(dict.fromkeys(reasons + online))
+    online = list(scored.flag_evidence) or [f"{flag}: reward group" for flag in scored.flags]
+    flags = {f.flag for f in found} | set(scored.flags)
+    return screen.verdict(flags), list(dict.fromkeys([f.line for f in found] + online))
 
 
 # --- execution re-verification ------------------------------------------------------------------

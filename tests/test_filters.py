@@ -157,3 +157,24 @@ async def test_reverification_in_a_fresh_sandbox_passes_a_true_reward_and_fails_
     rows = {r["traj_id"]: r for r in query(tmp_path, "SELECT * FROM filters").to_pylist()}
     assert rows[solved.traj.traj_id]["verdict"] == "pass"
     assert rows["src:lied:0"]["reasons"] == ["reverify: logged reward 0, re-run gave 1"]
+
+
+async def test_the_security_stage_keeps_what_the_reward_group_flagged_online(tmp_path: Path) -> None:
+    """The sandbox probe cannot run again offline: the flags the reward group stored in the lake
+    decide the verdict together with the text rules."""
+    miner = msgspec.structs.replace(lake_trajectory(3), flags=["cpu_burn", "miner"])
+    listener = msgspec.structs.replace(lake_trajectory(4), flags=["listener"])
+    writer = LakeWriter(tmp_path, writer_id="seed")
+    for scored in (miner, listener, lake_trajectory(5)):
+        writer.add_scored(scored)
+    writer.flush()
+    counts = await run_stage(tmp_path, "security", sql="SELECT traj_id FROM trajectories")
+    assert counts == {"fail": 1, "flag": 1, "pass": 1}
+    rows = query(tmp_path, "SELECT traj_id, verdict, reasons FROM filters ORDER BY traj_id").to_pylist()
+    by_id = {r["traj_id"]: r for r in rows}
+    assert by_id[miner.traj.traj_id]["verdict"] == "fail"
+    assert by_id[miner.traj.traj_id]["reasons"] == ["cpu_burn: reward group", "miner: reward group"]
+    assert by_id[listener.traj.traj_id]["verdict"] == "flag"
+    # with the evidence at hand (a record straight from the stream) the lines are the evidence
+    evidence = ["miner: probe: CPU profile of a miner, 0.97 cores, 99% user: pid 31 'kworker'"]
+    assert security(msgspec.structs.replace(miner, flag_evidence=evidence)) == ("fail", evidence)
