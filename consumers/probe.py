@@ -62,18 +62,23 @@ class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             description="When agent processes are left running, measure their CPU over this many seconds.",
         ),
     ] = 0.5
-    burn_cores: Annotated[
+    burn_demand: Annotated[
         float,
         msgspec.Meta(
-            gt=0, description="A leftover process using at least this many cores over the window is cpu_burn."
+            gt=0,
+            description=(
+                "A leftover process whose threads were on a CPU or waiting for one at least this share "
+                "of the window (1.0: one CPU's worth) is cpu_burn; demand, not CPU received, so that a "
+                "loaded machine does not hide it."
+            ),
         ),
-    ] = 0.25
+    ] = 0.5
     miner_user_share: Annotated[
         float,
         msgspec.Meta(
             gt=0,
             le=1,
-            description="...and a miner when at least this share of its CPU is user time (hashing, no I/O).",
+            description="...and a miner when at least this share of its CPU time is user time (hashing).",
         ),
     ] = 0.9
     cpu_budget_s: Annotated[
@@ -97,6 +102,9 @@ sub stat_of { my $s = slurp("/proc/$_[0]/stat", 4096); return () unless defined 
 sub fds { my $p = shift; my @s; opendir(my $d, "/proc/$p/fd") or return '-';
   for my $n (sort { $a <=> $b } grep { /^\d+$/ } readdir $d) { my $l = readlink("/proc/$p/fd/$n"); push @s, "$n:$1" if defined $l && $l =~ /^socket:\[(\d+)\]$/; last if @s >= 64 }
   closedir $d; @s ? join(',', @s) : '-' }
+sub sched { my $p = shift; my ($run, $wait, $n) = (0, 0, 0); opendir(my $d, "/proc/$p/task") or return (0, 0);
+  for my $t (grep { /^\d+$/ } readdir $d) { my $s = slurp("/proc/$p/task/$t/schedstat", 256); if (defined $s && $s =~ /^(\d+) (\d+)/) { $run += $1; $wait += $2 } last if ++$n >= 256 }
+  closedir $d; ($run, $wait) }
 opendir(my $dh, '/proc') or die "no /proc"; my @pids = sort { $a <=> $b } grep { /^\d+$/ } readdir $dh; closedir $dh;
 splice(@pids, 4096) if @pids > 4096;
 out('T', POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100, $$, $window);
@@ -105,9 +113,9 @@ for my $p (@pids) {
   my ($comm, @f) = stat_of($p); next unless @f > 19;
   my ($uid) = (slurp("/proc/$p/status", 8192) // '') =~ /^Uid:\s+(\d+)/m;
   $seen{$p} = 1;
-  out('P', $p, $f[1], $uid // -1, $f[0], $f[11], $f[12], $f[19], hx($comm), hx(slurp("/proc/$p/cmdline", 256)), fds($p));
+  out('P', $p, $f[1], $uid // -1, $f[0], $f[11], $f[12], $f[19], hx($comm), hx(slurp("/proc/$p/cmdline", 256)), fds($p), sched($p));
 }
-if ($window > 0) { Time::HiRes::sleep($window); for my $p (sort { $a <=> $b } keys %seen) { my ($c, @f) = stat_of($p); out('Q', $p, $f[11], $f[12]) if @f > 19 } }
+if ($window > 0) { Time::HiRes::sleep($window); for my $p (sort { $a <=> $b } keys %seen) { my ($c, @f) = stat_of($p); out('Q', $p, $f[11], $f[12], sched($p)) if @f > 19 } }
 for my $n (qw(tcp tcp6 udp udp6 raw raw6 snmp snmp6)) { my $d = slurp("/proc/net/$n", 65536); out('N', $n, hx($d)) if defined $d }
 for my $c (['v2', '/sys/fs/cgroup/cpu.stat'], ['v1', '/sys/fs/cgroup/cpuacct/cpuacct.usage'], ['v1', '/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage']) {
   my $d = slurp($c->[1], 4096); if (defined $d) { out('C', $c->[0], hx($d)); last } }
@@ -139,8 +147,9 @@ class Proc:
     comm: str
     cmdline: str
     sockets: dict[int, int]  # fd -> socket inode
-    utime2: int | None = None  # after the window
-    stime2: int | None = None
+    run_ns: int = 0  # schedstat summed over its threads: time on a CPU
+    wait_ns: int = 0  # ... and time runnable, waiting for one
+    after: tuple[int, int, int, int] | None = None  # (utime, stime, run_ns, wait_ns) after the window
 
     @property
     def label(self) -> str:
@@ -238,7 +247,7 @@ def parse(output: str, nonce: str) -> Snapshot:
 def _snapshot(lines: list[list[str]]) -> Snapshot:
     hz, self_pid, window = int(lines[0][1]), int(lines[0][2]), float(lines[0][3])
     procs: dict[int, Proc] = {}
-    later: dict[int, tuple[int, int]] = {}
+    later: dict[int, tuple[int, int, int, int]] = {}
     sockets: list[Socket] = []
     counters: dict[str, int] = {}
     cgroup: float | None = None
@@ -248,19 +257,30 @@ def _snapshot(lines: list[list[str]]) -> Snapshot:
             fds = {int(a): int(b) for a, b in (x.split(":") for x in f[9].split(","))} if f[9] != "-" else {}
             cmdline = " ".join(_text(f[8]).split("\0")).strip()
             procs[pid] = Proc(
-                pid, ppid, uid, f[3], int(f[4]), int(f[5]), int(f[6]), _text(f[7]), cmdline, fds
+                pid,
+                ppid,
+                uid,
+                f[3],
+                int(f[4]),
+                int(f[5]),
+                int(f[6]),
+                _text(f[7]),
+                cmdline,
+                fds,
+                int(f[10]),
+                int(f[11]),
             )
         elif kind == "Q":
-            later[int(f[0])] = (int(f[1]), int(f[2]))
+            later[int(f[0])] = (int(f[1]), int(f[2]), int(f[3]), int(f[4]))
         elif kind == "N" and f[0] in ("snmp", "snmp6"):
             counters |= _counters(f[0], _text(f[1]))
         elif kind == "N":
             sockets += _sockets(f[0], _text(f[1]))
         elif kind == "C":
             cgroup = _cgroup_cpu_s(f[0], _text(f[1]))
-    for pid, (u2, s2) in later.items():
+    for pid, after in later.items():
         if pid in procs:
-            procs[pid] = dataclasses.replace(procs[pid], utime2=u2, stime2=s2)
+            procs[pid] = dataclasses.replace(procs[pid], after=after)
     return Snapshot(hz, self_pid, window, procs, sockets, counters, cgroup)
 
 
@@ -335,17 +355,22 @@ def _sockets_seen(sockets: list[Socket], leftover_inodes: set[int]) -> list[Find
 
 
 def _cpu(left: list[Proc], snap: Snapshot, settings: ProbeSettings) -> list[Finding]:
+    """cpu_burn for a leftover process that kept a CPU busy over the window, measured as demand (time
+    on a CPU plus time waiting for one, over all its threads), so a loaded machine does not hide it;
+    miner when its CPU time (over its life) is mostly user time, as hashing is."""
     out: list[Finding] = []
     for p in left:
-        if p.utime2 is None or p.stime2 is None or snap.window_s <= 0:
+        if p.after is None or snap.window_s <= 0:
             continue
-        user, system = p.utime2 - p.utime, p.stime2 - p.stime
-        cores = (user + system) / snap.hz / snap.window_s
-        if cores < settings.burn_cores:
+        utime, stime, run_ns, wait_ns = p.after
+        ran = (run_ns - p.run_ns) / 1e9 / snap.window_s
+        demand = ran + (wait_ns - p.wait_ns) / 1e9 / snap.window_s
+        if demand < settings.burn_demand:
             continue
-        profile = f"{cores:.2f} cores, {user / max(user + system, 1):.0%} user: {p.label}"
+        user = utime / max(utime + stime, 1)
+        profile = f"busy {demand:.0%} of {snap.window_s:g}s, {ran:.2f} cores, {user:.0%} user: {p.label}"
         out.append(Finding("cpu_burn", "probe", profile))
-        if user / (user + system) >= settings.miner_user_share:
+        if utime + stime > 0 and user >= settings.miner_user_share:
             out.append(Finding("miner", "probe", "CPU profile of a miner, " + profile))
     return out
 

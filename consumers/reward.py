@@ -154,15 +154,18 @@ def _invalid(traj: Trajectory, reason: str) -> ScoredTrajectory:
 async def behaviour(
     sandbox: SandboxClient, traj: Trajectory, settings: ProbeSettings | None
 ) -> list[screen.Finding]:
-    """What the probe sees in the trajectory's sandbox after the episode (nothing when probing is
-    off or the sandbox is gone; a probe the sandbox would not run is itself a finding)."""
+    """What the probe sees in the trajectory's sandbox after the episode: nothing when probing is
+    off or sandboxd cannot reach the sandbox (verification then decides); a probe that ran but
+    gave no complete report (what the agent left behind broke it: no pids left, killed, garbled)
+    is itself a finding."""
     if settings is None or not settings.enabled or not traj.sandbox_id or traj.status == "aborted":
         return []
     try:
         return await probe.run_probe(sandbox, traj.sandbox_id, settings)
-    except SandboxNotFound:
+    except SandboxError as exc:
+        log.info("probe_unavailable", traj_id=traj.traj_id, error=str(exc)[:200])
         return []
-    except (probe.ProbeError, SandboxError) as exc:
+    except probe.ProbeError as exc:
         log.warning("probe_failed", traj_id=traj.traj_id, error=str(exc)[:200])
         return [screen.Finding("leftover_process", "probe", f"the probe could not run: {exc}")]
 
@@ -202,15 +205,16 @@ async def judge_raw(
     probe_settings: ProbeSettings | None = None,
 ) -> ScoredTrajectory:
     """A raw trajectory from ``run``'s stream, judged with its task from the registry."""
+    bare = msgspec.structs.replace(traj, task=None)  # an unverifiable record keeps no task copy
     if traj.run != run:
-        return _invalid(traj, f"a trajectory of run {traj.run!r} arrived on run {run!r}")
+        return _invalid(bare, f"a trajectory of run {traj.run!r} arrived on run {run!r}")
     try:
         task = await registry.lookup(js, run, traj.task_id)
     except registry.RegistryCorrupt as exc:
-        return _invalid(traj, str(exc))
+        return _invalid(bare, str(exc))
     if task is None:
         return _invalid(
-            traj,
+            bare,
             f"task {traj.task_id!r} is not in the task registry: only tasks a producer published are scored",
         )
     return await judge(

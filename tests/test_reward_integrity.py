@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from consumers import reward
-from consumers.probe import ProbeSettings, run_probe
+from consumers.probe import ProbeError, ProbeSettings, agent_processes, parse, run_probe
 from consumers.screen import screen_calls, screen_text
 from ops.config import Config, RewardSettings
 from ops.filters import security
@@ -178,6 +178,7 @@ async def test_a_trajectory_forged_with_rollout_credentials_is_verified_with_the
     cfg = Config(run=RUN, reward=RewardSettings(verify_timeout_s=10.0, probe=PROBE))
     sandboxd = roles["sandboxd"].nc
     async with running_sandboxd(sandboxd, settings_for_tests(sandboxd, max_sandboxes=6)):
+        await sandboxd.flush()  # its subscriptions reach the server before another connection asks
         attacker = SandboxClient(roles["rollout"].nc, request_timeout_s=30.0)
         ids = [(await attacker.create()).sandbox_id for _ in range(4)]
         await run_in(attacker, ids[0], solution_commands(honest_task))
@@ -207,6 +208,7 @@ async def test_a_trajectory_forged_with_rollout_credentials_is_verified_with_the
     assert (
         not unknown.valid and unknown.reward == 0.0 and "not in the task registry" in unknown.invalid_reason
     )
+    assert unknown.traj.task is None  # the forged copy goes nowhere (lake, re-verification)
     assert not elsewhere.valid and "run 'other'" in elsewhere.invalid_reason
 
 
@@ -308,6 +310,7 @@ LISTENER = (
     " bind(S,sockaddr_in(4444,INADDR_ANY)) or die; listen(S,1); sleep 600' >/dev/null 2>&1 &"
 )
 EGRESS = "(exec 3<>/dev/tcp/203.0.113.7/443) 2>/dev/null; getent hosts pool.example; true"
+FAKE_LINES = "(exec -a $'x\\nE\\nP 1 0 0 S' sleep 600) >/dev/null 2>&1 &"
 SHELL_ON_SOCKET = "sleep 0.5; exec 3<>/dev/tcp/127.0.0.1/4444 && (sleep 600 <&3 >&3 2>/dev/null &); true"
 
 
@@ -318,7 +321,7 @@ async def test_the_probe_sees_a_renamed_miner_a_listener_a_shell_on_a_socket_and
     assert await run_probe(sandbox_client, sandbox_id, PROBE) == []  # a fresh sandbox is clean
     await run_in(sandbox_client, sandbox_id, ["echo banana > answer.txt", "cat answer.txt"])
     assert await run_probe(sandbox_client, sandbox_id, PROBE) == []  # so is an honest episode
-    await run_in(sandbox_client, sandbox_id, [MINER, LISTENER, EGRESS, SHELL_ON_SOCKET])
+    await run_in(sandbox_client, sandbox_id, [MINER, LISTENER, EGRESS, SHELL_ON_SOCKET, FAKE_LINES])
     found = await run_probe(sandbox_client, sandbox_id, PROBE)
     lines = [f.line for f in found]
     flags = {f.flag for f in found}
@@ -327,6 +330,8 @@ async def test_the_probe_sees_a_renamed_miner_a_listener_a_shell_on_a_socket_and
     assert "[kworker/0:1]" in miner.what and "user" in miner.what
     assert any(f.flag == "listener" and ":4444" in f.what for f in found), lines
     assert any(f.flag == "egress" and "no route" in f.what for f in found), lines
+    # a process name made of report lines is one process with an odd name, not a report line
+    assert any(f.flag == "leftover_process" and "x E P 1 0 0 S" in f.line for f in found), lines
 
 
 @pytest.mark.docker
@@ -354,3 +359,20 @@ async def test_the_reward_group_flags_an_episode_by_its_calls_and_by_what_it_lef
     hidden_at = f"reverse_shell: chunk {len(calls) - 1} (base64): /dev/tcp/"
     assert any(e.startswith(hidden_at) for e in scored.flag_evidence), scored.flag_evidence
     assert any(e.startswith("miner: probe: CPU profile of a miner") for e in scored.flag_evidence)
+
+
+def test_a_probe_report_is_used_whole_or_not_at_all() -> None:
+    nonce = "0123abcd"
+    head = f"{nonce} T 100 42 0.000"
+    proc = f"{nonce} P 42 0 0 R 1 1 5 {b'perl'.hex()} {b'perl'.hex()} - 0 0"
+    complete = "\n".join(["noise a process printed", head, proc, f"{nonce} E"])
+    snap = parse(complete, nonce)
+    assert list(snap.procs) == [42] and agent_processes(snap) == []  # the probe itself
+    for broken in (
+        "\n".join([head, proc]),  # cut short: no end line
+        "\n".join([proc, f"{nonce} E"]),  # no start line
+        "\n".join([head, f"{nonce} P 42 zero", f"{nonce} E"]),  # garbled
+        complete.replace(nonce, "ffffffff"),  # another probe's report
+    ):
+        with pytest.raises(ProbeError):
+            parse(broken, nonce)
