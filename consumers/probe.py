@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # settings import this module; the client comes with the work
     from sandboxd.client import SandboxClient
 
 PROBE_OUTPUT_BYTES = 1 << 20
-MAX_LISTED = 5  # processes and sockets named in the evidence; the rest are counted
+MAX_LISTED = 8  # processes and sockets named in the evidence; the rest are counted
 
 
 class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -289,7 +289,7 @@ def _snapshot(lines: list[list[str]]) -> Snapshot:
 
 def agent_processes(snap: Snapshot) -> list[Proc]:
     """Live processes that are not the sandbox's own: pid 1 (docker-init), the container's main
-    process (pid 1's first child, started with it), processes entered by ``docker exec`` (parent
+    process, processes entered by ``docker exec`` (parent
     outside the container: ppid 0, e.g. session drivers) and their resident shells, and the probe
     with its ancestors. Orphans of the agent are reparented to pid 1, so they stay visible."""
     procs = snap.procs
@@ -300,11 +300,21 @@ def agent_processes(snap: Snapshot) -> list[Proc]:
         pid = procs[pid].ppid
     entered = {p.pid for p in procs.values() if p.ppid == 0 and p.pid != 1}
     infra |= entered | {p.pid for p in procs.values() if p.comm == "bash" and p.ppid in entered}
-    init = procs.get(1)
-    main = [p for p in procs.values() if p.ppid == 1 and init and p.start - init.start <= 5 * snap.hz]
-    if main:
-        infra.add(min(main, key=lambda p: p.pid).pid)
+    main = _main_process(procs)
+    if main is not None:
+        infra.add(main)
     return [p for p in procs.values() if p.pid not in infra and p.state not in ("Z", "X")]
+
+
+def _main_process(procs: dict[int, Proc]) -> int | None:
+    """The container's command under docker-init (``docker-init -- sleep infinity``): the first
+    started of pid 1's children that runs exactly that command (an agent's copy starts later)."""
+    init = procs.get(1)
+    if init is None or " -- " not in init.cmdline:
+        return None
+    command = init.cmdline.split(" -- ", 1)[1]
+    mains = [p for p in procs.values() if p.ppid == 1 and p.cmdline == command]
+    return min(mains, key=lambda p: (p.start, p.pid)).pid if mains else None
 
 
 def _local(host: str) -> bool:

@@ -250,7 +250,12 @@ async def run(
         outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"
         metrics.REWARDS.labels(run=cfg.run, outcome=outcome).inc()
         if scored.flags:
-            log.info("trajectory_flagged", traj_id=d.record.traj_id, flags=scored.flags)
+            log.info(
+                "trajectory_flagged",
+                traj_id=d.record.traj_id,
+                flags=scored.flags,
+                evidence=scored.flag_evidence,
+            )
         metrics.MESSAGES.labels(worker="reward", run=cfg.run).inc()
 
     task_status.started()

@@ -321,7 +321,10 @@ async def test_the_probe_sees_a_renamed_miner_a_listener_a_shell_on_a_socket_and
     assert await run_probe(sandbox_client, sandbox_id, PROBE) == []  # a fresh sandbox is clean
     await run_in(sandbox_client, sandbox_id, ["echo banana > answer.txt", "cat answer.txt"])
     assert await run_probe(sandbox_client, sandbox_id, PROBE) == []  # so is an honest episode
-    await run_in(sandbox_client, sandbox_id, [MINER, LISTENER, EGRESS, SHELL_ON_SOCKET, FAKE_LINES])
+    copy_of_main = "sleep infinity >/dev/null 2>&1 &"  # the container's own command, started again
+    await run_in(
+        sandbox_client, sandbox_id, [MINER, LISTENER, EGRESS, SHELL_ON_SOCKET, FAKE_LINES, copy_of_main]
+    )
     found = await run_probe(sandbox_client, sandbox_id, PROBE)
     lines = [f.line for f in found]
     flags = {f.flag for f in found}
@@ -332,6 +335,7 @@ async def test_the_probe_sees_a_renamed_miner_a_listener_a_shell_on_a_socket_and
     assert any(f.flag == "egress" and "no route" in f.what for f in found), lines
     # a process name made of report lines is one process with an odd name, not a report line
     assert any(f.flag == "leftover_process" and "x E P 1 0 0 S" in f.line for f in found), lines
+    assert any(f.flag == "leftover_process" and "'sleep': sleep infinity" in f.what for f in found), lines
 
 
 @pytest.mark.docker
