@@ -190,7 +190,8 @@ async def judge(
     traj = msgspec.structs.replace(traj, task=task)
     found += await behaviour(sandbox, traj, probe_settings)  # before verification ends the agent
     scored = await score(traj, sandbox, verify_timeout_s, tools_for=tools_for)
-    flags, evidence = screen.flags_of([*found, *screen.screen_calls(traj.chunks)])
+    found += await anyio.to_thread.run_sync(screen.screen_calls, traj.chunks)
+    flags, evidence = screen.flags_of(found)
     return msgspec.structs.replace(scored, flags=flags, flag_evidence=evidence)
 
 

