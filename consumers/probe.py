@@ -289,9 +289,9 @@ def _snapshot(lines: list[list[str]]) -> Snapshot:
 
 def agent_processes(snap: Snapshot) -> list[Proc]:
     """Live processes that are not the sandbox's own: pid 1 (docker-init), the container's main
-    process, processes entered by ``docker exec`` (parent
-    outside the container: ppid 0, e.g. session drivers) and their resident shells, and the probe
-    with its ancestors. Orphans of the agent are reparented to pid 1, so they stay visible."""
+    process, processes entered by ``docker exec`` (their parent is outside the container: ppid 0,
+    e.g. session drivers) with their resident shells, and the probe with its ancestors. What the
+    agent leaves behind is reparented to pid 1 when its command ends, so it stays visible."""
     procs = snap.procs
     infra = {1}
     pid = snap.self_pid
