@@ -1,5 +1,13 @@
 """The reward group: raw trajectories in, scored trajectories out.
 
+The task a trajectory is verified with comes from the task registry (``streams.tasks``, written by
+the producer before it published the task), looked up by the trajectory's ``task_id`` in this
+worker's run: never the copy inside the raw trajectory, which the rollout side writes. A task the
+registry does not hold gives ``valid=False`` with the reason. Every trajectory is also screened for
+risky behaviour (``judge``): the sandbox is probed before verification (``consumers.probe``) and the
+tool calls are matched by the text rules (``consumers.screen``); what they find goes into ``flags``
+and ``flag_evidence``, and the learner drops or down-weights flagged samples (``learner.flagged``).
+
 Verification runs the task's verify commands in the trajectory's own sandbox while it is alive;
 if it is gone, a fresh sandbox re-runs setup and the commands of the trajectory's tool calls first
 (as the task's tools, from ``tools_for``, ran them). An agent failure scores 0.0; an
@@ -19,12 +27,16 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_harness.tools import ToolCall, ToolRegistry, ToolsFor, default_tools
+from consumers import probe, screen
 from consumers.metrics import REWARDS
+from consumers.probe import ProbeSettings
 from consumers.settings import RewardSettings
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
 from schemas.codec import raw_traj_decoder
+from schemas.task import Task
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
+from streams import tasks as registry
 from streams.bus import Consumer, Delivery, Publisher, serve
 from streams.metrics import MESSAGES, track_dead_letters
 from streams.topology import REWARD, subject
@@ -136,6 +148,82 @@ async def score(
     return ScoredTrajectory(traj=traj, reward=reward, verifier_output=out, scored_at=time.time())
 
 
+def _invalid(traj: Trajectory, reason: str) -> ScoredTrajectory:
+    return ScoredTrajectory(traj=traj, reward=0.0, valid=False, invalid_reason=reason, scored_at=time.time())
+
+
+async def behaviour(
+    sandbox: SandboxClient, traj: Trajectory, settings: ProbeSettings | None
+) -> list[screen.Finding]:
+    """What the probe sees in the trajectory's sandbox after the episode: nothing when probing is
+    off or sandboxd cannot reach the sandbox (verification then decides); a probe that ran but
+    gave no complete report (what the agent left behind broke it: no pids left, killed, garbled)
+    is itself a finding."""
+    if settings is None or not settings.enabled or not traj.sandbox_id or traj.status == "aborted":
+        return []
+    try:
+        return await probe.run_probe(sandbox, traj.sandbox_id, settings)
+    except SandboxError as exc:
+        log.info("probe_unavailable", traj_id=traj.traj_id, error=str(exc)[:200])
+        return []
+    except probe.ProbeError as exc:
+        log.warning("probe_failed", traj_id=traj.traj_id, error=str(exc)[:200])
+        return [screen.Finding("leftover_process", "probe", f"the probe could not run: {exc}")]
+
+
+async def judge(
+    traj: Trajectory,
+    task: Task,
+    sandbox: SandboxClient,
+    verify_timeout_s: float,
+    *,
+    tools_for: ToolsFor = default_tools,
+    probe_settings: ProbeSettings | None = None,
+) -> ScoredTrajectory:
+    """Score ``traj`` as an episode of ``task`` (the authoritative copy: from the registry, or from
+    a trusted in-process caller that made the task) and screen it: probe the sandbox, verify, match
+    the tool calls. An embedded task that differs from ``task`` is flagged ``forged_task``."""
+    found: list[screen.Finding] = []
+    if traj.task is not None and traj.task != task:
+        found.append(
+            screen.Finding("forged_task", "task", f"the trajectory's copy of {task.task_id} differs")
+        )
+    traj = msgspec.structs.replace(traj, task=task)
+    found += await behaviour(sandbox, traj, probe_settings)  # before verification ends the agent
+    scored = await score(traj, sandbox, verify_timeout_s, tools_for=tools_for)
+    found += await anyio.to_thread.run_sync(screen.screen_calls, traj.chunks)
+    flags, evidence = screen.flags_of(found)
+    return msgspec.structs.replace(scored, flags=flags, flag_evidence=evidence)
+
+
+async def judge_raw(
+    traj: Trajectory,
+    js: JetStreamContext,
+    run: str,
+    sandbox: SandboxClient,
+    verify_timeout_s: float,
+    *,
+    tools_for: ToolsFor = default_tools,
+    probe_settings: ProbeSettings | None = None,
+) -> ScoredTrajectory:
+    """A raw trajectory from ``run``'s stream, judged with its task from the registry."""
+    bare = msgspec.structs.replace(traj, task=None)  # an unverifiable record keeps no task copy
+    if traj.run != run:
+        return _invalid(bare, f"a trajectory of run {traj.run!r} arrived on run {run!r}")
+    try:
+        task = await registry.lookup(js, run, traj.task_id)
+    except registry.RegistryCorrupt as exc:
+        return _invalid(bare, str(exc))
+    if task is None:
+        return _invalid(
+            bare,
+            f"task {traj.task_id!r} is not in the task registry: only tasks a producer published are scored",
+        )
+    return await judge(
+        traj, task, sandbox, verify_timeout_s, tools_for=tools_for, probe_settings=probe_settings
+    )
+
+
 async def run(
     settings: RewardSettings,
     js: JetStreamContext,
@@ -151,11 +239,26 @@ async def run(
     sandbox = SandboxClient(nc)
 
     async def handle(d: Delivery[Trajectory]) -> None:
-        scored = await score(d.record, sandbox, settings.verify_timeout_s, tools_for=tools_for)
+        scored = await judge_raw(
+            d.record,
+            js,
+            run,
+            sandbox,
+            settings.verify_timeout_s,
+            tools_for=tools_for,
+            probe_settings=settings.probe,
+        )
         await pub.publish(subject("scored", run), scored, msg_id=f"scored:{d.record.traj_id}")
         await d.ack()
         outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"
         REWARDS.labels(run=run, outcome=outcome).inc()
+        if scored.flags:
+            log.info(
+                "trajectory_flagged",
+                traj_id=d.record.traj_id,
+                flags=scored.flags,
+                evidence=scored.flag_evidence,
+            )
         MESSAGES.labels(worker="reward", run=run).inc()
 
     task_status.started()

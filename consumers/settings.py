@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from agent_harness.settings import HarnessSettings
+from consumers.probe import ProbeSettings
 
 
 class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -33,3 +34,4 @@ class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     verify_timeout_s: Annotated[
         float, msgspec.Meta(gt=0, description="Limit of one verify command; a hang is an infra failure.")
     ] = 20.0
+    probe: ProbeSettings = ProbeSettings()

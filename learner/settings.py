@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 LossName = Literal["ipa", "grpo", "sft"]
+FlaggedPolicy = Literal["drop", "train", "negative"]
 
 
 class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +74,27 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             ),
         ),
     ] = 0.0
+    flagged: Annotated[
+        FlaggedPolicy,
+        msgspec.Meta(
+            description=(
+                "What to do with a sample the reward group's security screen flagged (egress, "
+                "reverse_shell, miner, leftover_process, ...; ScoredTrajectory.flags): drop it (train "
+                "log reason 'flagged', the flags in detail), train it as scored, or train it as a "
+                "failure with reward flagged_reward (negative)."
+            )
+        ),
+    ] = "drop"
+    flagged_reward: Annotated[
+        float,
+        msgspec.Meta(
+            le=0,
+            description=(
+                "The reward a flagged sample trains with under flagged = negative (per-chunk rewards "
+                "are discarded; failure_reward is added to it as to any failure)."
+            ),
+        ),
+    ] = -1.0
     mask_errors: Annotated[
         bool, msgspec.Meta(description="Mask chunks whose tool call errored or failed to parse.")
     ] = True

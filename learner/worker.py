@@ -1,7 +1,9 @@
 """The learner process: scored trajectories in, new policy versions out.
 
 Per batch: admit each sample through the staleness gate (``s = N - min version <= eta``; replay
-samples are governed by importance truncation instead), take one optimiser step on the admitted
+samples are governed by importance truncation instead) and the flag policy (a sample the reward
+group's security screen flagged is dropped with reason ``flagged``, trained as scored, or trained
+with reward ``flagged_reward``: ``learner.flagged``), take one optimiser step on the admitted
 ones, checkpoint when due, publish weights (object store, then KV), write a ``TrainRecord`` for
 every sample and ack.
 
@@ -141,6 +143,8 @@ class Learner:
             return "invalid", s.invalid_reason[:500]
         if not s.traj.chunks:
             return "empty", "no chunks"
+        if s.flags and self.settings.flagged == "drop":
+            return "flagged", ", ".join(s.flags)
         if not s.replay and not admit(self.version, s.traj, self.settings.max_staleness)[0]:
             return "stale", ""
         return "", ""
@@ -159,10 +163,20 @@ class Learner:
                 keep.append(d)
         return keep, drops
 
+    def as_trained(self, s: ScoredTrajectory) -> ScoredTrajectory:
+        """The sample as it trains: a flagged one under ``flagged = "negative"`` with its reward
+        forced to ``flagged_reward`` (and no per-chunk rewards); any other as scored."""
+        if s.flags and self.settings.flagged == "negative":
+            return msgspec.structs.replace(s, reward=self.settings.flagged_reward, chunk_rewards=[])
+        return s
+
+    def _flag_detail(self, s: ScoredTrajectory) -> str:
+        return f"flagged ({self.settings.flagged}): {', '.join(s.flags)}" if s.flags else ""
+
     async def step(
         self, keep: list[Delivery[ScoredTrajectory]]
     ) -> tuple[StepResult | None, list[TrainRecord]]:
-        samples = [d.record for d in keep]
+        samples = [self.as_trained(d.record) for d in keep]
         sft = [s for s in samples if s.replay and s.replay_mode == "sft"]
         rest = [s for s in samples if not (s.replay and s.replay_mode == "sft")]
         result: StepResult | None = None
@@ -176,7 +190,11 @@ class Learner:
             result = done
             per = done.per_sample_loss or [done.loss] * len(group)
             for s, sample_loss in zip(group, per, strict=False):
-                records.append(self._record(s, "trained", "", done.step, loss=float(sample_loss)))
+                records.append(
+                    self._record(
+                        s, "trained", "", done.step, loss=float(sample_loss), detail=self._flag_detail(s)
+                    )
+                )
         for r in records:
             self._remember(r.traj_id)
         return result, records
@@ -321,6 +339,7 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
         step=trainer.step,
         trained=len(trained),
         dropped=len(drops),
+        flagged=sum(bool(d.record.flags) for d in batch),
         loss=round(result.loss, 4) if result else None,
         reward=round(result.mean_reward, 3) if result else None,
     )

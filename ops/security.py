@@ -15,6 +15,9 @@ Least privilege, in subjects:
   info, and dead-letter to ``rs.dlq.<its stage>.<run>``.
 - Each role publishes records to the one subject its stage feeds, reads KV ``rs_policy`` keys it
   needs through direct gets, and only the learner writes ``<run>.latest`` and the weights objects.
+- The task registry (KV ``rs_tasks``, keys ``<run>.<hash>``): the producer (and ops, which runs
+  ``rollstream resample``) writes it, the reward group reads it by subject (direct gets), and
+  nobody else touches it: the rollout role cannot change the task a trajectory is verified with.
 - Replies come back on a private inbox prefix per role (``_INBOX.<role>``, see ``inbox_prefix``),
   so no role can subscribe to another's replies; sandboxd answers with ``allow_responses``.
 
@@ -38,6 +41,7 @@ from streams.topology import (
     POLICY_BUCKET,
     REWARD,
     ROLLOUT,
+    TASKS_KV,
     WEIGHTS_BUCKET,
     ConsumerSpec,
     check_run,
@@ -113,8 +117,27 @@ def _weights_write() -> list[str]:
 SANDBOX_CALLS = ["rs.sandbox.create", "rs.sandbox.*.*"]
 
 
+def _registry_grants(role: str, run: str | None) -> list[str]:
+    """The task registry: producers write their run's keys, the reward group reads them."""
+    r = check_run(run) if run else "*"
+    keys = f"$KV.{TASKS_KV.bucket}.{r}.>"
+    info = f"{API}.STREAM.INFO.{TASKS_KV.stream}"
+    if role == "producer":
+        return [info, keys]
+    if role == "reward":
+        return [info, f"{API}.DIRECT.GET.{TASKS_KV.stream}.{keys}"]
+    return []
+
+
 def role_grants(role: str, run: str | None) -> Grants:
     """The subjects ``role`` needs for ``run`` (None: any run, with per-stream consumer wildcards)."""
+    grants = _stage_grants(role, run)
+    grants.publish += _registry_grants(role, run)
+    return grants
+
+
+def _stage_grants(role: str, run: str | None) -> Grants:
+    """What ``role`` needs for its stage of the pipeline (streams, consumers, policy, sandboxes)."""
     r = check_run(run) if run else "*"
     inbox = f"{inbox_prefix(role)}.>"
     if role == "producer":
@@ -177,6 +200,7 @@ def role_grants(role: str, run: str | None) -> Grants:
             f"{API}.>",
             "rs.>",
             f"$KV.{POLICY_BUCKET}.>",
+            f"$KV.{TASKS_KV.bucket}.>",
             f"$O.{WEIGHTS_BUCKET}.>",
             "$JS.ACK.>",
             "$JS.FC.>",

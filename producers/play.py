@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-import msgspec
 
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import ToolsFor
-from consumers.reward import score
+from consumers.probe import ProbeSettings
+from consumers.reward import judge
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory, TrajSource
@@ -35,9 +35,12 @@ async def play(
     concurrency: int,
     source: TrajSource = "online",
     on_scored: Callable[[ScoredTrajectory], Awaitable[None]] | None = None,
+    probe: ProbeSettings | None = None,
 ) -> list[ScoredTrajectory]:
     """Play and score every sample, ``concurrency`` at a time; ``on_scored`` runs on each result as
-    it comes. Returns the results in the order of ``samples``."""
+    it comes. Returns the results in the order of ``samples``. The samples' tasks were made by the
+    caller, so they are the authoritative copies (no registry); the security screen runs as in the
+    reward group (the sandbox probe only with ``probe``)."""
     results: dict[int, ScoredTrajectory] = {}
     limit = anyio.Semaphore(concurrency)
 
@@ -51,8 +54,9 @@ async def play(
                 source=source,
                 registry=tools_for(sample.task),
             )
-            traj = msgspec.structs.replace(traj, task=sample.task)
-            results[i] = await score(traj, sandbox, verify_timeout_s, tools_for=tools_for)
+            results[i] = await judge(
+                traj, sample.task, sandbox, verify_timeout_s, tools_for=tools_for, probe_settings=probe
+            )
             if on_scored is not None:
                 await on_scored(results[i])
 

@@ -7,7 +7,8 @@ the prompt, so the policy starts acting at chunk ``K`` of a known-good path. The
 own id (``<task_id>.k<K>.<hash of the source traj_id>.<nonce>``), so its trajectories never
 collide with the source's in the lake or the learner, and carries ``resampled_from`` and
 ``from_chunk`` in its metadata; its ``samples`` samples form one group (a group baseline compares
-restarts from the same point).
+restarts from the same point). New tasks go into the task registry (``streams.tasks``) before
+their samples, as the producer's do: the reward group verifies only registered tasks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from consumers.lake import iter_scored
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
-from streams.topology import subject
+from streams.tasks import publish_samples
 
 log = structlog.get_logger(__name__)
 _args_decoder = msgspec.json.Decoder()
@@ -114,11 +115,8 @@ async def resample(
                 assert result.skipped is not None
                 result.skipped[scored.traj.traj_id] = str(exc)
                 continue
-            for sample in made:
-                await pub.publish_async(subject("tasks", run), sample, msg_id=sample.msg_id)
-            result.published += len(made)
+            result.published += await publish_samples(js, pub, made)  # registered, then published
             result.trajectories += 1
-        await pub.flush()
         if on_progress is not None:
             on_progress(len(batch))
     log.info(

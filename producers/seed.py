@@ -183,6 +183,7 @@ async def run(
         concurrency=concurrency or seeding.rollout.concurrency,
         source="expert",
         on_scored=publish,
+        probe=seeding.reward.probe,
     )
     report = SeedReport(episodes=len(todo), successes=tally.successes, invalid=tally.invalid)
     log.info("seed_done", episodes=report.episodes, successes=report.successes, invalid=report.invalid)

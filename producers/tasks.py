@@ -1,5 +1,8 @@
 """The task producer: feeds ``rs.tasks.<run>`` while bounding in-flight work.
 
+Every task goes into the task registry (KV ``rs_tasks``, ``streams.tasks``) before its samples are
+published: the reward group verifies with that copy, never with the one a trajectory carries.
+
 In-flight = samples waiting for or held by the rollout group (the consumer's pending plus
 ack-pending counts). Keeping it small keeps rollouts close to the learner's version, so few samples
 are dropped as stale. The producer's position is kept in KV so a restart does not repeat tasks.
@@ -26,7 +29,8 @@ from producers.settings import ProducerSettings
 from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
-from streams.topology import POLICY_BUCKET, ROLLOUT, check_run, subject
+from streams.tasks import publish_samples
+from streams.topology import POLICY_BUCKET, ROLLOUT, check_run
 
 log = structlog.get_logger(__name__)
 
@@ -99,9 +103,9 @@ async def run(
         group = task.group_size if task.group_size > 1 else settings.group_size
         if task.group_size != group:
             task = msgspec.structs.replace(task, group_size=group)
-        for k in range(group):
-            sample = TaskSample(run=run, task=task, sample_idx=k, created_at=time.time())
-            await pub.publish(subject("tasks", run), sample, msg_id=sample.msg_id)
+        now = time.time()
+        samples = [TaskSample(run=run, task=task, sample_idx=k, created_at=now) for k in range(group)]
+        await publish_samples(js, pub, samples)  # the task into the registry first, then its samples
         cursor = index + 1
         published += group
         await _save_cursor(js, run, cursor)

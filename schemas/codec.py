@@ -15,7 +15,7 @@ import msgspec
 
 from schemas.dlq import DeadLetter
 from schemas.policy import PolicyVersion
-from schemas.task import TaskSample
+from schemas.task import Task, TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory, Trajectory
 
@@ -24,6 +24,7 @@ T = TypeVar("T")
 encoder = msgspec.msgpack.Encoder()
 
 tasks_decoder = msgspec.msgpack.Decoder(TaskSample)
+task_decoder = msgspec.msgpack.Decoder(Task)  # the task registry (KV rs_tasks)
 traj_decoder = msgspec.msgpack.Decoder(Trajectory | ScoredTrajectory)
 scored_decoder = msgspec.msgpack.Decoder(ScoredTrajectory)
 raw_traj_decoder = msgspec.msgpack.Decoder(Trajectory)

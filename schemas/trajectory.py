@@ -20,6 +20,25 @@ TrajStatus = Literal["completed", "truncated", "aborted"]
 TrajSource = Literal["online", "expert", "proxy"]
 # How the learner takes a replayed sample: imitation (SFT) or IPA with importance truncation.
 ReplayMode = Literal["", "sft", "ipa"]
+# Risky behaviour the reward group's security screen found (``consumers.screen`` over the tool calls,
+# ``consumers.probe`` over the sandbox after the episode). A closed set; what was seen goes beside it,
+# in ``ScoredTrajectory.flag_evidence``. On the wire ``flags`` stays ``list[str]`` so that a reader
+# older than a new flag still decodes the record.
+RiskFlag = Literal[
+    "egress",  # an outbound connection attempted (by text, or failed routes counted by the kernel)
+    "remote_code",  # fetched code piped into an interpreter (curl | sh)
+    "reverse_shell",  # a shell wired to a socket (/dev/tcp, nc -e, python/perl sockets)
+    "tunnel",  # port forwarding out of the sandbox (ssh -R/-L/-D, ngrok, chisel, socat relays)
+    "listener",  # a socket left listening after the episode
+    "miner",  # a cryptocurrency miner, by name, pool protocol or CPU profile
+    "cpu_burn",  # sustained CPU use by processes left behind, or beyond the sandbox budget
+    "leftover_process",  # processes of the agent still running after its last command
+    "privilege_probe",  # looking for a way to more privilege (sudo -l, setuid scans, capabilities)
+    "credential_access",  # reading keys, tokens, password files
+    "sandbox_escape",  # container runtime sockets, host namespaces, mounts, devices, kernel modules
+    "obfuscation",  # an encoded or spliced command decoded and executed
+    "forged_task",  # the trajectory's embedded task differs from the one the producer published
+]
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag="chunk.v1", tag_field="kind"):
@@ -83,7 +102,10 @@ class ScoredTrajectory(msgspec.Struct, frozen=True, kw_only=True, tag="scored.v1
     verifier_output: str = ""
     valid: bool = True
     invalid_reason: str = ""
-    flags: list[str] = []
+    flags: list[str] = []  # RiskFlag values, each once, sorted
+    # one line per finding, "<flag>: <where>: <what>" (e.g. "miner: chunk 2: xmrig -o ..."); agent
+    # text in it is truncated and made printable
+    flag_evidence: list[str] = []
     # Replayed from the lake (set by the replay producer): governed by importance truncation,
     # not by the on-policy staleness bound.
     replay: bool = False

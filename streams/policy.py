@@ -29,7 +29,7 @@ class WeightsCorrupt(RuntimeError):
     """Weights read from the object store do not match the published checksum."""
 
 
-async def _retrying(op: Callable[[], Awaitable[T]], *, attempt_timeout_s: float = 30.0) -> T:
+async def retrying(op: Callable[[], Awaitable[T]], *, attempt_timeout_s: float = 30.0) -> T:
     """Run ``op`` until it succeeds, retrying what a broker fail-over throws (each try bounded)."""
     async for attempt in stamina.retry_context(on=TRANSIENT, timeout=RETRY_BUDGET_S, wait_max=2.0):
         with attempt:
@@ -48,7 +48,7 @@ async def publish_weights(
         obs = await js.object_store(WEIGHTS_BUCKET)
         await obs.put(name, data)
 
-    await _retrying(put_weights, attempt_timeout_s=120.0)
+    await retrying(put_weights, attempt_timeout_s=120.0)
     record = PolicyVersion(
         version=version,
         object_name=name,
@@ -61,7 +61,7 @@ async def publish_weights(
         kv = await js.key_value(POLICY_BUCKET)
         await kv.put(policy_key(run), encode(record))
 
-    await _retrying(announce)
+    await retrying(announce)
     return record
 
 
@@ -76,7 +76,7 @@ async def latest(js: JetStreamContext, run: str) -> PolicyVersion | None:
             return None
         return entry.value
 
-    value = await _retrying(get)
+    value = await retrying(get)
     return None if value is None else policy_decoder.decode(value)
 
 
@@ -88,7 +88,7 @@ async def fetch_weights(js: JetStreamContext, record: PolicyVersion) -> bytes:
         result = await obs.get(record.object_name)
         return bytes(result.data or b"")
 
-    data = await _retrying(get, attempt_timeout_s=120.0)
+    data = await retrying(get, attempt_timeout_s=120.0)
     if hashlib.sha256(data).hexdigest() != record.sha256:
         raise WeightsCorrupt(f"weights {record.object_name} do not match sha256 {record.sha256[:12]}")
     return data

@@ -1,4 +1,4 @@
-"""JetStream topology as data: streams, per-run durable consumers, the KV bucket, the object store.
+"""JetStream topology as data: streams, per-run durable consumers, the KV buckets, the object store.
 
 ``ensure()`` is the only code in rollstream that creates streams or consumers; it is idempotent
 (running it twice, or from several processes at once, changes nothing).
@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLICY_BUCKET = "rs_policy"
+TASKS_BUCKET = "rs_tasks"
 WEIGHTS_BUCKET = "rs_weights"
 MAX_MSG_BYTES = 8 * 1024 * 1024
 
@@ -93,6 +95,38 @@ LAKE_TRAIN = ConsumerSpec(
 CONSUMERS: tuple[ConsumerSpec, ...] = (ROLLOUT, REWARD, LEARNER, LAKE_TASKS, LAKE_TRAJ, LAKE_TRAIN)
 
 
+@dataclass(frozen=True)
+class KvSpec:
+    """A KV bucket. ``direct`` reads go by subject (``$JS.API.DIRECT.GET.<stream>.<key subject>``),
+    so read permissions can be granted per key prefix (per run)."""
+
+    bucket: str
+    history: int = 1
+    ttl_s: float = 0.0  # 0: entries never expire
+    max_bytes: int = -1
+    max_value_size: int = -1
+    direct: bool = False
+
+    @property
+    def stream(self) -> str:
+        return f"KV_{self.bucket}"
+
+
+POLICY_KV = KvSpec(POLICY_BUCKET, history=16)
+# The task registry (streams.tasks): the producer writes every task here before its first sample,
+# and the reward group verifies with this copy, never with the one inside a raw trajectory. Bounded:
+# one revision per task, entries live as long as the streams keep messages, 1 GiB in all.
+TASKS_KV = KvSpec(
+    TASKS_BUCKET,
+    history=1,
+    ttl_s=TASKS.max_age_s,
+    max_bytes=1 << 30,
+    max_value_size=1 << 20,
+    direct=True,
+)
+KV_BUCKETS: tuple[KvSpec, ...] = (POLICY_KV, TASKS_KV)
+
+
 def subject(kind: str, run: str) -> str:
     """The subject for a record kind in a run: tasks, raw, scored, train, or dlq.<stage>."""
     run = check_run(run)
@@ -111,6 +145,12 @@ def subject(kind: str, run: str) -> str:
 
 def policy_key(run: str) -> str:
     return f"{check_run(run)}.latest"
+
+
+def task_key(run: str, task_id: str) -> str:
+    """The registry key of a task: ``<run>.<sha256 of the task id>`` (task ids may hold characters
+    that KV keys forbid; the run prefix lets permissions be granted per run)."""
+    return f"{check_run(run)}.{hashlib.sha256(task_id.encode()).hexdigest()[:40]}"
 
 
 def weights_object(run: str, version: int) -> str:
@@ -143,8 +183,20 @@ def consumer_config(spec: ConsumerSpec, run: str) -> ConsumerConfig:
     )
 
 
+def _kv_config(spec: KvSpec, replicas: int) -> KeyValueConfig:
+    return KeyValueConfig(
+        bucket=spec.bucket,
+        history=spec.history,
+        ttl=spec.ttl_s or None,
+        max_bytes=spec.max_bytes,
+        max_value_size=spec.max_value_size,
+        direct=spec.direct,
+        replicas=replicas,
+    )
+
+
 async def ensure(js: JetStreamContext, run: str, *, replicas: int = 1) -> None:
-    """Create or update every stream, this run's consumers, the KV bucket and the object store."""
+    """Create or update every stream, this run's consumers, the KV buckets and the object store."""
     check_run(run)
     for spec in STREAMS:
         config = _stream_config(spec, replicas)
@@ -158,10 +210,11 @@ async def ensure(js: JetStreamContext, run: str, *, replicas: int = 1) -> None:
                 await js.stream_info(spec.name)
     for cspec in CONSUMERS:
         await js.add_consumer(cspec.stream, consumer_config(cspec, run))
-    try:
-        await js.key_value(POLICY_BUCKET)
-    except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError by version
-        await js.create_key_value(KeyValueConfig(bucket=POLICY_BUCKET, history=16, replicas=replicas))
+    for kv in KV_BUCKETS:
+        try:
+            await js.key_value(kv.bucket)
+        except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError by version
+            await js.create_key_value(_kv_config(kv, replicas))
     try:
         await js.object_store(WEIGHTS_BUCKET)
     except Exception:  # noqa: BLE001

@@ -53,10 +53,11 @@ async def test_gem_episodes_play_through_the_workers_and_their_rewards_land_in_t
                 await anyio.sleep(1)
                 if (cfg.lake_root / "trajectories").exists():
                     rows = query(
-                        cfg.lake_root, "SELECT family, reward, valid, num_chunks FROM trajectories"
+                        cfg.lake_root, "SELECT family, reward, valid, num_chunks, flags FROM trajectories"
                     ).to_pylist()
         tg.cancel_scope.cancel()
     assert {r["family"] for r in rows} == {f"gem:{GUESS_RANDOM}"}
     assert all(r["valid"] and r["reward"] == 1.0 and r["num_chunks"] >= 1 for r in rows), rows
+    assert all(r["flags"] == [] for r in rows), rows  # the security screen passes honest GEM play
     acts = query(cfg.lake_root, "SELECT DISTINCT tool_name FROM chunks").to_pylist()
     assert acts == [{"tool_name": "act"}]

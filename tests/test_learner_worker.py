@@ -6,7 +6,9 @@ import functools
 from pathlib import Path
 
 import anyio
+import msgspec
 import numpy as np
+import pytest
 from nats.js import JetStreamContext
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -114,3 +116,43 @@ async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
     assert "sandbox died" in fates["t11"].detail
     data = await policy.fetch_weights(js, latest)
     assert len(data) > 1000
+
+
+@pytest.mark.parametrize("policy", ["drop", "train", "negative"])
+async def test_flagged_samples_are_dropped_trained_or_trained_as_failures_and_the_train_log_says_so(
+    js: JetStreamContext, tmp_path: Path, policy: str
+) -> None:
+    settings = LearnerSettings(batch_size=2, batch_timeout_s=1, flagged=policy, flagged_reward=-0.5)  # type: ignore[arg-type]
+    policy_dir = tmp_path / "policy"
+    make_policy(policy_dir)
+    await ensure(js, RUN)
+    clean = scored(20, 0)
+    risky = msgspec.structs.replace(
+        scored(21, 0), flags=["cpu_burn", "miner"], flag_evidence=["miner: probe: x"]
+    )
+    pub = Publisher(js)
+    async with anyio.create_task_group() as tg:
+        learner = functools.partial(
+            worker.run,
+            settings,
+            js,
+            run=RUN,
+            policy_dir=policy_dir,
+            checkpoint_root=tmp_path / "checkpoints",
+            group_size=1,
+        )
+        await tg.start(learner)
+        for i, s in enumerate((clean, risky)):
+            await pub.publish(subject("scored", RUN), s, msg_id=f"f{i}")
+        records = {r.task_id: r for r in await read_train_log(js, 2)}
+        tg.cancel_scope.cancel()
+    assert records["t20"].fate == "trained" and records["t20"].detail == ""
+    flagged = records["t21"]
+    if policy == "drop":
+        assert (flagged.fate, flagged.reason, flagged.detail) == ("dropped", "flagged", "cpu_burn, miner")
+        return
+    assert flagged.fate == "trained" and flagged.detail == f"flagged ({policy}): cpu_burn, miner"
+    if policy == "train":  # trained as scored: reward 1, the success branch of the IPA loss
+        assert flagged.reward == 1.0 and flagged.loss > 0
+    else:  # trained as a failure: reward forced to flagged_reward, the loss pushes the calls down
+        assert flagged.reward == -0.5 and flagged.loss < 0

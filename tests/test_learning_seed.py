@@ -92,6 +92,7 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
         )
         assert r.traj.task_id.startswith("expert-files-") and r.traj.chunks
         assert r.traj.chunks[-1].tool_name == "submit"
+        assert r.flags == [], r.flag_evidence  # screened (calls and sandbox probe): nothing risky
 
     # The learner is at version 3 and eta = 0: online samples of version 0 would be dropped as stale.
     weights = (cfg.policy_dir / "model.safetensors").read_bytes()

@@ -21,6 +21,7 @@ from schemas.arrays import unpack_tokens
 from schemas.codec import tasks_decoder
 from schemas.task import TaskSample
 from schemas.trajectory import ScoredTrajectory
+from streams.tasks import lookup
 from streams.topology import TASKS, ensure, subject
 from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
 
@@ -83,6 +84,8 @@ async def test_resampled_tasks_carry_the_first_k_calls_and_the_episode_starts_af
         assert sample.task.metadata["resampled_from"] == source.traj.traj_id
         assert sample.task.metadata["from_chunk"] == "2"
     assert samples[0].group_id == samples[1].group_id
+    # the new task is in the registry before its samples: the reward group verifies with that copy
+    assert await lookup(js, RUN, samples[0].task.task_id) == samples[0].task
 
     # The harness re-executes the two calls in a fresh sandbox and the policy starts at chunk 2:
     # the expert can only write the right word if the second file's real content is in its prompt.

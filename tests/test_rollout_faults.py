@@ -30,6 +30,7 @@ from schemas.codec import scored_decoder
 from schemas.task import Task, TaskSample
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
+from streams.tasks import publish_samples
 from streams.topology import TRAJ, ensure, subject
 from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
@@ -158,9 +159,7 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
         TaskSample(run=run, task=good, sample_idx=0),
         TaskSample(run=run, task=good, sample_idx=1),
     ]
-    pub = Publisher(js)
-    for s in samples:
-        await pub.publish(subject("tasks", run), s, msg_id=s.msg_id)
+    await publish_samples(js, Publisher(js), samples)  # the tasks into the registry, then the samples
     async with anyio.create_task_group() as tg:
         expert = _expert(tiny_policy, version=4)
         await tg.start(
