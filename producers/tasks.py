@@ -29,6 +29,7 @@ from producers.settings import ProducerSettings
 from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
+from streams.policy import retrying
 from streams.tasks import publish_samples
 from streams.topology import POLICY_BUCKET, ROLLOUT, check_run
 
@@ -89,7 +90,8 @@ async def run(
     log.info("producer_started", cursor=cursor, source=settings.source, max_inflight=settings.max_inflight)
     published = 0
     while settings.total == 0 or cursor < settings.total:
-        pending, ack_pending, _ = await backlog(js, ROLLOUT, run)
+        # a broker fail-over is waited out, as for every other broker call of a worker
+        pending, ack_pending, _ = await retrying(lambda: backlog(js, ROLLOUT, run), attempt_timeout_s=10.0)
         room = settings.max_inflight - (pending + ack_pending)
         if room < group:
             await anyio.sleep(0.5)
