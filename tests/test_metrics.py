@@ -14,7 +14,7 @@ from ops import metrics
 from ops.config import load_config
 from streams.bus import Publisher
 from streams.topology import ensure, subject
-from tests.test_replay import lake_trajectory
+from tests.factories import lake_trajectory
 
 RUN = "metrics-run"
 
