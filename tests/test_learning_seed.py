@@ -10,16 +10,15 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.policy_init import create_tiny_policy
 from learner import worker
 from ops.config import load_config
 from producers import seed
-from producers.families.files import corpus
 from schemas.codec import scored_decoder, train_decoder
 from schemas.train import TrainRecord
 from schemas.trajectory import ScoredTrajectory
 from streams import policy
 from streams.topology import TRAIN, TRAJ, ensure, subject
+from tests.factories import make_tiny_policy
 
 pytestmark = pytest.mark.docker
 RUN = "sd"
@@ -68,7 +67,7 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
             "learner.batch_timeout_s=1",
         ],
     )
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
+    await anyio.to_thread.run_sync(make_tiny_policy, cfg.policy_dir)
     await ensure(js, RUN)
     report = await seed.run(cfg, js, nc, episodes=EPISODES, error_rate=0.0, concurrency=2)
     assert report.successes == EPISODES  # an expert that never errs solves every task, verified in Docker

@@ -9,13 +9,12 @@ import httpx
 import openai
 from nats.js import JetStreamContext
 
-from agent_harness.policy_init import create_tiny_policy
 from consumers import proxy_worker
 from ops.config import load_config
-from producers.families.files import corpus
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.codec import scored_decoder
 from streams.topology import TRAJ, ensure, subject
+from tests.factories import make_tiny_policy
 
 RUN = "proxyw"
 
@@ -26,7 +25,7 @@ async def test_an_openai_client_session_becomes_a_scored_trajectory_on_the_broke
     cfg = load_config(
         None, [f'state_dir="{tmp_path}"', f"run={RUN}", "proxy.port=0", "proxy.max_new_tokens=12"]
     )
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus(seed=0), seed=0))
+    await anyio.to_thread.run_sync(make_tiny_policy, cfg.policy_dir)
     await ensure(js, RUN)
     sub = await js.pull_subscribe(subject("scored", RUN), stream=TRAJ.name)
     async with anyio.create_task_group() as tg:
