@@ -8,7 +8,7 @@ import pytest
 from producers.families.files import FAMILY, WORDS, builtin_tasks, solution_commands
 from sandboxd.client import SandboxClient
 from schemas.task import Task
-from tests.test_harness_fixtures import passes, run_concurrently
+from tests.factories import passes, run_concurrently
 
 
 def test_the_same_seed_gives_the_same_tasks_and_another_seed_differs() -> None:

@@ -11,16 +11,17 @@ from nats.js import JetStreamContext
 
 from ops.cluster import Cluster, Member, cluster_config
 from schemas.codec import tasks_decoder
-from schemas.task import Task, TaskSample
+from schemas.task import TaskSample
 from streams import policy
 from streams.bus import Consumer, Publisher
 from streams.topology import LAKE_TASKS, TASKS, ensure, subject
+from tests.factories import task_sample
 
 RUN = "cluster"
 
 
 def sample(i: int) -> TaskSample:
-    return TaskSample(run=RUN, task=Task(task_id=f"t{i:03d}", family="files", instruction="go"))
+    return task_sample(RUN, f"t{i:03d}")
 
 
 def test_each_server_config_routes_to_every_other_member() -> None:

@@ -19,8 +19,7 @@ from learner.warmstart import WARM_VERSION
 from ops.demo import run_demo
 from ops.demo_gem import GemPlan
 from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, gem_task, next_guess
-from tests.test_gem import gem_image  # noqa: F401
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+from tests.factories import GUESS
 
 INSTRUCTION = (
     "You have to guess the number between 1 and 10 (inclusive) within 4 turns.\n"
@@ -29,7 +28,7 @@ INSTRUCTION = (
 
 
 async def _guesses(guesser: GuessTheNumberExpert, tokenizer: object, n: int) -> list[int]:
-    task = gem_task("game:GuessTheNumber-v0-easy", 0, INSTRUCTION)
+    task = gem_task(GUESS, 0, INSTRUCTION)
     prompt = prompt_tokens(tokenizer, task.instruction, GemToolRegistry())
     out = []
     for _ in range(n):
@@ -42,7 +41,7 @@ async def _guesses(guesser: GuessTheNumberExpert, tokenizer: object, n: int) -> 
 
 
 async def test_the_gem_expert_searches_at_error_rate_zero_and_guesses_in_range_at_one(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     exact = await _guesses(GuessTheNumberExpert(tokenizer=tokenizer, error_rate=0.0, seed=1), tokenizer, 5)
@@ -53,7 +52,7 @@ async def test_the_gem_expert_searches_at_error_rate_zero_and_guesses_in_range_a
 
 @pytest.mark.docker
 async def test_a_tiny_gem_demo_seeds_warm_starts_trains_past_the_warm_version_and_tabulates(
-    gem_image: str,  # noqa: F811
+    gem_image: str,
     tmp_path: Path,
 ) -> None:
     plan = replace(

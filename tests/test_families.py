@@ -23,9 +23,7 @@ from producers.settings import ProducerSettings
 from producers.tasks import task_stream
 from schemas.task import Task
 from schemas.trajectory import Chunk, ToolStatus
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
-
-GUESS = "game:GuessTheNumber-v0-easy"
+from tests.factories import GUESS, chunk
 
 
 def _names(registry: ToolRegistry) -> set[str]:
@@ -50,15 +48,7 @@ def test_each_task_gets_its_familys_tools_and_unknown_families_the_default() -> 
 
 
 def _chunk(name: str, args: dict[str, object], status: ToolStatus = "ok") -> Chunk:
-    return Chunk(
-        index=0,
-        action_tokens=b"",
-        action_logprobs=b"",
-        policy_version=0,
-        tool_name=name,
-        tool_args=msgspec.json.encode(args).decode(),
-        tool_status=status,
-    )
+    return chunk(status=status, tool_name=name, tool_args=msgspec.json.encode(args).decode())
 
 
 def test_the_reward_worker_rebuilds_a_sandbox_with_the_commands_the_tasks_tools_ran() -> None:
@@ -89,7 +79,7 @@ def test_won_only_drops_the_graded_reward_file_and_the_producer_setting_selects_
 
 
 async def test_a_scripted_engine_cuts_its_message_like_a_model_generation(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     class Says(ScriptedEngine):
         def next_action(self, context: str) -> str:
@@ -108,7 +98,7 @@ async def test_a_scripted_engine_cuts_its_message_like_a_model_generation(
 
 
 async def test_both_families_experts_are_scripted_engines_seeded_for_reproducible_errors(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     for family in (FILES, GEM):

@@ -12,11 +12,8 @@ from transformers import AutoTokenizer
 from consumers.lake import LakeWriter, query
 from ops.filters import heuristic, run_stage, security
 from sandboxd.client import SandboxClient
-from schemas.arrays import pack_tokens
 from schemas.trajectory import Chunk, ScoredTrajectory
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
-from tests.test_replay import lake_trajectory
-from tests.test_resample import expert_trajectory
+from tests.factories import chunk, expert_trajectory, lake_trajectory
 
 
 def with_chunks(scored: ScoredTrajectory, chunks: list[Chunk]) -> ScoredTrajectory:
@@ -24,14 +21,14 @@ def with_chunks(scored: ScoredTrajectory, chunks: list[Chunk]) -> ScoredTrajecto
 
 
 def bash(index: int, command: str, status: str = "ok", tokens: list[int] | None = None) -> Chunk:
-    return Chunk(
+    actions = tokens or [1, 2, 3]
+    return chunk(
+        actions,
+        [0.0] * len(actions),
         index=index,
-        action_tokens=pack_tokens(tokens or [1, 2, 3]),
-        action_logprobs=pack_tokens([0] * len(tokens or [1, 2, 3])),
-        policy_version=0,
+        status=status,  # type: ignore[arg-type]
         tool_name="bash" if status != "parse_error" else "",
         tool_args=msgspec.json.encode({"command": command}).decode() if status != "parse_error" else "",
-        tool_status=status,  # type: ignore[arg-type]
     )
 
 
@@ -136,7 +133,7 @@ async def test_verdicts_land_in_the_filters_view_and_the_latest_verdict_per_stag
 
 async def test_reverification_in_a_fresh_sandbox_passes_a_true_reward_and_fails_a_false_one(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     solved = await expert_trajectory(AutoTokenizer.from_pretrained(tiny_policy), sandbox_client)

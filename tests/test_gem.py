@@ -29,22 +29,11 @@ from producers.families.gem.api import (
 from producers.families.gem.tasks import family_of, gem_seed, gem_task, gem_tasks
 from sandboxd import envhub
 from sandboxd.client import SandboxClient
-from sandboxd.envhub import ensure_image
 from schemas.sandbox import ExecResult
 from schemas.task import TaskSample
-from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
+from tests.factories import GUESS, GUESS_RANDOM, RecordingEngine, assert_exact_accounting
 
-GUESS = "game:GuessTheNumber-v0-easy"  # 1..10 within 4 turns: binary search always wins
-# A range and turn limit drawn from the seed (binary search still always wins): the expert reads the
-# range from the instruction, so it wins only if the task's observation and the reset agree.
-GUESS_RANDOM = "game:GuessTheNumber-v0-random"
 SETTINGS = HarnessSettings(max_new_tokens_per_turn=64, max_total_tokens=1800, max_observation_tokens=96)
-
-
-@pytest.fixture(scope="session")
-def gem_image() -> str:
-    """The ``gem`` environment image (mmdebstrap + python3 + wheels built on the host; ~90 s once)."""
-    return ensure_image("gem")
 
 
 async def _binary_search(env: GemSession, first_observation: str) -> list[StepResult]:
@@ -134,7 +123,7 @@ async def test_unknown_and_unavailable_env_ids_give_clear_errors(
 async def test_gem_tasks_play_through_the_agent_loop_and_winning_scores_one(
     gem_image: str,
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     tasks = await gem_tasks(sandbox_client, GUESS_RANDOM, seed=5, count=2)
@@ -170,7 +159,7 @@ async def test_gem_tasks_play_through_the_agent_loop_and_winning_scores_one(
 async def test_a_lost_gem_sandbox_is_rebuilt_by_replaying_the_act_steps_its_family_names(
     gem_image: str,
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     [task] = await gem_tasks(sandbox_client, GUESS_RANDOM, seed=9, count=1)

@@ -16,8 +16,7 @@ from ops import pipeline
 from ops.config import load_config
 from producers.families.gem import GuessTheNumberExpert
 from streams.topology import ensure
-from tests.test_gem import GUESS_RANDOM, gem_image  # noqa: F401
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+from tests.factories import GUESS_RANDOM
 
 pytestmark = pytest.mark.docker
 RUN = "gempipe"
@@ -27,8 +26,8 @@ async def test_gem_episodes_play_through_the_workers_and_their_rewards_land_in_t
     js: JetStreamContext,
     nc: NATS,
     sandboxd_owner: str,
-    gem_image: str,  # noqa: F811
-    tiny_policy: Path,  # noqa: F811
+    gem_image: str,
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     cfg = load_config(

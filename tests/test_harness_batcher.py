@@ -11,8 +11,7 @@ import torch
 from agent_harness.batcher import Batcher
 from agent_harness.engine import Generation, GenRequest, InferenceEngine
 from agent_harness.torch_engine import TorchEngine
-from tests.test_harness_engine import _reference_logprobs
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+from tests.factories import reference_logprobs
 
 
 def _requests() -> list[GenRequest]:
@@ -35,7 +34,7 @@ async def _concurrently(batcher: Batcher, requests: list[GenRequest]) -> list[Ge
 
 
 async def test_concurrent_callers_share_batches_and_logprobs_match_a_separate_forward_pass(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     engine = TorchEngine(tiny_policy, seed=4)
     batcher = Batcher(engine, max_batch=4, max_wait_s=0.05)
@@ -46,12 +45,12 @@ async def test_concurrent_callers_share_batches_and_logprobs_match_a_separate_fo
     assert batcher.stats.requests == 6 and batcher.stats.largest == 4 and batcher.stats.batches == 2
     for req, gen in zip(requests, gens, strict=True):
         assert len(gen.tokens) == len(gen.logprobs) == req.max_new_tokens
-        ref = _reference_logprobs(engine, req.prompt_tokens, gen.tokens, req.temperature)
+        ref = reference_logprobs(engine, req.prompt_tokens, gen.tokens, req.temperature)
         assert max(abs(a - b) for a, b in zip(ref, gen.logprobs, strict=True)) < 1e-4
 
 
 async def test_weights_swap_between_batches_and_each_generation_reports_its_version(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     engine = TorchEngine(tiny_policy, seed=5)
     batcher = Batcher(engine, max_batch=2, max_wait_s=0.01)
@@ -81,7 +80,7 @@ async def test_weights_swap_between_batches_and_each_generation_reports_its_vers
         await engine.load_weights(weights, version)
         for req, g in results:
             if g.version == version:
-                ref = _reference_logprobs(engine, req.prompt_tokens, g.tokens, 1.0)
+                ref = reference_logprobs(engine, req.prompt_tokens, g.tokens, 1.0)
                 assert max(abs(a - b) for a, b in zip(ref, g.logprobs, strict=True)) < 1e-4
 
 
@@ -102,7 +101,7 @@ class _Flaky:
 
 
 async def test_an_engine_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs(
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     batcher = Batcher(_Flaky(TorchEngine(tiny_policy, seed=6)), max_batch=3, max_wait_s=0.05)
     errors: list[str] = []

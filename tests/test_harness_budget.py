@@ -20,12 +20,7 @@ from producers.families.files import builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
 from schemas.task import TaskSample
-from tests.test_harness_fixtures import (  # noqa: F401
-    RecordingEngine,
-    assert_exact_accounting,
-    sequence_of,
-    tiny_policy,
-)
+from tests.factories import RecordingEngine, assert_exact_accounting, sequence_of
 
 pytestmark = pytest.mark.docker
 
@@ -49,7 +44,7 @@ class _Chatty:
 
 async def test_long_observations_are_cut_to_the_budget_and_the_episode_ends_truncated_exactly(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     settings = HarnessSettings(

@@ -9,19 +9,10 @@ import torch
 
 from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.torch_engine import TorchEngine
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+from tests.factories import reference_logprobs
 
 
-def _reference_logprobs(
-    engine: TorchEngine, prompt: list[int], tokens: list[int], temperature: float
-) -> list[float]:
-    with torch.no_grad():
-        logits = engine.model(torch.tensor([prompt + tokens])).logits[0].float()
-    logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
-    return [logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(tokens)]
-
-
-async def test_behaviour_logprobs_match_a_full_forward_pass_in_a_padded_batch(tiny_policy: Path) -> None:  # noqa: F811
+async def test_behaviour_logprobs_match_a_full_forward_pass_in_a_padded_batch(tiny_policy: Path) -> None:
     engine = TorchEngine(tiny_policy, seed=1)
     assert isinstance(engine, InferenceEngine)
     requests = [
@@ -34,11 +25,11 @@ async def test_behaviour_logprobs_match_a_full_forward_pass_in_a_padded_batch(ti
     for req, gen in zip(requests, gens, strict=True):
         assert len(gen.tokens) == len(gen.logprobs) == req.max_new_tokens
         assert gen.finish_reason == "length" and gen.version == 0
-        ref = _reference_logprobs(engine, req.prompt_tokens, gen.tokens, req.temperature)
+        ref = reference_logprobs(engine, req.prompt_tokens, gen.tokens, req.temperature)
         assert max(abs(a - b) for a, b in zip(ref, gen.logprobs, strict=True)) < 1e-4
 
 
-async def test_generation_stops_after_a_stop_token(tiny_policy: Path) -> None:  # noqa: F811
+async def test_generation_stops_after_a_stop_token(tiny_policy: Path) -> None:
     engine = TorchEngine(tiny_policy, seed=2)
     prompt = list(range(20, 30))
     [free] = await engine.generate([GenRequest(prompt, 20, temperature=0.0)])
@@ -52,13 +43,13 @@ async def test_generation_stops_after_a_stop_token(tiny_policy: Path) -> None:  
     assert by_string.finish_reason == "stop" and len(by_string.tokens) <= 6
 
 
-async def test_same_seed_samples_the_same_tokens(tiny_policy: Path) -> None:  # noqa: F811
+async def test_same_seed_samples_the_same_tokens(tiny_policy: Path) -> None:
     a, b = TorchEngine(tiny_policy, seed=7), TorchEngine(tiny_policy, seed=7)
     req = [GenRequest(list(range(30, 40)), 16)]
     assert (await a.generate(req))[0].tokens == (await b.generate(req))[0].tokens
 
 
-async def test_load_weights_changes_outputs_and_sets_the_version(tiny_policy: Path) -> None:  # noqa: F811
+async def test_load_weights_changes_outputs_and_sets_the_version(tiny_policy: Path) -> None:
     engine = TorchEngine(tiny_policy, seed=3)
     prompt = list(range(10, 50))
     [before] = await engine.generate([GenRequest(prompt, 8, temperature=0.0)])
@@ -70,12 +61,12 @@ async def test_load_weights_changes_outputs_and_sets_the_version(tiny_policy: Pa
     [after] = await engine.generate([GenRequest(prompt, 8, temperature=0.0)])
     assert after.version == 5
     assert after.tokens != before.tokens or after.logprobs != before.logprobs
-    ref = _reference_logprobs(engine, prompt, after.tokens, 1.0)
+    ref = reference_logprobs(engine, prompt, after.tokens, 1.0)
     assert max(abs(a - b) for a, b in zip(ref, after.logprobs, strict=True)) < 1e-4
     assert torch.equal(engine.model.model.embed_tokens.weight, new["model.embed_tokens.weight"])
 
 
-async def test_weights_of_another_shape_are_refused(tiny_policy: Path) -> None:  # noqa: F811
+async def test_weights_of_another_shape_are_refused(tiny_policy: Path) -> None:
     engine = TorchEngine(tiny_policy)
     bad = safetensors.torch.save({"not.a.weight": torch.zeros(2)})
     try:

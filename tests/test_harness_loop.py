@@ -24,14 +24,12 @@ from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.task import Task, TaskSample
 from schemas.trajectory import Trajectory
-from tests.test_harness_fixtures import (  # noqa: F401
+from tests.factories import (
     RecordingEngine,
     assert_exact_accounting,
-    passes,
     remove_container,
     run_concurrently,
     sequence_of,
-    tiny_policy,
     verified_episode,
 )
 
@@ -50,7 +48,7 @@ def _level3(**changes: Any) -> Task:
 @pytest.mark.docker
 async def test_the_expert_solves_built_in_tasks_with_exact_accounting(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tasks = builtin_tasks(seed=0, count=8, levels=(1, 2, 3, 4))
     experts = [RecordingEngine(_expert(tiny_policy, seed=i, version=3)) for i in range(len(tasks))]
@@ -85,7 +83,7 @@ async def test_the_expert_solves_built_in_tasks_with_exact_accounting(
 @pytest.mark.docker
 async def test_expert_mistakes_fail_verification_about_as_often_as_asked(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tasks = builtin_tasks(seed=4, count=24)
     results = await run_concurrently(
@@ -144,7 +142,7 @@ class FuzzEngine:
 @pytest.mark.docker
 async def test_accounting_is_exact_for_every_kind_of_ending(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     settings = HarnessSettings(
@@ -178,7 +176,7 @@ async def test_accounting_is_exact_for_every_kind_of_ending(
 @pytest.mark.docker
 async def test_random_policy_episodes_account_exactly(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     engine = TorchEngine(tiny_policy, seed=0)
     settings = HarnessSettings(max_new_tokens_per_turn=24, max_total_tokens=260)
@@ -201,7 +199,7 @@ async def test_random_policy_episodes_account_exactly(
 @pytest.mark.docker
 async def test_versions_are_stamped_per_chunk_when_weights_move_between_turns(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     expert = _expert(tiny_policy, version=1)
 
@@ -223,7 +221,7 @@ async def test_versions_are_stamped_per_chunk_when_weights_move_between_turns(
 @pytest.mark.docker
 async def test_a_sandbox_that_cannot_be_created_aborts_the_episode_before_any_turn(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     expert = RecordingEngine(_expert(tiny_policy))
     traj = await run_episode(
@@ -239,7 +237,7 @@ async def test_a_sandbox_that_cannot_be_created_aborts_the_episode_before_any_tu
 
 async def test_an_episode_with_no_sandboxd_listening_is_aborted_instead_of_raising(
     nc: NATS,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     expert = RecordingEngine(_expert(tiny_policy))
     traj = await run_episode(
@@ -258,7 +256,7 @@ async def test_an_episode_with_no_sandboxd_listening_is_aborted_instead_of_raisi
 @pytest.mark.parametrize(("how", "turn"), [("kill", 1), ("rm -f", 3)])
 async def test_a_sandbox_removed_mid_episode_aborts_it_with_exact_accounting(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     how: str,
     turn: int,
 ) -> None:
@@ -299,7 +297,7 @@ class _HangsOnTurn(FilesExpert):
 @pytest.mark.docker
 async def test_max_turns_and_episode_timeout_truncate(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     expert = RecordingEngine(_expert(tiny_policy))
     traj, verified = await verified_episode(
@@ -324,7 +322,7 @@ async def test_max_turns_and_episode_timeout_truncate(
 @pytest.mark.docker
 async def test_prefix_calls_are_replayed_into_the_prompt(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     task = _level3()
     first = format_tool_call("bash", {"command": "cat " + task.metadata["chain"].split()[0]})

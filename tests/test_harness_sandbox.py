@@ -14,7 +14,7 @@ from agent_harness.torch_engine import TorchEngine
 from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
 from schemas.task import TaskSample
-from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
+from tests.factories import RecordingEngine, assert_exact_accounting
 
 pytestmark = pytest.mark.docker
 
@@ -27,7 +27,7 @@ async def _verify(client: SandboxClient, sandbox_id: str, commands: list[str]) -
 
 async def test_expert_episodes_solve_tasks_in_real_sandboxes(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     for i, task in enumerate(builtin_tasks(seed=5, count=3)):  # levels 1, 2, 3
@@ -52,7 +52,7 @@ async def test_expert_episodes_solve_tasks_in_real_sandboxes(
 
 async def test_random_policy_and_a_wrong_answer_fail_verification_in_a_real_sandbox(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     task = builtin_tasks(seed=6, count=2)[1]
     engine = RecordingEngine(TorchEngine(tiny_policy, seed=0))
@@ -72,7 +72,7 @@ async def test_random_policy_and_a_wrong_answer_fail_verification_in_a_real_sand
 
 async def test_a_sandbox_closed_under_the_episode_aborts_it(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     expert = FilesExpert(tokenizer=tok, error_rate=0.0, seed=0)

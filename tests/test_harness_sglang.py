@@ -13,7 +13,6 @@ from aiohttp import web
 
 from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.sglang_engine import SGLangEngine, SGLangError
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
 
 def _answer(input_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +69,7 @@ async def sglang_server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 async def test_generate_sends_token_ids_and_reads_logprobs(
     sglang_server: tuple[str, list[dict[str, Any]]],
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     url, seen = sglang_server
     engine = SGLangEngine(url, tiny_policy)
@@ -96,7 +95,7 @@ async def test_generate_sends_token_ids_and_reads_logprobs(
 
 async def test_load_weights_writes_a_checkpoint_and_updates_from_disk(
     sglang_server: tuple[str, list[dict[str, Any]]],
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     url, seen = sglang_server
@@ -112,7 +111,7 @@ async def test_load_weights_writes_a_checkpoint_and_updates_from_disk(
     await engine.aclose()
 
 
-async def test_an_unreachable_server_is_an_sglang_error(tiny_policy: Path) -> None:  # noqa: F811
+async def test_an_unreachable_server_is_an_sglang_error(tiny_policy: Path) -> None:
     engine = SGLangEngine("http://127.0.0.1:9", tiny_policy, timeout_s=2)
     with pytest.raises(SGLangError):
         await engine.generate([GenRequest([1], 1)])

@@ -12,7 +12,6 @@ from agent_harness.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from agent_harness.tools import ParseError, ToolCall, ToolRegistry, format_tool_call, parse_tool_call
 from producers.families.files import corpus
 from schemas.sandbox import ExecResult
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
 
 def test_a_well_formed_call_parses_into_name_and_arguments() -> None:
@@ -77,7 +76,7 @@ def test_schemas_list_both_tools_for_the_system_prompt() -> None:
     assert names == ["bash", "submit"]
 
 
-def test_tool_call_text_round_trips_through_the_tokenizer(tiny_policy: Path) -> None:  # noqa: F811
+def test_tool_call_text_round_trips_through_the_tokenizer(tiny_policy: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     for special in SPECIAL_TOKENS:
         assert len(encode(tok, special)) == 1, special
@@ -91,7 +90,7 @@ def test_tool_call_text_round_trips_through_the_tokenizer(tiny_policy: Path) -> 
     )
 
 
-def test_the_saved_checkpoint_loads_back_and_encodes_like_the_trained_tokenizer(tiny_policy: Path) -> None:  # noqa: F811
+def test_the_saved_checkpoint_loads_back_and_encodes_like_the_trained_tokenizer(tiny_policy: Path) -> None:
     loaded = AutoTokenizer.from_pretrained(tiny_policy)
     trained = train_tokenizer(corpus(seed=0))
     for text in corpus(seed=3, episodes=50):
@@ -102,7 +101,7 @@ def test_the_saved_checkpoint_loads_back_and_encodes_like_the_trained_tokenizer(
     assert 512 <= len(loaded) <= 1100
 
 
-def test_prompt_ends_with_the_assistant_header_and_observations_close_the_turn(tiny_policy: Path) -> None:  # noqa: F811
+def test_prompt_ends_with_the_assistant_header_and_observations_close_the_turn(tiny_policy: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     ids = prompt_tokens(tok, "Write the word apple to answer.txt.", ToolRegistry())
     text = tok.decode(ids, skip_special_tokens=False)
@@ -114,7 +113,7 @@ def test_prompt_ends_with_the_assistant_header_and_observations_close_the_turn(t
     )
 
 
-def test_long_observations_keep_head_and_tail(tiny_policy: Path) -> None:  # noqa: F811
+def test_long_observations_keep_head_and_tail(tiny_policy: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     text = "HEAD " + " ".join(f"line{i}" for i in range(300)) + " TAIL"
     ids, kept = truncate_middle(tok, text, 40)

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 from consumers.lake import LakeWriter, query
 from ops.lake_cli import filter_app, lake_app, replay_command, resample_command
 from streams.server import NatsServer
-from tests.test_lake_writer import fill
-from tests.test_replay import lake_trajectory
+from tests.factories import fill, lake_trajectory, write_lake
 
 app = typer.Typer()  # mounted as ops/cli.py mounts them
 app.add_typer(lake_app, name="lake")
@@ -23,11 +22,7 @@ runner = CliRunner()
 
 
 def seeded(root: Path, n: int = 3) -> Path:
-    writer = LakeWriter(root, writer_id="seed")
-    for i in range(n):
-        writer.add_scored(lake_trajectory(i))
-    writer.flush()
-    return root
+    return write_lake(root, [lake_trajectory(i) for i in range(n)], writer_id="seed")
 
 
 def test_lake_compact_reports_what_it_merged(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from consumers.lake import SCHEMAS, FilterVerdict, LakeWriteError, LakeWriter, compact, query
-from tests.test_lake_writer import DAY, fill, make_scored, make_step, make_train
+from tests.factories import DAY, fill, make_scored, make_step, make_train
 
 VIEWS = list(SCHEMAS)
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from consumers.lake import SCHEMAS, FilterVerdict, LakeWriter, QueryError, open_lake, query, write_result
 from consumers.lake.views import view_sql
 from ops.lake_cli import render_table
-from tests.test_lake_writer import DAY, fill, make_scored, make_step, make_task, make_train
+from tests.factories import DAY, fill, make_scored, make_step, make_task, make_train
 
 VIEWS = list(SCHEMAS)
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from consumers.lake import LakeWriter, query
-from tests.test_lake_writer import fill, make_scored
+from tests.factories import fill, make_scored
 
 SQL = "SELECT traj_id, reward, flags, num_chunks FROM trajectories ORDER BY traj_id"
 

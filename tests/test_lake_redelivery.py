@@ -15,17 +15,16 @@ import sys
 from pathlib import Path
 
 import anyio
-import numpy as np
 import pyarrow.dataset as ds
 from nats.js import JetStreamContext
 
 from consumers.lake import query
 from ops.config import load_config, to_toml
-from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
+from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.topology import LAKE_TRAJ, consumer_config, ensure, subject
+from tests.factories import DAY, seeded_scored
 
 RUN = "redeliver"
 N = 160
@@ -35,36 +34,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def big_scored(i: int) -> ScoredTrajectory:
     """A trajectory heavy enough that one flush of the batch takes a while."""
-    rng = np.random.default_rng(i)
-    chunks = [
-        Chunk(
-            index=k,
-            action_tokens=pack_tokens(rng.integers(0, 50_000, 400)),
-            action_logprobs=pack_logprobs(-rng.random(400)),
-            policy_version=0,
-            tool_name="bash",
-            tool_args='{"command": "ls"}',
-            tool_status="ok",
-            obs_tokens=pack_tokens(rng.integers(0, 50_000, 200)),
-            obs_text="out " * 50,
-        )
-        for k in range(CHUNKS)
-    ]
-    traj = Trajectory(
-        traj_id=f"{RUN}:t{i}:0",
+    return seeded_scored(
+        i,
         run=RUN,
-        task_id=f"t{i}",
-        family="files",
-        group_id=f"{RUN}:t{i}",
-        sample_idx=0,
-        prompt_tokens=pack_tokens(rng.integers(0, 50_000, 3000)),
-        chunks=chunks,
-        status="completed",
-        min_version=0,
-        max_version=0,
-        finished_at=1_767_268_800.0 + i,
+        reward=float(i % 2),
+        commands=("ls",) * CHUNKS,
+        logprob=None,
+        vocab=(0, 50_000),
+        sizes=(400, 200, 3000),
+        obs_text="out " * 50,
+        finished_at=DAY + i,
+        scored_at=DAY + 1 + i,
     )
-    return ScoredTrajectory(traj=traj, reward=float(i % 2), scored_at=1_767_268_801.0 + i)
 
 
 def start_writer(config: Path, log: Path) -> subprocess.Popen[bytes]:

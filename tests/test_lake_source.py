@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.lake import LakeIntegrityError, LakeWriter, QueryError, iter_scored, load_scored
-from schemas.trajectory import ScoredTrajectory
-from tests.test_lake_writer import DAY, make_scored
-
-
-def write(root: Path, records: list[ScoredTrajectory], writer_id: str = "w1") -> None:
-    writer = LakeWriter(root, writer_id=writer_id)
-    for scored in records:
-        writer.add_scored(scored)
-    writer.flush()
+from consumers.lake import LakeIntegrityError, QueryError, iter_scored, load_scored
+from tests.factories import DAY, make_scored, write_lake
 
 
 def test_load_scored_round_trips_records_exactly_including_empty_chunks_and_unicode(tmp_path: Path) -> None:
@@ -28,7 +20,7 @@ def test_load_scored_round_trips_records_exactly_including_empty_chunks_and_unic
         make_scored(rng, tool_args='{"path": "/work/naïve 数据.txt", "text": "émoji 🚀 \\" quote"}'),
         make_scored(rng, replay=True),
     ]
-    write(tmp_path, records)
+    write_lake(tmp_path, records)
 
     loaded = load_scored(tmp_path, "SELECT traj_id FROM trajectories")
 
@@ -41,8 +33,8 @@ def test_load_scored_round_trips_records_exactly_including_empty_chunks_and_unic
 def test_load_scored_keeps_the_query_order_and_ignores_repeated_ids(tmp_path: Path) -> None:
     rng = random.Random(22)
     records = [make_scored(rng, first_version=i) for i in range(6)]
-    write(tmp_path, records)
-    write(tmp_path, records[:3], writer_id="w2")  # redelivered
+    write_lake(tmp_path, records)
+    write_lake(tmp_path, records[:3], writer_id="w2")  # redelivered
 
     sql = "SELECT t.traj_id FROM trajectories t JOIN chunks c USING (traj_id) ORDER BY t.policy_version DESC"
     loaded = load_scored(tmp_path, sql)
@@ -53,7 +45,7 @@ def test_load_scored_keeps_the_query_order_and_ignores_repeated_ids(tmp_path: Pa
 def test_iter_scored_yields_batches_of_the_selected_trajectories(tmp_path: Path) -> None:
     rng = random.Random(23)
     records = [make_scored(rng, first_version=i) for i in range(7)]
-    write(tmp_path, records)
+    write_lake(tmp_path, records)
 
     batches = list(
         iter_scored(
@@ -68,7 +60,7 @@ def test_iter_scored_yields_batches_of_the_selected_trajectories(tmp_path: Path)
 
 
 def test_load_scored_needs_a_traj_id_column_and_reports_bad_sql(tmp_path: Path) -> None:
-    write(tmp_path, [make_scored(random.Random(24))])
+    write_lake(tmp_path, [make_scored(random.Random(24))])
     with pytest.raises(QueryError, match="traj_id"):
         load_scored(tmp_path, "SELECT reward FROM trajectories")
     with pytest.raises(QueryError, match="rewardz"):
@@ -81,7 +73,7 @@ def test_load_scored_from_an_empty_lake_is_empty(tmp_path: Path) -> None:
 
 
 def test_a_trajectory_whose_chunks_are_missing_is_reported_not_truncated(tmp_path: Path) -> None:
-    write(tmp_path, [make_scored(random.Random(25))])
+    write_lake(tmp_path, [make_scored(random.Random(25))])
     for part in (tmp_path / "chunks").rglob("*.parquet"):
         part.unlink()
     with pytest.raises(LakeIntegrityError, match="0 chunks"):

@@ -15,7 +15,7 @@ from consumers.lake.settings import LakeSettings
 from schemas.codec import dlq_decoder
 from streams.bus import Publisher
 from streams.topology import DLQ, ensure, subject
-from tests.test_replay import lake_trajectory
+from tests.factories import lake_trajectory
 
 RUN = "lakepoison"
 

@@ -4,143 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from consumers.lake import SCHEMAS, LakeWriteError, LakeWriter, query
-from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.task import Task, TaskSample
-from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
-
-DAY = 1_767_268_800.0  # 2026-01-01T12:00:00Z
-
-
-def make_chunk(rng: random.Random, index: int, version: int, *, tool_args: str | None = None) -> Chunk:
-    """A policy turn with random tokens and log-probs, a tool call and its observation."""
-    n_action, n_obs = rng.randint(1, 40), rng.randint(0, 30)
-    return Chunk(
-        index=index,
-        action_tokens=pack_tokens([rng.randrange(50_000) for _ in range(n_action)]),
-        action_logprobs=pack_logprobs([-rng.random() * 5 for _ in range(n_action)]),
-        policy_version=version,
-        tool_name="bash",
-        tool_args=tool_args if tool_args is not None else '{"cmd": "ls -la /work"}',
-        tool_status=rng.choice(["ok", "error", "timeout"]),
-        obs_tokens=pack_tokens([rng.randrange(50_000) for _ in range(n_obs)]),
-        obs_text="total 8\ndrwxr-xr-x 2 root root 4096 .\n",
-        gen_ms=rng.random() * 100,
-        tool_ms=rng.random() * 30,
-    )
-
-
-def make_scored(
-    rng: random.Random,
-    *,
-    run: str = "run1",
-    n_chunks: int = 3,
-    first_version: int = 0,
-    finished_at: float = DAY,
-    tool_args: str | None = None,
-    replay: bool = False,
-    with_task: bool = True,
-) -> ScoredTrajectory:
-    """A realistic scored trajectory: a prompt and ``n_chunks`` chunks spanning policy versions."""
-    task_id = f"task-{rng.randrange(1000)}"
-    versions = [first_version + min(i, 1) for i in range(n_chunks)]
-    chunks = [make_chunk(rng, i, v, tool_args=tool_args) for i, v in enumerate(versions)]
-    traj = Trajectory(
-        traj_id=uuid.UUID(int=rng.getrandbits(128)).hex,
-        run=run,
-        task_id=task_id,
-        family="files",
-        group_id=f"{run}:{task_id}",
-        sample_idx=rng.randrange(8),
-        prompt_tokens=pack_tokens([rng.randrange(50_000) for _ in range(rng.randint(5, 60))]),
-        chunks=chunks,
-        status="completed" if n_chunks else "aborted",
-        min_version=min(versions, default=first_version),
-        max_version=max(versions, default=first_version),
-        sandbox_id=f"sb-{rng.randrange(10**6)}",
-        sandbox_owner="sandboxd-a",
-        abort_reason="" if n_chunks else "sandbox died",
-        started_at=finished_at - 30.5,
-        finished_at=finished_at,
-        task=make_task(run, task_id).task if with_task else None,
-    )
-    return ScoredTrajectory(
-        traj=traj,
-        reward=float(rng.random() < 0.5),
-        chunk_rewards=[0.0] * (n_chunks - 1) + [1.0] if n_chunks else [],
-        verifier_output="ok\n",
-        valid=bool(n_chunks),
-        invalid_reason="" if n_chunks else "sandbox",
-        flags=["expert"] if rng.random() < 0.5 else [],
-        replay=replay,
-        replay_mode="ipa" if replay else "",
-        scored_at=finished_at + 1.25,
-    )
-
-
-def make_task(run: str = "run1", task_id: str = "task-1", sample_idx: int = 0) -> TaskSample:
-    task = Task(
-        task_id=task_id,
-        family="files",
-        instruction="Create /work/out.txt containing «héllo».",
-        setup=["mkdir -p /work"],
-        verify=["test -f /work/out.txt"],
-        group_size=4,
-        metadata={"split": "train"},
-    )
-    return TaskSample(run=run, task=task, sample_idx=sample_idx, created_at=DAY)
-
-
-def make_train(traj: ScoredTrajectory, step: int = 1, fate: str = "trained") -> TrainRecord:
-    return TrainRecord(
-        run=traj.traj.run,
-        traj_id=traj.traj.traj_id,
-        task_id=traj.traj.task_id,
-        fate=fate,  # type: ignore[arg-type]
-        reason="" if fate == "trained" else "stale",
-        learner_version=step,
-        min_version=traj.traj.min_version,
-        staleness=step - traj.traj.min_version,
-        max_staleness=2,
-        step=step,
-        reward=traj.reward,
-        loss=0.5,
-        time=DAY + step,
-    )
-
-
-def make_step(step: int = 1, loss: float = 0.5, time: float = DAY) -> StepStats:
-    return StepStats(
-        run="run1",
-        step=step,
-        version=step,
-        loss=loss,
-        samples=8,
-        dropped=1,
-        mean_reward=0.5,
-        mean_ratio=1.0,
-        masked_fraction=0.1,
-        grad_norm=2.0,
-        time=time,
-    )
-
-
-def fill(writer: LakeWriter, rng: random.Random, n: int = 4) -> list[ScoredTrajectory]:
-    """Buffer ``n`` trajectories, one task, one train record per trajectory and one step."""
-    records = [make_scored(rng, first_version=i % 3) for i in range(n)]
-    for scored in records:
-        writer.add_scored(scored)
-        writer.add_train(make_train(scored))
-    writer.add_task(make_task())
-    writer.add_train(make_step())
-    return records
+from tests.factories import DAY, fill, make_scored
 
 
 def all_files(root: Path) -> list[Path]:

@@ -14,9 +14,9 @@ from schemas.codec import scored_decoder
 from schemas.trajectory import ScoredTrajectory
 from streams.bus import Consumer, Publisher
 from streams.topology import LEARNER, ensure, subject
-from tests.test_learner_worker import scored
+from tests.factories import LEARNER_RUN, scored
 
-RUN = "lw"  # the builder's run
+RUN = LEARNER_RUN  # the run of the ``scored`` samples
 
 
 def buffer(

@@ -24,8 +24,9 @@ from streams import policy
 from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.topology import LEARNER, TRAIN, consumer_config, ensure, subject
-from tests.test_learner_worker import RUN, make_policy, scored
+from tests.factories import LEARNER_RUN, make_policy, scored
 
+RUN = LEARNER_RUN  # the run of the ``scored`` samples
 SAMPLES = 48
 
 

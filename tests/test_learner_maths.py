@@ -14,54 +14,8 @@ from learner.grpo import grpo_loss, sft_loss
 from learner.ipa import GROUP_EPS, chunk_log_ratios, chunk_returns, ipa_loss, token_logprobs
 from learner.settings import LearnerSettings
 from learner.staleness import admit, staleness
-from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.trajectory import Chunk, ScoredTrajectory, ToolStatus, Trajectory
-
-
-def chunk(
-    actions: Sequence[int],
-    logprobs: Sequence[float] | None = None,
-    obs: Sequence[int] = (),
-    *,
-    version: int = 0,
-    status: ToolStatus = "ok",
-    index: int = 0,
-) -> Chunk:
-    lps = list(logprobs) if logprobs is not None else [-1.0] * len(actions)
-    return Chunk(
-        index=index,
-        action_tokens=pack_tokens(list(actions)),
-        action_logprobs=pack_logprobs(lps),
-        policy_version=version,
-        tool_status=status,
-        obs_tokens=pack_tokens(list(obs)),
-    )
-
-
-def sample(
-    prompt: Sequence[int],
-    chunks: Sequence[Chunk],
-    reward: float,
-    *,
-    group: str = "g",
-    chunk_rewards: Sequence[float] = (),
-    min_version: int = 0,
-    traj_id: str = "t",
-) -> ScoredTrajectory:
-    traj = Trajectory(
-        traj_id=traj_id,
-        run="r",
-        task_id="task",
-        family="fam",
-        group_id=group,
-        sample_idx=0,
-        prompt_tokens=pack_tokens(list(prompt)),
-        chunks=list(chunks),
-        status="completed",
-        min_version=min_version,
-        max_version=max((c.policy_version for c in chunks), default=min_version),
-    )
-    return ScoredTrajectory(traj=traj, reward=reward, chunk_rewards=list(chunk_rewards))
+from schemas.trajectory import ScoredTrajectory
+from tests.factories import chunk, sample
 
 
 def batch_of(*samples: ScoredTrajectory, gamma: float = 1.0, failure_reward: float = 0.0) -> Batch:

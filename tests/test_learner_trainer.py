@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from learner.batch import build_batch
 from learner.checkpoint import checkpoint_path, latest_checkpoint, read_state
@@ -17,28 +17,16 @@ from learner.settings import LearnerSettings
 from learner.trainer import Trainer
 from schemas.arrays import unpack_tokens
 from schemas.trajectory import ScoredTrajectory
-from tests.test_learner_maths import chunk, sample
+from tests.factories import chunk, sample, tiny_qwen2_config
 
 SETTINGS = LearnerSettings(lr=1e-2, seed=0)
-
-
-def tiny_config(tied: bool = True) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=tied,
-    )
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def base_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("base")
-    Qwen2ForCausalLM(tiny_config(request.param)).save_pretrained(path)
+    Qwen2ForCausalLM(tiny_qwen2_config(tie_word_embeddings=request.param)).save_pretrained(path)
     (path / "tokenizer_config.json").write_text("{}")
     return path
 

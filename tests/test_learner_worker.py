@@ -7,79 +7,18 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import numpy as np
 import pytest
 from nats.js import JetStreamContext
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from learner import worker
 from learner.settings import LearnerSettings
-from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.codec import train_decoder
-from schemas.train import TrainRecord
-from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
+from schemas.trajectory import ScoredTrajectory
 from streams import policy
 from streams.bus import Publisher
-from streams.topology import TRAIN, ensure, subject
+from streams.topology import ensure, subject
+from tests.factories import LEARNER_RUN, make_policy, read_train_log, scored
 
-RUN = "lw"
-
-
-def make_policy(path: Path) -> None:
-    cfg = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-
-
-def scored(i: int, version: int, reward: float = 1.0) -> ScoredTrajectory:
-    rng = np.random.default_rng(i)
-    chunks = [
-        Chunk(
-            index=k,
-            action_tokens=pack_tokens(rng.integers(1, 64, 5)),
-            action_logprobs=pack_logprobs([-2.0] * 5),
-            policy_version=version,
-            tool_name="bash",
-            tool_args='{"command": "ls"}',
-            tool_status="ok",
-            obs_tokens=pack_tokens(rng.integers(1, 64, 3)),
-        )
-        for k in range(2)
-    ]
-    traj = Trajectory(
-        traj_id=f"{RUN}:t{i}:0",
-        run=RUN,
-        task_id=f"t{i}",
-        family="files",
-        group_id=f"{RUN}:t{i}",
-        sample_idx=0,
-        prompt_tokens=pack_tokens(rng.integers(1, 64, 6)),
-        chunks=chunks,
-        status="completed",
-        min_version=version,
-        max_version=version,
-    )
-    return ScoredTrajectory(traj=traj, reward=reward)
-
-
-async def read_train_log(js: JetStreamContext, n: int) -> list[TrainRecord]:
-    sub = await js.pull_subscribe(subject("train", RUN), stream=TRAIN.name)
-    out: list[TrainRecord] = []
-    with anyio.move_on_after(20):
-        while len(out) < n:
-            for m in await sub.fetch(10, timeout=5):
-                rec = train_decoder.decode(m.data)
-                if isinstance(rec, TrainRecord):
-                    out.append(rec)
-                await m.ack()
-    return out
+RUN = LEARNER_RUN  # the run of the ``scored`` samples
 
 
 async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
@@ -105,7 +44,7 @@ async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
         bad = scored(11, 1)
         invalid = ScoredTrajectory(traj=bad.traj, reward=0.0, valid=False, invalid_reason="sandbox died")
         await pub.publish(subject("scored", RUN), invalid, msg_id="s11")
-        records = await read_train_log(js, 4)
+        records = await read_train_log(js, RUN, 4, timeout_s=20)
         tg.cancel_scope.cancel()
     fates = {r.traj_id.split(":")[1]: r for r in records}
     assert fates["t0"].fate == fates["t1"].fate == "trained"
@@ -144,7 +83,7 @@ async def test_flagged_samples_are_dropped_trained_or_trained_as_failures_and_th
         await tg.start(learner)
         for i, s in enumerate((clean, risky)):
             await pub.publish(subject("scored", RUN), s, msg_id=f"f{i}")
-        records = {r.task_id: r for r in await read_train_log(js, 2)}
+        records = {r.task_id: r for r in await read_train_log(js, RUN, 2, timeout_s=20)}
         tg.cancel_scope.cancel()
     assert records["t20"].fate == "trained" and records["t20"].detail == ""
     flagged = records["t21"]

@@ -11,17 +11,16 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.policy_init import create_tiny_policy
 from learner import worker
 from ops import pipeline
 from ops.config import load_config
 from producers import seed
-from producers.families.files import corpus
 from schemas.codec import scored_decoder, train_decoder
 from schemas.train import TrainRecord
 from schemas.trajectory import ScoredTrajectory
 from streams import policy
 from streams.topology import TRAIN, TRAJ, ensure, subject
+from tests.factories import make_tiny_policy
 
 pytestmark = pytest.mark.docker
 RUN = "sd"
@@ -70,7 +69,7 @@ async def test_expert_episodes_are_published_as_sft_replay_and_trained_past_the_
             "learner.batch_timeout_s=1",
         ],
     )
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
+    await anyio.to_thread.run_sync(make_tiny_policy, cfg.policy_dir)
     await ensure(js, RUN)
     seeding = functools.partial(seed.run, pipeline.seeding(cfg), js, nc, run=RUN, policy_dir=cfg.policy_dir)
     report = await seeding(episodes=EPISODES, error_rate=0.0, concurrency=2)

@@ -10,7 +10,7 @@ import torch
 from learner.settings import LearnerSettings
 from learner.trainer import Trainer
 from learner.warmstart import WARM_VERSION, install, sft_steps
-from tests.test_learner_worker import make_policy, scored
+from tests.factories import make_policy, scored
 
 
 def test_sft_warm_start_fits_demonstrations_and_is_resumed_at_version_one(tmp_path: Path) -> None:

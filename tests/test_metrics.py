@@ -15,7 +15,7 @@ from consumers.lake.settings import LakeSettings
 from ops import metrics
 from streams.bus import Publisher
 from streams.topology import ensure, subject
-from tests.test_replay import lake_trajectory
+from tests.factories import lake_trajectory
 
 RUN = "metrics-run"
 

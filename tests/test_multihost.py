@@ -21,14 +21,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from agent_harness.policy_init import create_tiny_policy
 from consumers.lake import QueryError, query
 from ops.cluster import Cluster, Member, cluster_config, write_host_configs
 from ops.config import load_config, to_toml
 from ops.security import ROLES, authorization_block, ensure_credentials
-from producers.families.files import corpus
 from streams.server import nats_server_binary
 from streams.topology import TASKS, TRAJ
+from tests.factories import make_tiny_policy
 
 RUN = "mh"
 REPO = Path(__file__).parents[1]
@@ -265,7 +264,7 @@ def three_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
         done = subprocess.run(ensure, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         replicas = asyncio.run(replicas_of(cluster))
-        create_tiny_policy(hosts[0].root / "policy" / "base", corpus(seed=0), seed=0)
+        make_tiny_policy(hosts[0].root / "policy" / "base")
         for h in hosts[1:]:
             shutil.copytree(hosts[0].root / "policy", h.root / "policy")
         for h in hosts:  # sandboxd first, as `just up` does

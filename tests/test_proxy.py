@@ -33,7 +33,7 @@ from schemas.codec import traj_decoder
 from schemas.trajectory import ScoredTrajectory, Trajectory
 from streams.bus import Publisher
 from streams.topology import TRAJ, ensure, subject
-from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, sequence_of, tiny_policy  # noqa: F401
+from tests.factories import RecordingEngine, assert_exact_accounting, sequence_of
 
 RUN = "px"
 SYSTEM = "You are an agent in a Linux shell. Use one tool per turn."
@@ -71,7 +71,7 @@ async def _serving(proxy: ModelProxy) -> AsyncIterator[openai.AsyncOpenAI]:
 async def test_openai_client_completes_a_tool_using_task_and_the_trajectory_lands_in_the_lake(
     stream: JetStreamContext,
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
@@ -161,7 +161,7 @@ def _reference(engine: TorchEngine, traj: Trajectory) -> tuple[list[float], list
 
 async def test_a_torch_policy_conversation_is_recorded_with_exact_logprobs_and_published_raw(
     stream: JetStreamContext,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     torch_engine = TorchEngine(tiny_policy, seed=3, version=2)
     proxy = ModelProxy(Batcher(torch_engine), Publisher(stream), RUN, ProxySettings(port=0))
@@ -199,7 +199,7 @@ async def test_a_torch_policy_conversation_is_recorded_with_exact_logprobs_and_p
 
 async def test_idle_sessions_are_published_and_bad_requests_get_openai_errors(
     stream: JetStreamContext,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
     expert = FilesExpert(tokenizer=tok, error_rate=0.0, seed=0)

@@ -10,14 +10,13 @@ import httpx
 import openai
 from nats.js import JetStreamContext
 
-from agent_harness.policy_init import create_tiny_policy
 from agent_harness.proxy import ProxySettings
 from consumers import proxy_worker
 from consumers.settings import RolloutSettings
-from producers.families.files import corpus
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.codec import scored_decoder
 from streams.topology import TRAJ, ensure, subject
+from tests.factories import make_tiny_policy
 
 RUN = "proxyw"
 
@@ -26,7 +25,7 @@ async def test_an_openai_client_session_becomes_a_scored_trajectory_on_the_broke
     js: JetStreamContext, tmp_path: Path
 ) -> None:
     policy_dir = tmp_path / "policy"
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(policy_dir, corpus(seed=0), seed=0))
+    await anyio.to_thread.run_sync(make_tiny_policy, policy_dir)
     await ensure(js, RUN)
     sub = await js.pull_subscribe(subject("scored", RUN), stream=TRAJ.name)
     async with anyio.create_task_group() as tg:

@@ -6,79 +6,20 @@ import functools
 from pathlib import Path
 
 import anyio
-import numpy as np
 from nats.js import JetStreamContext
 
-from consumers.lake import LakeWriter, count_selected
+from consumers.lake import count_selected
 from learner import worker
 from learner.settings import LearnerSettings
 from ops.filters import run_stage
 from producers.replay import replay
-from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.codec import scored_decoder, train_decoder
-from schemas.train import TrainRecord
-from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
+from schemas.codec import scored_decoder
+from schemas.trajectory import ScoredTrajectory
 from streams import policy
-from streams.topology import TRAIN, TRAJ, ensure, subject
-from tests.test_learner_worker import make_policy
+from streams.topology import TRAJ, ensure, subject
+from tests.factories import lake_trajectory, make_policy, read_train_log, write_lake
 
 RUN = "rp"
-SOURCE_RUN = "old"
-
-
-def lake_trajectory(
-    i: int, command: str = "ls", *, version: int = 0, reward: float = 1.0
-) -> ScoredTrajectory:
-    """A trajectory of an earlier run as the lake holds it (vocabulary of the tiny test policy)."""
-    rng = np.random.default_rng(i)
-    chunks = [
-        Chunk(
-            index=k,
-            action_tokens=pack_tokens(rng.integers(1, 64, 5)),
-            action_logprobs=pack_logprobs([-4.2] * 5),  # about log(1/64): near the tiny policy
-            policy_version=version,
-            tool_name="bash",
-            tool_args=f'{{"command": "{command if k == 1 else "cat notes.txt"}"}}',
-            tool_status="ok",
-            obs_tokens=pack_tokens(rng.integers(1, 64, 3)),
-        )
-        for k in range(3)
-    ]
-    traj = Trajectory(
-        traj_id=f"{SOURCE_RUN}:t{i}:0",
-        run=SOURCE_RUN,
-        task_id=f"t{i}",
-        family="files",
-        group_id=f"{SOURCE_RUN}:t{i}",
-        sample_idx=0,
-        prompt_tokens=pack_tokens(rng.integers(1, 64, 6)),
-        chunks=chunks,
-        status="completed",
-        min_version=version,
-        max_version=version,
-        finished_at=1_767_268_800.0 + i,
-    )
-    return ScoredTrajectory(traj=traj, reward=reward, scored_at=1_767_268_801.0 + i)
-
-
-def write_lake(root: Path, records: list[ScoredTrajectory]) -> None:
-    writer = LakeWriter(root, writer_id="seed")
-    for scored in records:
-        writer.add_scored(scored)
-    writer.flush()
-
-
-async def read_train_log(js: JetStreamContext, n: int) -> list[TrainRecord]:
-    sub = await js.pull_subscribe(subject("train", RUN), stream=TRAIN.name)
-    out: list[TrainRecord] = []
-    with anyio.move_on_after(60):
-        while len(out) < n:
-            for m in await sub.fetch(10, timeout=5):
-                rec = train_decoder.decode(m.data)
-                if isinstance(rec, TrainRecord):
-                    out.append(rec)
-                await m.ack()
-    return out
 
 
 async def test_replay_of_a_security_filtered_set_trains_the_learner_and_the_train_log_marks_it_replay(
@@ -115,7 +56,7 @@ async def test_replay_of_a_security_filtered_set_trains_the_learner_and_the_trai
         )
         await tg.start(learner)
         sent = await replay(js, lake_root, sql, run=RUN, mode="ipa")
-        trained = await read_train_log(js, 4)
+        trained = await read_train_log(js, RUN, 4, timeout_s=60)
         with anyio.fail_after(30):  # weights are published right after the records
             while (latest := await policy.latest(js, RUN)) is None or latest.version < 1:  # noqa: ASYNC110
                 await anyio.sleep(0.2)

@@ -17,8 +17,7 @@ from matplotlib.colors import to_rgb
 from consumers.lake import LakeWriter
 from ops.report import PLOTS, plot_staleness, pooled_versions, write_report
 from ops.report.plots import MAX_DROP_KINDS, drop_colours
-from tests.test_lake_writer import make_task
-from tests.test_report import BOUND, scored_at, train_record
+from tests.factories import STALENESS_BOUND, make_task, make_train, scored_at
 
 REASONS = 30  # more drop reasons than any fixed palette holds
 
@@ -37,11 +36,11 @@ def many_reasons(tmp_path: Path) -> Path:
         for i in range(k + 1):
             scored = scored_at(rng, "ipa", k % 4, i, reward=float(i % 2))
             writer.add_scored(scored)
-            writer.add_train(train_record(scored, k % 4 + i % 5, fate="dropped", reason=f"reason-{k:02d}"))
+            writer.add_train(make_train(scored, k % 4 + i % 5, fate="dropped", reason=f"reason-{k:02d}"))
     for i in range(20):
         scored = scored_at(rng, "ipa", 3, i, reward=1.0)
         writer.add_scored(scored)
-        writer.add_train(train_record(scored, 4))
+        writer.add_train(make_train(scored, 4))
     writer.flush()
     return tmp_path / "lake"
 
@@ -88,7 +87,7 @@ def test_invalid_trajectories_and_replay_only_training_skip_the_plots_they_need(
     for v in range(3):
         scored = scored_at(rng, "ipa", v, 0, reward=0.0, valid=False)
         writer.add_scored(scored)
-        writer.add_train(train_record(scored, v + 1, source="replay"))
+        writer.add_train(make_train(scored, v + 1, source="replay"))
     writer.flush()
 
     result = write_report(tmp_path / "lake", tmp_path / "report")
@@ -107,7 +106,7 @@ def test_a_run_without_a_learner_next_to_one_with_a_learner(tmp_path: Path) -> N
         for k in range(3):
             with_learner = scored_at(rng, "ipa", v, k, reward=float(k == 0))
             writer.add_scored(with_learner)
-            writer.add_train(train_record(with_learner, v + 1))
+            writer.add_train(make_train(with_learner, v + 1))
             writer.add_scored(scored_at(rng, "eval", v, k, reward=1.0))  # rollouts only
     writer.flush()
 
@@ -156,7 +155,7 @@ def test_parts_written_before_a_column_existed_still_report(tmp_path: Path) -> N
     for v in range(3):
         scored = scored_at(rng, "ipa", v, 0, reward=1.0)
         writer.add_scored(scored)
-        writer.add_train(train_record(scored, v + 1))
+        writer.add_train(make_train(scored, v + 1))
     writer.flush()
     for table, column in (("trajectories", "source"), ("train_log", "max_staleness")):
         for part in (tmp_path / "lake" / table).glob("**/*.parquet"):
@@ -189,5 +188,5 @@ def test_staleness_bars_sit_at_their_staleness(many_reasons: Path) -> None:
             x = round(patch.get_x() + patch.get_width() / 2)
             heights[x] = heights.get(x, 0.0) + patch.get_height()
     assert {x for x, h in heights.items() if h} == set(range(5))  # dropped at staleness i % 5
-    assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(BOUND + 0.5)
+    assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(STALENESS_BOUND + 0.5)
     assert np.isclose(sum(heights.values()), sum(k + 1 for k in range(REASONS)) + 20)

@@ -11,37 +11,26 @@ from nats.js import JetStreamContext
 from transformers import AutoTokenizer
 
 from agent_harness.loop import run_episode
-from agent_harness.settings import HarnessSettings
 from agent_harness.tools import format_tool_call
 from consumers.lake import LakeWriter
-from producers.families.files import FilesExpert, builtin_tasks, solution_commands
+from producers.families.files import FilesExpert, solution_commands
 from producers.resample import ResampleError, prefix_calls, resample
 from sandboxd.client import SandboxClient
 from schemas.arrays import unpack_tokens
 from schemas.codec import tasks_decoder
 from schemas.task import TaskSample
-from schemas.trajectory import ScoredTrajectory
 from streams.tasks import lookup
 from streams.topology import TASKS, ensure, subject
-from tests.test_harness_fixtures import RecordingEngine, assert_exact_accounting, tiny_policy  # noqa: F401
+from tests.factories import (
+    EXPERT_SETTINGS,
+    RecordingEngine,
+    assert_exact_accounting,
+    expert_trajectory,
+    lake_trajectory,
+)
 
 RUN = "rs"
-SETTINGS = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=900, max_observation_tokens=32)
-
-
-async def expert_trajectory(tok: object, sandbox: SandboxClient) -> ScoredTrajectory:
-    """A level-3 task (two files to follow) solved by the scripted expert in a real sandbox."""
-    task = builtin_tasks(seed=3, count=3, levels=(3,))[0]
-    traj = await run_episode(
-        TaskSample(run="src", task=task),
-        engine=FilesExpert(tokenizer=tok, error_rate=0.0, seed=1),
-        sandbox=sandbox,
-        settings=SETTINGS,
-        source="expert",
-    )
-    await sandbox.close(traj.sandbox_id)
-    assert traj.status == "completed" and len(traj.chunks) == 4, traj.abort_reason
-    return ScoredTrajectory(traj=msgspec.structs.replace(traj, task=task), reward=1.0)
+SETTINGS = EXPERT_SETTINGS  # the source episode's budget, the resampled one's too
 
 
 async def pull_tasks(js: JetStreamContext, n: int) -> list[TaskSample]:
@@ -58,7 +47,7 @@ async def pull_tasks(js: JetStreamContext, n: int) -> list[TaskSample]:
 async def test_resampled_tasks_carry_the_first_k_calls_and_the_episode_starts_after_them(
     js: JetStreamContext,
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_policy)
@@ -107,8 +96,6 @@ async def test_resampled_tasks_carry_the_first_k_calls_and_the_episode_starts_af
 
 
 def test_a_trajectory_cannot_restart_at_or_past_its_end_or_across_a_parse_error(tmp_path: Path) -> None:
-    from tests.test_replay import lake_trajectory
-
     scored = lake_trajectory(1)  # three bash chunks
     assert len(prefix_calls(scored, 2)) == 2
     with pytest.raises(ResampleError, match="no chunk 3"):

@@ -33,7 +33,7 @@ from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.tasks import lookup, publish_samples, register
 from streams.topology import TASKS_BUCKET, TRAJ, ensure, subject, task_key
-from tests.sandbox_fixtures import running_sandboxd, settings_for_tests
+from tests.factories import running_sandboxd, settings_for_tests
 
 RUN = "t1"
 PROBE = ProbeSettings(window_s=0.5)

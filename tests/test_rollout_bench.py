@@ -11,14 +11,13 @@ import pytest
 
 from ops.bench.rollout import bench_level, render
 from sandboxd.client import SandboxClient
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
 
 async def test_benchmark_rows_account_for_every_episode_and_render(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     rows = [
         await bench_level(tiny_policy, sandbox_client, 2, 2, batched=True),

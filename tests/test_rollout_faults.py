@@ -8,7 +8,6 @@ Real nats-server, real sandboxd on the real Docker engine, the real rollout and 
 from __future__ import annotations
 
 import functools
-import subprocess
 from pathlib import Path
 
 import anyio
@@ -32,7 +31,7 @@ from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
 from streams.tasks import publish_samples
 from streams.topology import TRAJ, ensure, subject
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
+from tests.factories import remove_container
 
 pytestmark = pytest.mark.docker
 SETTINGS = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=600, command_timeout_s=5.0)
@@ -50,7 +49,7 @@ def _expert(policy: Path, version: int = 0) -> FilesExpert:
 
 async def test_a_task_whose_environment_does_not_exist_is_aborted_and_scored_invalid(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     task = _task(environment="no-such-env")
     traj = await run_episode(
@@ -71,23 +70,13 @@ class _KillsItsSandbox(FilesExpert):
     async def generate(self, requests: list[GenRequest]) -> list[Generation]:
         self.calls += 1
         if self.calls == 2:
-            await anyio.to_thread.run_sync(self._kill)
+            await anyio.to_thread.run_sync(remove_container, self.traj_label)
         return await super().generate(requests)
-
-    def _kill(self) -> None:
-        ids = subprocess.run(
-            ["docker", "ps", "-q", "--filter", f"label=rollstream.traj={self.traj_label}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        assert len(ids) == 1
-        subprocess.run(["docker", "kill", ids[0]], capture_output=True, check=True)
 
 
 async def test_a_sandbox_killed_mid_episode_aborts_it_with_the_reason(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     task = _task(2)  # level 3: the kill lands before the second of three commands
     sample = TaskSample(run="f", task=task, sample_idx=1)
@@ -103,7 +92,7 @@ async def test_a_sandbox_killed_mid_episode_aborts_it_with_the_reason(
 
 async def test_verification_reruns_the_calls_in_a_fresh_sandbox_when_the_original_is_gone(
     sandbox_client: SandboxClient,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     task = _task(2)
     traj = await run_episode(
@@ -146,7 +135,7 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
     nc: NATS,
     js: JetStreamContext,
     sandboxd_owner: str,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     run = "faults"
     rollout_settings = RolloutSettings(concurrency=2, heartbeat_s=5.0, harness=SETTINGS)

@@ -12,21 +12,13 @@ from nats.aio.client import Client as NATS
 
 from sandboxd import envhub
 from sandboxd.client import SandboxClient
-from sandboxd.docker_ops import LABEL_OWNER, DockerOps, container_config
+from sandboxd.docker_ops import DockerOps, container_config
 from sandboxd.errors import SandboxBadRequest, SandboxCapacity, SandboxNotFound, SandboxStartupFailed
 from sandboxd.reaper import ORPHAN_GRACE_S, reap_once
 from schemas.sandbox import CreateRequest
-from tests.sandbox_fixtures import running_sandboxd, settings_for_tests
+from tests.factories import containers_of, running_sandboxd, settings_for_tests
 
 pytestmark = pytest.mark.docker
-
-
-async def containers_of(owner: str) -> list[dict[str, object]]:
-    async with aiodocker.Docker() as docker:
-        found = await docker.containers.list(
-            all=True, filters=msgspec.json.encode({"label": [f"{LABEL_OWNER}={owner}"]}).decode()
-        )
-        return [c._container for c in found]
 
 
 async def container_exists(container_prefix: str) -> bool:

@@ -15,8 +15,7 @@ from nats.aio.client import Client as NATS
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError
 from streams.server import NatsServer
-from tests.sandbox_fixtures import running_sandboxd, settings_for_tests
-from tests.test_sandboxd import containers_of
+from tests.factories import containers_of, running_sandboxd, settings_for_tests
 
 pytestmark = pytest.mark.docker
 

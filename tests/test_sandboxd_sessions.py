@@ -9,8 +9,7 @@ from nats.aio.client import Client as NATS
 from sandboxd.client import SandboxClient
 from sandboxd.docker_ops import DockerOps
 from sandboxd.errors import SandboxBadRequest, SandboxCapacity, SandboxNotFound
-from tests.sandbox_fixtures import running_sandboxd, settings_for_tests
-from tests.test_sandboxd import containers_of
+from tests.factories import containers_of, running_sandboxd, settings_for_tests
 
 pytestmark = pytest.mark.docker
 

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import nats
 import pytest
-from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig
 
-from ops.security import ROLES, SecurityError, inbox_prefix, role_credentials, write_server_config
+from ops.security import ROLES, SecurityError, role_credentials, write_server_config
 from streams import policy
-from streams.server import NatsServer
 from streams.topology import (
     LAKE_TASKS,
     LAKE_TRAIN,
@@ -34,63 +30,17 @@ from streams.topology import (
     ensure,
     subject,
 )
+from tests.factories import (
+    BROKER_RUN,
+    DENY_TIMEOUT_S,
+    Broker,
+    Session,
+    assert_denied,
+    login,
+    serve_sandbox_create,
+)
 
-RUN = "t1"
-DENY_TIMEOUT_S = 0.5  # a denied request never gets a reply; the -ERR arrives within milliseconds
-
-
-@dataclass
-class Broker:
-    server: NatsServer
-    creds_dir: Path
-    conf: Path
-
-
-@dataclass
-class Session:
-    nc: NATS
-    errors: list[Exception]
-
-    @property
-    def js(self) -> Any:
-        return self.nc.jetstream(timeout=5)
-
-    @property
-    def deny_js(self) -> Any:
-        """A JetStream context that gives up quickly, for requests the server will refuse."""
-        return self.nc.jetstream(timeout=DENY_TIMEOUT_S)
-
-    async def permission_errors(self) -> list[str]:
-        await anyio.sleep(0.1)  # the -ERR arrives on the reader task just after the request times out
-        return [str(e).lower() for e in self.errors if "permissions violation" in str(e).lower()]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    conf, creds_dir = tmp_path / "nats.conf", tmp_path / "creds"
-    write_server_config(conf, creds_dir, run=RUN)
-    server = NatsServer(store_dir=tmp_path / "js", config_file=conf, log_file=tmp_path / "nats.log").start()
-    yield Broker(server, creds_dir, conf)
-    server.stop()
-
-
-async def login(broker: Broker, role: str) -> Session:
-    user, password = role_credentials(broker.creds_dir, role)
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    nc = await nats.connect(
-        broker.server.url,
-        user=user,
-        password=password,
-        inbox_prefix=inbox_prefix(role),
-        error_cb=on_error,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-    )
-    return Session(nc, errors)
+RUN = BROKER_RUN  # the run the broker fixture wrote credentials for
 
 
 @pytest.fixture
@@ -103,27 +53,11 @@ async def sessions(broker: Broker) -> AsyncIterator[dict[str, Session]]:
         await s.nc.close()
 
 
-async def assert_denied(session: Session, op: Awaitable[Any], verb: str, subj: str) -> None:
-    """``op`` fails and the server reports a permissions violation for ``verb`` on ``subj`` (a prefix)."""
-    with pytest.raises(Exception):  # noqa: B017 - nats-py times out (or raises NoResponders) on a denied request
-        await op
-    violations = await session.permission_errors()
-    assert any(f'{verb} to "{subj}'.lower() in v for v in violations), violations
-
-
 async def pull_one(session: Session, spec: Any) -> bytes:
     sub = await session.js.pull_subscribe_bind(durable=spec.durable(RUN), stream=spec.stream)
     [msg] = await sub.fetch(1, timeout=3)
     await msg.ack_sync(timeout=3)
     return bytes(msg.data)
-
-
-async def serve_sandbox_create(sandboxd: Session) -> None:
-    async def reply(msg: Any) -> None:
-        await msg.respond(b"created:" + msg.data)
-
-    await sandboxd.nc.subscribe("rs.sandbox.create", queue="sandboxd", cb=reply)
-    await sandboxd.nc.flush()
 
 
 # -- authentication --------------------------------------------------------------------------------

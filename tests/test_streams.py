@@ -7,17 +7,17 @@ import pytest
 from nats.js import JetStreamContext
 
 from schemas.codec import dlq_decoder, tasks_decoder
-from schemas.task import Task, TaskSample
+from schemas.task import TaskSample
 from streams import policy
 from streams.bus import Consumer, Publisher
 from streams.topology import DLQ, ROLLOUT, TASKS, TopologyError, ensure, subject
+from tests.factories import task_sample
 
 RUN = "t1"
 
 
 def sample(i: int) -> TaskSample:
-    task = Task(task_id=f"task-{i}", family="files", instruction="write hi to answer.txt")
-    return TaskSample(run=RUN, task=task, sample_idx=0)
+    return task_sample(RUN, f"task-{i}", instruction="write hi to answer.txt")
 
 
 async def test_ensure_is_idempotent(js: JetStreamContext) -> None:

@@ -38,6 +38,7 @@ from streams.bus import (
 )
 from streams.server import NatsServer
 from streams.topology import DLQ, LAKE_TRAIN, LEARNER, REWARD, ROLLOUT, ConsumerSpec, ensure, subject
+from tests.factories import trajectory
 
 RUN = "poison"
 GOOD = 5
@@ -48,11 +49,7 @@ def task_sample(i: int, instruction: str = "write hi") -> TaskSample:
 
 
 def traj(i: int, text: str = "") -> Trajectory:
-    return Trajectory(
-        traj_id=f"{RUN}:t{i}:0", run=RUN, task_id=f"t{i}", family="files", group_id=f"{RUN}:t{i}",
-        sample_idx=0, prompt_tokens=b"\x01\x00\x00\x00", chunks=[], status="completed",
-        min_version=0, max_version=0, abort_reason=text,
-    )  # fmt: skip
+    return trajectory(run=RUN, task_id=f"t{i}", prompt=[1], abort_reason=text)
 
 
 def scored(i: int, text: str = "") -> ScoredTrajectory:

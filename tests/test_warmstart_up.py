@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.policy_init import create_tiny_policy
 from learner import worker
 from learner.checkpoint import latest_checkpoint, read_state
 from learner.settings import LearnerSettings
@@ -31,14 +29,20 @@ from learner.warmstart import (
 )
 from ops import pipeline
 from ops.config import Config, load_config
-from ops.security import write_server_config
-from producers.families.files import corpus
 from producers.seed import expert_ids
 from streams import policy
-from streams.server import NatsServer
 from streams.topology import TRAJ, ensure, subject
-from tests.test_learner_worker import make_policy, scored
-from tests.test_security import Broker, Session, assert_denied, login, serve_sandbox_create
+from tests.factories import (
+    BROKER_RUN,
+    Broker,
+    Session,
+    assert_denied,
+    login,
+    make_policy,
+    make_tiny_policy,
+    scored,
+    serve_sandbox_create,
+)
 
 RUN = "ws"
 EPISODES = 8
@@ -84,7 +88,7 @@ async def test_warm_start_seeds_the_lake_installs_version_one_once_and_the_learn
     js: JetStreamContext, nc: NATS, sandboxd_owner: str, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path)
-    await anyio.to_thread.run_sync(lambda: create_tiny_policy(cfg.policy_dir, corpus()))
+    await anyio.to_thread.run_sync(make_tiny_policy, cfg.policy_dir)
     await ensure(js, RUN)
     root = cfg.checkpoint_root
     async with anyio.create_task_group() as tg:
@@ -157,15 +161,6 @@ async def test_a_cancelled_warm_start_stops_at_its_next_step(tmp_path: Path) -> 
     assert 0 < trainer.step < endless  # the thread stopped (SIGTERM stops the learner mid-SFT)
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    conf, creds_dir = tmp_path / "nats.conf", tmp_path / "creds"
-    write_server_config(conf, creds_dir, run="t1")
-    server = NatsServer(store_dir=tmp_path / "js", config_file=conf, log_file=tmp_path / "nats.log").start()
-    yield Broker(server, creds_dir, conf)
-    server.stop()
-
-
 async def request_served(session: Session, subject_: str, data: bytes) -> Any:
     """A request that waits (≤ 10 s) for the responder's subscription to be visible: once, under
     a loaded CI machine, the first request saw no responders right after the responder's flush."""
@@ -182,16 +177,19 @@ async def test_learner_role_may_seed_scored_trajectories_through_sandboxd_but_no
 ) -> None:
     sessions: dict[str, Session] = {r: await login(broker, r) for r in ("ops", "sandboxd", "learner")}
     try:
-        await ensure(sessions["ops"].js, "t1")
+        await ensure(sessions["ops"].js, BROKER_RUN)
         await serve_sandbox_create(sessions["sandboxd"])
         learner = sessions["learner"]
         reply = await request_served(learner, "rs.sandbox.create", b"env")
         assert reply.data == b"created:env"
-        await learner.js.publish(subject("scored", "t1"), b"x", headers={"Nats-Msg-Id": "scored:e-1"})
+        await learner.js.publish(subject("scored", BROKER_RUN), b"x", headers={"Nats-Msg-Id": "scored:e-1"})
         assert await learner.permission_errors() == []
         for kind in ("tasks", "raw"):
             await assert_denied(
-                learner, learner.deny_js.publish(subject(kind, "t1"), b"x"), "Publish", subject(kind, "t1")
+                learner,
+                learner.deny_js.publish(subject(kind, BROKER_RUN), b"x"),
+                "Publish",
+                subject(kind, BROKER_RUN),
             )
     finally:
         for s in sessions.values():
