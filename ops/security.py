@@ -111,7 +111,14 @@ def _weights_write() -> list[str]:
     return [*_weights_read(), f"{API}.STREAM.PURGE.{OBJ_STREAM}", f"$O.{WEIGHTS_BUCKET}.>"]
 
 
-SANDBOX_CALLS = ["rs.sandbox.create", "rs.sandbox.*.*"]
+# Sandbox operations by subject (rs.sandbox.<owner>.<op>; sandboxd refuses a request whose kind is
+# not its subject's op). Everyone who runs agents may create and act with the tokens they hold;
+# only the roles whose output is the reward may verify (which needs no token: this is its grant).
+SANDBOX_CALLS = [
+    "rs.sandbox.create",
+    *(f"rs.sandbox.*.{op}" for op in ("exec", "close", "keepalive", "write", "read", "session")),
+]
+VERIFY_CALLS = ["rs.sandbox.*.verify"]
 
 
 def role_grants(role: str, run: str | None) -> Grants:
@@ -139,7 +146,8 @@ def role_grants(role: str, run: str | None) -> Grants:
         return Grants(pub, [inbox])
     if role == "reward":
         return Grants(
-            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS], [inbox]
+            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS, *VERIFY_CALLS],
+            [inbox],
         )
     if role == "learner":
         # The warm start (learner.warmstart) seeds the lake first: scripted-expert episodes in
@@ -153,6 +161,7 @@ def role_grants(role: str, run: str | None) -> Grants:
             *_weights_write(),
             f"rs.traj.scored.{r}",
             *SANDBOX_CALLS,
+            *VERIFY_CALLS,
         ]
         return Grants(pub, [inbox])
     if role == "lake":

@@ -147,7 +147,8 @@ async def _measure(
     rows = [row("cold start: create -> first command", cold, "no pool (non-default memory)")]
     warm = await _warm(client, ops, owner, starts, pool)
     rows.append(row("warm acquire: create -> first command", warm, "from the pool"))
-    sid = (await client.create()).sandbox_id
+    created = await client.create()
+    sid = created.sandbox_id
     session = await client.session_open(sid)
     await pool_full(ops, owner, pool + 1)  # no refill competing for the CPU while measuring
     sess: list[float] = []
@@ -158,8 +159,7 @@ async def _measure(
     for _ in range(commands):  # interleaved: both see the same machine
         sess += await timed(lambda: client.session_run(sid, session, "true"), 1)
         ex += await timed(lambda: client.exec(sid, "true"), 1)
-    container = sid.split(":")[1]
-    raw = await timed(lambda: ops.exec(container, ["true"]), max(5, commands // 10))
+    raw = await timed(lambda: ops.exec(created.container, ["true"]), max(5, commands // 10))
     ratio = statistics.median(raw) / statistics.median(sess)
     rows.append(row("session_run `true` (sandboxd + NATS)", sess, f"raw exec p50 / this p50 = {ratio:.0f}x"))
     rows.append(row("exec `true` (sandboxd + NATS, exec session)", ex))
