@@ -68,6 +68,7 @@ class Commands:
     settings: SandboxdSettings
     ops: DockerOps
     sandboxes: dict[str, Sandbox]
+    by_container: dict[str, str]
     log: Any
 
     def _get(self, sandbox_id: str) -> Sandbox:
@@ -272,6 +273,7 @@ class Commands:
         if state is not None and state.get("Running"):
             return
         self.sandboxes.pop(sb.sandbox_id, None)
+        self.by_container.pop(sb.container_id, None)
         for session in sb.all_sessions():
             await session.close()
         if state is not None and state.get("OOMKilled"):

@@ -17,7 +17,10 @@ from sandboxd.settings import SandboxdSettings
 from schemas.sandbox import CreateRequest, VerifyRequest
 
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-ENVHUB_IMAGE_RE = re.compile(r"^rollstream-env/[a-z0-9][a-z0-9_.-]*:[0-9a-f]{12}$")
+# Images rollstream builds itself, content-addressed: EnvHub environments and task environments.
+ROLLSTREAM_IMAGE_RE = re.compile(
+    r"rollstream-env/[a-z0-9][a-z0-9_.-]*:[0-9a-f]{12}|rollstream-task:[0-9a-f]{16}"
+)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME = 64  # environment names
 MAX_ENV_ENTRIES = 64
@@ -42,8 +45,8 @@ def check_create(req: CreateRequest, s: SandboxdSettings) -> None:
         )
     if req.image and not image_allowed(req.image, s):
         raise SandboxBadRequest(
-            f"`image` = {req.image[:120]!r} is not an EnvHub image (rollstream-env/<name>:<hash>) nor "
-            "allowed by sandboxd.allowed_images; name an `environment` instead"
+            f"`image` = {req.image[:120]!r} is not an image rollstream built (rollstream-env/<name>:<hash>, "
+            "rollstream-task:<hash>) nor allowed by sandboxd.allowed_images; name an `environment` instead"
         )
     for field, value, bound, setting in (
         ("memory_mb", req.memory_mb, s.max_memory_mb, "sandboxd.max_memory_mb"),
@@ -65,7 +68,7 @@ def check_create(req: CreateRequest, s: SandboxdSettings) -> None:
 
 def image_allowed(image: str, s: SandboxdSettings) -> bool:
     allowed = any(fnmatch.fnmatchcase(image, p) for p in s.allowed_images)
-    return allowed or bool(ENVHUB_IMAGE_RE.fullmatch(image))
+    return allowed or bool(ROLLSTREAM_IMAGE_RE.fullmatch(image))
 
 
 def check_env(env: Mapping[str, str], field: str) -> None:

@@ -122,7 +122,7 @@ class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     allowed_images: Annotated[
         tuple[str, ...],
         msgspec.Meta(
-            description="Glob patterns of image names a create may name besides EnvHub tags "
-            "(`rollstream-env/<name>:<hash>`); empty: EnvHub images only."
+            description="Glob patterns of image names a create may name besides the images rollstream "
+            "builds (`rollstream-env/<name>:<hash>`, `rollstream-task:<hash>`); empty: those only."
         ),
     ] = ()

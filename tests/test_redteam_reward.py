@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from consumers.reward import score
 from sandboxd.client import SandboxClient
 from sandboxd.docker_ops import DockerOps
-from sandboxd.errors import SandboxBadRequest, SandboxError, SandboxForbidden
+from sandboxd.errors import SandboxBadRequest, SandboxError, SandboxForbidden, SandboxStartupFailed
 from sandboxd.reaper import reap_once
 from schemas.sandbox import (
     CloseRequest,
@@ -321,9 +321,16 @@ async def test_environment_names_with_paths_and_foreign_images_are_refused(
     for name in ("../../etc/passwd", "base/../gem", "/base", "Base", "", "a" * 65, "base\n"):
         with pytest.raises(SandboxBadRequest, match="`environment`"):
             await sandbox_client.create(name)
-    for image in ("alpine:latest", "docker.io/library/debian", "rollstream-env/base:latest"):
+    for image in (
+        "alpine:latest",
+        "docker.io/library/debian",
+        "rollstream-env/base:latest",
+        "rollstream-task:x",
+    ):
         with pytest.raises(SandboxBadRequest, match="`image`"):
             await sandbox_client.create(image=image)
+    with pytest.raises(SandboxStartupFailed, match="not present"):  # a name rollstream builds: allowed
+        await sandbox_client.create(image="rollstream-task:" + "0" * 16)
 
 
 async def test_huge_create_and_command_parameters_are_refused_naming_the_bound(
