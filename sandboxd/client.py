@@ -184,7 +184,8 @@ class SandboxClient:
         return await self._call(self._subject(sandbox_id, "session"), req, ExecResult, timeout_s=timeout)
 
     async def session_interrupt(self, sandbox_id: str, session_id: str, *, kill: bool = False) -> None:
-        """SIGINT (SIGKILL with ``kill``) the session's running command; a no-op when it is idle."""
+        """SIGINT the session's running command (with ``kill``: SIGKILL every agent process in the
+        sandbox, as a timeout does); a no-op when it is idle."""
         req = SessionInterruptRequest(
             sandbox_id=sandbox_id, token=self.token_of(sandbox_id), session_id=session_id, kill=kill
         )

@@ -184,18 +184,11 @@ class Daemon(Verification):
         if isinstance(req, VerifyRequest):  # authorised by the broker: only reward roles may send it
             return await self.verify(req)
         if isinstance(req, CloseRequest):
-            sb = self.sandboxes.get(req.sandbox_id)
-            if sb is not None:
-                self._check_token(sb, req.token)
-                await self.close_sandbox(sb)
-            return Done()
+            return await self.close(req)
         sb = self._get(req.sandbox_id)
         self._check_token(sb, req.token)
         if isinstance(req, KeepaliveRequest):
-            if req.ttl_s > self.settings.max_ttl_s:
-                raise SandboxBadRequest(f"`ttl_s` = {req.ttl_s:g} is above {self.settings.max_ttl_s:g}")
-            sb.expires = time.time() + self._ttl(req.ttl_s)
-            return Done()
+            return self.keepalive(sb, req)
         if sb.sealed:
             raise SandboxForbidden(
                 "the sandbox is sealed: verification began, the agent's operations are over",
@@ -206,6 +199,23 @@ class Daemon(Verification):
             return await self._agent_op(req)
         finally:
             sb.agent_ops -= 1
+
+    async def close(self, req: CloseRequest) -> Done:
+        """Remove the sandbox; closing one that is gone is fine (the token is checked if it is not)."""
+        sb = self.sandboxes.get(req.sandbox_id)
+        if sb is not None:
+            self._check_token(sb, req.token)
+            await self.close_sandbox(sb)
+        return Done()
+
+    def keepalive(self, sb: Sandbox, req: KeepaliveRequest) -> Done:
+        if req.ttl_s > self.settings.max_ttl_s:
+            raise SandboxBadRequest(
+                f"`ttl_s` = {req.ttl_s:g} is above this sandboxd's bound of {self.settings.max_ttl_s:g} "
+                "(sandboxd.max_ttl_s)"
+            )
+        sb.expires = time.time() + self._ttl(req.ttl_s)
+        return Done()
 
     def _check_token(self, sb: Sandbox, token: str) -> None:
         if not hmac.compare_digest(sb.token.encode(), token.encode()):

@@ -95,7 +95,8 @@ class SessionRunRequest(
 class SessionInterruptRequest(
     msgspec.Struct, frozen=True, kw_only=True, tag="sbx.session_interrupt.v1", tag_field="kind"
 ):
-    """SIGINT (or, with ``kill``, SIGKILL) the process group of the session's running command."""
+    """SIGINT the process group of the session's running command; with ``kill``, SIGKILL every
+    process of the agent uid in the sandbox (what a timeout does)."""
 
     sandbox_id: str
     token: str = ""  # the capability ``create`` returned
