@@ -399,8 +399,8 @@ async def _snapshot_of(
 ) -> Snapshot:
     nonce = secrets.token_hex(8)
     command = probe_command(nonce, window_s)
-    # CHANNEL: the agent's session today; sandboxd's verify operation once it can run this first.
-    res = await sandbox.exec(
+    # sandboxd's `inspect`: root, a fresh docker exec, a stream no agent process can reach
+    res = await sandbox.inspect(
         sandbox_id, command, timeout_s=settings.timeout_s, max_output_bytes=PROBE_OUTPUT_BYTES
     )
     if res.timed_out or res.exit_code != 0:

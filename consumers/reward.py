@@ -8,11 +8,12 @@ risky behaviour (``judge``): the sandbox is probed before verification (``consum
 tool calls are matched by the text rules (``consumers.screen``); what they find goes into ``flags``
 and ``flag_evidence``, and the learner drops or down-weights flagged samples (``learner.flagged``).
 
-Verification runs the task's verify commands in the trajectory's own sandbox while it is alive;
-if it is gone, a fresh sandbox re-runs setup and the commands of the trajectory's tool calls first
-(as the task's tools, from ``tools_for``, ran them). An agent failure scores 0.0; an
-infrastructure failure (aborted episode, sandbox lost and not rebuildable, a verify command that
-hangs) is published with ``valid=False`` and its reason, never trained on.
+Verification runs the task's verify commands in the trajectory's own sandbox while it is alive,
+through sandboxd's ``verify`` (the agent's processes are ended first; the commands run as another
+uid; see docs/security.md); if it is gone, a fresh sandbox re-runs setup and the commands of the
+trajectory's tool calls first (as the task's tools, from ``tools_for``, ran them). An agent
+failure scores 0.0; an infrastructure failure (aborted episode, sandbox lost and not rebuildable,
+a verify command that hangs) is published with ``valid=False`` and its reason, never trained on.
 """
 
 from __future__ import annotations
@@ -49,17 +50,22 @@ class InfraFailure(Exception):
 
 
 async def _run_checks(
-    sandbox: SandboxClient, sandbox_id: str, commands: list[str], timeout_s: float
-) -> tuple[bool, str]:
-    outputs: list[str] = []
-    for cmd in commands:
-        res = await sandbox.exec(sandbox_id, cmd, timeout_s=timeout_s, max_output_bytes=4096)
-        if res.timed_out:
+    sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, timeout_s: float
+) -> tuple[float, str]:
+    """Verify through sandboxd's ``verify`` (the agent's processes are ended first, the commands run
+    as the verifier uid, the sandbox is removed after); returns (reward, verifier output)."""
+    assert traj.task is not None
+    commands = list(traj.task.verify)
+    path = traj.task.metadata.get("result_path", "")
+    res = await sandbox.verify(
+        sandbox_id, commands, timeout_s=timeout_s, max_output_bytes=4096, result_path=path
+    )
+    ran = list(zip(commands, res.results, strict=False))  # verify stops at the first failure
+    outputs = [f"$ {cmd}\n[{r.exit_code}] {r.stdout}{r.stderr}" for cmd, r in ran]
+    for cmd, r in ran:
+        if r.timed_out:
             raise InfraFailure(f"verify command timed out after {timeout_s:.0f}s: {cmd[:80]}")
-        outputs.append(f"$ {cmd}\n[{res.exit_code}] {res.stdout}{res.stderr}")
-        if res.exit_code != 0:
-            return False, "\n".join(outputs)[-4000:]
-    return True, "\n".join(outputs)[-4000:]
+    return _graded_reward(res.result_data, res.passed), "\n".join(outputs)[-4000:]
 
 
 async def _rebuild(
@@ -93,16 +99,14 @@ def replay_command(chunk: Chunk, tools: ToolRegistry) -> str:
     return tools.command(call) or ""
 
 
-async def _graded_reward(sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, passed: bool) -> float:
+def _graded_reward(result: bytes | None, passed: bool) -> float:
     """1.0/0.0 from the verify commands, or the task's own graded reward when it writes one
     (GEM tasks: ``total_reward`` in the JSON file named by ``metadata["result_path"]``)."""
-    path = traj.task.metadata.get("result_path", "") if traj.task else ""
-    if not path:
+    if result is None:
         return 1.0 if passed else 0.0
     try:
-        result = msgspec.json.decode(await sandbox.read_file(sandbox_id, path))
-        return float(result.get("total_reward", 1.0 if passed else 0.0))
-    except (SandboxError, msgspec.DecodeError, AttributeError, TypeError, ValueError):
+        return float(msgspec.json.decode(result).get("total_reward", 1.0 if passed else 0.0))
+    except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
         return 1.0 if passed else 0.0
 
 
@@ -127,12 +131,10 @@ async def score(
         try:
             if not sandbox_id:
                 raise SandboxNotFound("no sandbox recorded")
-            ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
-            reward = await _graded_reward(sandbox, sandbox_id, traj, ok)
+            reward, out = await _run_checks(sandbox, sandbox_id, traj, verify_timeout_s)
         except SandboxNotFound:
             fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt, tools_for(traj.task))
-            ok, out = await _run_checks(sandbox, fresh, traj.task.verify, verify_timeout_s)
-            reward = await _graded_reward(sandbox, fresh, traj, ok)
+            reward, out = await _run_checks(sandbox, fresh, traj, verify_timeout_s)
             out = "[re-executed in a fresh sandbox]\n" + out
     except InfraFailure as exc:
         return invalid(str(exc))
@@ -140,7 +142,7 @@ async def score(
         return invalid(f"sandbox: {type(exc).__name__}: {exc}")
     finally:
         with anyio.move_on_after(10, shield=True):
-            for sid in {sandbox_id, *rebuilt} - {""}:
+            for sid in rebuilt:  # verify removed the sandboxes it reached; these, unless it failed first
                 try:
                     await sandbox.close(sid)
                 except SandboxError:

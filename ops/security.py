@@ -114,7 +114,15 @@ def _weights_write() -> list[str]:
     return [*_weights_read(), f"{API}.STREAM.PURGE.{OBJ_STREAM}", f"$O.{WEIGHTS_BUCKET}.>"]
 
 
-SANDBOX_CALLS = ["rs.sandbox.create", "rs.sandbox.*.*"]
+# Sandbox operations by subject (rs.sandbox.<owner>.<op>; sandboxd refuses a request whose kind is
+# not its subject's op). Everyone who runs agents may create and act with the tokens they hold;
+# only the roles whose output is the reward may verify and inspect (which need no token: this is
+# their grant).
+SANDBOX_CALLS = [
+    "rs.sandbox.create",
+    *(f"rs.sandbox.*.{op}" for op in ("exec", "close", "keepalive", "write", "read", "session")),
+]
+VERIFY_CALLS = ["rs.sandbox.*.verify", "rs.sandbox.*.inspect"]
 
 
 def _registry_grants(role: str, run: str | None) -> list[str]:
@@ -161,7 +169,8 @@ def _stage_grants(role: str, run: str | None) -> Grants:
         return Grants(pub, [inbox])
     if role == "reward":
         return Grants(
-            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS], [inbox]
+            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS, *VERIFY_CALLS],
+            [inbox],
         )
     if role == "learner":
         # The warm start (learner.warmstart) seeds the lake first: scripted-expert episodes in
@@ -175,6 +184,7 @@ def _stage_grants(role: str, run: str | None) -> Grants:
             *_weights_write(),
             f"rs.traj.scored.{r}",
             *SANDBOX_CALLS,
+            *VERIFY_CALLS,
         ]
         return Grants(pub, [inbox])
     if role == "lake":

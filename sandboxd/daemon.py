@@ -1,10 +1,15 @@
 """The sandboxd daemon: serves ``rs.sandbox.create`` (queue group ``sandboxd``) and this
-instance's ``rs.sandbox.<owner>.<op>`` subjects, one task per request.
+instance's ``rs.sandbox.<owner>.<op>`` subjects, one task per request; pings on a subscription
+of their own, so that a busy instance still answers them.
+
+Authorisation: the op of the subject must be the request's (``schemas.sandbox.OPS``); every
+request about a sandbox carries the token its create returned, except ``verify`` and ``inspect``
+(granted by the broker to the reward roles only); after ``verify`` began, no agent operation is accepted.
 """
 
 from __future__ import annotations
 
-import posixpath
+import hmac
 import secrets
 import time
 
@@ -17,14 +22,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from sandboxd import envhub, reaper
-from sandboxd.commands import FILE_OP_DEADLINE_S, Commands, Sandbox
-from sandboxd.docker_ops import DockerOps, container_config
+from sandboxd import envhub, limits, reaper
+from sandboxd.commands import AGENT_USER_SPEC, FILE_OP_DEADLINE_S, Sandbox
+from sandboxd.docker_ops import DockerOps, container_config, container_name
 from sandboxd.errors import (
     EnvHubError,
     SandboxBadRequest,
     SandboxCapacity,
     SandboxError,
+    SandboxForbidden,
     SandboxNotFound,
     SandboxOOM,
     SandboxStartupFailed,
@@ -33,7 +39,9 @@ from sandboxd.errors import (
 from sandboxd.pool import Pooled, WarmPool
 from sandboxd.session import Session
 from sandboxd.settings import SandboxdSettings
+from sandboxd.verify import Verification
 from schemas.sandbox import (
+    OPS,
     CloseRequest,
     Created,
     CreateRequest,
@@ -41,6 +49,7 @@ from schemas.sandbox import (
     ErrorKind,
     ExecRequest,
     FileData,
+    InspectRequest,
     KeepaliveRequest,
     ReadFileRequest,
     SandboxFault,
@@ -50,6 +59,7 @@ from schemas.sandbox import (
     SessionInterruptRequest,
     SessionOpenRequest,
     SessionRunRequest,
+    VerifyRequest,
     WriteFileRequest,
     request_decoder,
 )
@@ -66,7 +76,17 @@ FAULT_KINDS: list[tuple[type[SandboxError], ErrorKind]] = [
     (SandboxOOM, "oom"),
     (SandboxTimeout, "timeout"),
     (SandboxBadRequest, "bad_request"),
+    (SandboxForbidden, "forbidden"),
 ]
+AgentRequest = (
+    ExecRequest
+    | WriteFileRequest
+    | ReadFileRequest
+    | SessionOpenRequest
+    | SessionRunRequest
+    | SessionInterruptRequest
+    | SessionCloseRequest
+)
 
 log = structlog.get_logger()
 encoder = msgspec.msgpack.Encoder()
@@ -77,7 +97,7 @@ def fault_of(exc: SandboxError) -> SandboxFault:
     return SandboxFault(error=kind, message=exc.message)
 
 
-class Daemon(Commands):
+class Daemon(Verification):
     """Request handlers and the table of this instance's live sandboxes."""
 
     def __init__(self, settings: SandboxdSettings, nc: NATS, ops: DockerOps, owner: str) -> None:
@@ -86,6 +106,7 @@ class Daemon(Commands):
         self.ops = ops
         self.owner = owner
         self.sandboxes: dict[str, Sandbox] = {}
+        self.by_container: dict[str, str] = {}  # container id -> sandbox id
         self.pending_creates = 0
         self.env_images: dict[str, str] = {}  # environment name -> image tag (spec read once)
         self.limiter = anyio.CapacityLimiter(settings.max_concurrent_requests)
@@ -96,28 +117,33 @@ class Daemon(Commands):
     def expiry_of(self, container_id: str) -> float | None:
         if self.pool.holds(container_id):
             return float("inf")
-        sb = self.sandboxes.get(self._sid(container_id))
+        sb = self.sandboxes.get(self.by_container.get(container_id, ""))
         return sb.expires if sb else None
 
     def forget(self, container_id: str) -> None:
         self.pool.forget(container_id)
-        sb = self.sandboxes.pop(self._sid(container_id), None)
+        sb = self.sandboxes.pop(self.by_container.pop(container_id, ""), None)
         for session in sb.all_sessions() if sb is not None else []:
             session.abandon()  # the reaper removes the container: its streams end with it
 
-    def _sid(self, container_id: str) -> str:
-        return f"{self.owner}:{container_id[:12]}"
-
     # -- serving --
     async def serve(self, sub: Subscription, tg: TaskGroup) -> None:
-        """Hand every message of ``sub`` to its own task; pings are answered inline."""
+        """Hand every message of ``sub`` to its own task, at most ``max_concurrent_requests`` at once
+        (the rest wait). Pings are not served here: ``serve_pings`` answers them however busy this is."""
         async for msg in sub.messages:
             if msg.subject.endswith(".ping"):
-                await msg.respond(encoder.encode(Done()))
                 continue
             borrower = object()  # nats Msg is an unhashable dataclass
             await self.limiter.acquire_on_behalf_of(borrower)
             tg.start_soon(self._handle, msg, borrower)
+
+    async def serve_pings(self, sub: Subscription) -> None:
+        """Answer ``rs.sandbox.<owner>.ping`` at once: other instances' reapers judge liveness by it."""
+        async for msg in sub.messages:
+            try:
+                await msg.respond(encoder.encode(Done()))
+            except nats.errors.Error as exc:
+                self.log.debug("ping.reply_failed", error=str(exc))
 
     async def _handle(self, msg: Msg, borrower: object) -> None:
         try:
@@ -144,21 +170,67 @@ class Daemon(Commands):
             return SandboxFault(error="internal", message=f"{type(exc).__name__}: {exc}")
 
     async def dispatch(self, subject: str, req: SandboxRequest) -> SandboxReply:
+        """Refuse a request on a subject not of its kind, or without its sandbox's token; then serve it."""
         if subject == CREATE_SUBJECT or isinstance(req, CreateRequest):
             if not (subject == CREATE_SUBJECT and isinstance(req, CreateRequest)):
-                raise SandboxBadRequest(f"{type(req).__name__} does not belong on {subject}")
+                raise SandboxBadRequest(f"a {type(req).__name__} does not belong on {subject}")
             return await self.create(req)
-        sandbox_id = req.sandbox_id
-        if not sandbox_id.startswith(f"{self.owner}:"):
-            raise SandboxNotFound(f"sandbox is not owned by {self.owner}", sandbox_id=sandbox_id)
+        op = subject.rsplit(".", 1)[-1]
+        if OPS.get(type(req)) != op:
+            raise SandboxBadRequest(
+                f"a {type(req).__name__} does not belong on the `{op}` operation ({subject})"
+            )
+        if not req.sandbox_id.startswith(f"{self.owner}:"):
+            raise SandboxNotFound(f"sandbox is not owned by {self.owner}", sandbox_id=req.sandbox_id)
+        if isinstance(req, VerifyRequest):  # authorised by the broker: only reward roles may send it
+            return await self.verify(req)
+        if isinstance(req, InspectRequest):  # likewise
+            return await self.inspect(req)
+        if isinstance(req, CloseRequest):
+            return await self.close(req)
+        sb = self._get(req.sandbox_id)
+        self._check_token(sb, req.token)
+        if isinstance(req, KeepaliveRequest):
+            return self.keepalive(sb, req)
+        if sb.sealed:
+            raise SandboxForbidden(
+                "the sandbox is sealed: verification began, the agent's operations are over",
+                sandbox_id=sb.sandbox_id,
+            )
+        sb.agent_ops += 1
+        try:
+            return await self._agent_op(req)
+        finally:
+            sb.agent_ops -= 1
+
+    async def close(self, req: CloseRequest) -> Done:
+        """Remove the sandbox; closing one that is gone is fine (the token is checked if it is not)."""
+        sb = self.sandboxes.get(req.sandbox_id)
+        if sb is not None:
+            self._check_token(sb, req.token)
+            await self.close_sandbox(sb)
+        return Done()
+
+    def keepalive(self, sb: Sandbox, req: KeepaliveRequest) -> Done:
+        if req.ttl_s > self.settings.max_ttl_s:
+            raise SandboxBadRequest(
+                f"`ttl_s` = {req.ttl_s:g} is above this sandboxd's bound of {self.settings.max_ttl_s:g} "
+                "(sandboxd.max_ttl_s)"
+            )
+        sb.expires = time.time() + self._ttl(req.ttl_s)
+        return Done()
+
+    def _check_token(self, sb: Sandbox, token: str) -> None:
+        if not hmac.compare_digest(sb.token.encode(), token.encode()):
+            raise SandboxForbidden(
+                "this request needs the sandbox's capability token (the `token` its create returned)",
+                sandbox_id=sb.sandbox_id,
+            )
+
+    async def _agent_op(self, req: AgentRequest) -> SandboxReply:
         match req:
             case ExecRequest():
                 return await self.exec(req)
-            case CloseRequest():
-                return await self.close(req)
-            case KeepaliveRequest():
-                self._get(sandbox_id).expires = time.time() + self._ttl(req.ttl_s)
-                return Done()
             case WriteFileRequest():
                 return await self.write_file(req)
             case ReadFileRequest():
@@ -175,7 +247,6 @@ class Daemon(Commands):
                 if session is not None:
                     await session.close()
                 return Done()
-        raise SandboxBadRequest(f"unexpected request {type(req).__name__}")
 
     # -- operations --
     def _ttl(self, ttl_s: float) -> float:
@@ -206,8 +277,16 @@ class Daemon(Commands):
             raise SandboxStartupFailed(f"image {image} is not present on this Docker host: {hint}.")
         return image
 
+    def _new_container(self, req: CreateRequest, image: str, expires: float) -> tuple[str, dict[str, object]]:
+        """A fresh short id and the create body of its container."""
+        config = container_config(
+            req, image=image, owner=self.owner, expires=expires, settings=self.settings, arch=self.ops.arch
+        )
+        return secrets.token_hex(6), config
+
     async def create(self, req: CreateRequest) -> Created:
         started = time.monotonic()
+        limits.check_create(req, self.settings)
         if len(self.sandboxes) + self.pending_creates >= self.settings.max_sandboxes:
             raise SandboxCapacity(f"{self.owner} already holds {self.settings.max_sandboxes} sandboxes")
         self.pending_creates += 1
@@ -217,17 +296,19 @@ class Daemon(Commands):
             expires = time.time() + req.ttl_s
             pooled = self.pool.take(image) if self._poolable(req) else None
             if pooled is not None:
-                container_id, session = pooled.container_id, pooled.session
+                container_id, short, session = pooled.container_id, pooled.short_id, pooled.session
             else:
-                config = container_config(
-                    req, image=image, owner=self.owner, expires=expires, settings=self.settings
-                )
-                container_id, session = await self.ops.create(config), None
-            sandbox_id = self._sid(container_id)
+                short, config = self._new_container(req, image, expires)
+                name = container_name(self.settings.scope, short)
+                container_id, session = await self.ops.create(config, name), None
+            sandbox_id, token = f"{self.owner}:{short}", secrets.token_urlsafe(32)
+            self.by_container[container_id] = sandbox_id
             self.sandboxes[sandbox_id] = Sandbox(
                 sandbox_id=sandbox_id,
                 container_id=container_id,
                 expires=expires,
+                token=token,
+                env=dict(req.env),
                 labels=dict(req.labels),
                 exec_session=session,
             )
@@ -241,13 +322,19 @@ class Daemon(Commands):
             warm=pooled is not None,
             ms=round(startup_ms, 1),
         )
-        return Created(sandbox_id=sandbox_id, owner=self.owner, image=image, startup_ms=startup_ms)
+        return Created(
+            sandbox_id=sandbox_id,
+            owner=self.owner,
+            image=image,
+            startup_ms=startup_ms,
+            token=token,
+            container=container_name(self.settings.scope, short),
+        )
 
     def _poolable(self, req: CreateRequest) -> bool:
-        """A pool container fits a request for the default limits and no env (both fixed at creation)."""
+        """A pool container fits a request for the default limits (fixed at creation)."""
         s = self.settings
-        defaults = (s.default_memory_mb, s.default_pids, s.default_cpus)
-        return not req.env and (req.memory_mb, req.pids, req.cpus) == defaults
+        return (req.memory_mb, req.pids, req.cpus) == (s.default_memory_mb, s.default_pids, s.default_cpus)
 
     async def _warm_images(self) -> list[str]:
         images = []
@@ -260,10 +347,8 @@ class Daemon(Commands):
 
     async def _make_pooled(self, image: str) -> Pooled:
         req = self._with_defaults(CreateRequest(memory_mb=0, pids=0, cpus=0.0, ttl_s=0.0))
-        config = container_config(
-            req, image=image, owner=self.owner, expires=time.time() + 365 * 86400, settings=self.settings
-        )
-        container_id = await self.ops.create(config)
+        short, config = self._new_container(req, image, time.time() + 365 * 86400)
+        container_id = await self.ops.create(config, container_name(self.settings.scope, short))
         session = None
         if self.settings.exec_via_session:
             try:
@@ -273,22 +358,26 @@ class Daemon(Commands):
                 )  # warm it
             except SandboxError as exc:  # the first exec will try again, or use docker exec
                 self.log.debug("pool.session_failed", error=exc.message)
-        return Pooled(container_id=container_id, session=session, since=time.time())
+        return Pooled(container_id=container_id, short_id=short, session=session, since=time.time())
 
-    async def close(self, req: CloseRequest) -> Done:
-        sb = self.sandboxes.pop(req.sandbox_id, None)
-        if sb is not None:
-            for session in sb.all_sessions():
-                await session.close()
-            await self.ops.remove(sb.container_id)
-            self.log.debug("sandbox.closed", sandbox_id=sb.sandbox_id)
-        return Done()
+    async def close_sandbox(self, sb: Sandbox) -> None:
+        """Remove ``sb``'s container and forget it (closing twice is fine)."""
+        self.sandboxes.pop(sb.sandbox_id, None)
+        self.by_container.pop(sb.container_id, None)
+        for session in sb.all_sessions():
+            await session.close()
+        await self.ops.remove(sb.container_id)
+        self.log.debug("sandbox.closed", sandbox_id=sb.sandbox_id)
 
     async def write_file(self, req: WriteFileRequest) -> Done:
+        """Write as the agent uid: a file operation can reach what the agent's commands can, no more."""
         sb = self._get(req.sandbox_id)
-        path = _absolute(req.path, req.sandbox_id)
-        argv = ["sh", "-c", WRITE, "sh", path, f"{req.mode & 0o7777:o}"]
-        outcome = await self._exec_in(sb, argv, stdin=req.data, deadline_s=FILE_OP_DEADLINE_S)
+        limits.check_file_size(len(req.data), "data", self.settings)
+        path = limits.absolute_path(req.path)
+        argv = ["sh", "-c", WRITE, "sh", path, f"{req.mode & 0o777:o}"]
+        outcome = await self._exec_in(
+            sb, argv, stdin=req.data, user=AGENT_USER_SPEC, env=sb.env, deadline_s=FILE_OP_DEADLINE_S
+        )
         if outcome.exit_code != 0:
             raise SandboxBadRequest(
                 f"cannot write {path}: {outcome.stderr.text().strip()}", sandbox_id=sb.sandbox_id
@@ -296,11 +385,18 @@ class Daemon(Commands):
         return Done()
 
     async def read_file(self, req: ReadFileRequest) -> FileData:
+        """Read as the agent uid (see ``write_file``)."""
         sb = self._get(req.sandbox_id)
-        path = _absolute(req.path, req.sandbox_id)
+        limits.check_file_size(req.max_bytes, "max_bytes", self.settings)
+        path = limits.absolute_path(req.path)
         argv = ["sh", "-c", READ, "sh", path, str(req.max_bytes + 1)]
         outcome = await self._exec_in(
-            sb, argv, max_output_bytes=req.max_bytes + 1, keep_tail=False, deadline_s=FILE_OP_DEADLINE_S
+            sb,
+            argv,
+            user=AGENT_USER_SPEC,
+            max_output_bytes=req.max_bytes + 1,
+            keep_tail=False,
+            deadline_s=FILE_OP_DEADLINE_S,
         )
         if outcome.exit_code != 0:
             raise SandboxBadRequest(
@@ -317,16 +413,11 @@ class Daemon(Commands):
             await session.close()
         infos = await self.ops.list_sandboxes(owner=self.owner)
         self.sandboxes.clear()
+        self.by_container.clear()
         async with anyio.create_task_group() as tg:
             for info in infos:
                 tg.start_soon(self.ops.remove, info["Id"])
         return len(infos)
-
-
-def _absolute(path: str, sandbox_id: str) -> str:
-    if not path.startswith("/"):
-        raise SandboxBadRequest(f"path must be absolute, got {path!r}", sandbox_id=sandbox_id)
-    return posixpath.normpath(path)
 
 
 async def run(
@@ -350,11 +441,13 @@ async def run(
                 ping_timeout_s=settings.ping_timeout_s,
                 startup=True,
             )
+            subs.append(await nc.subscribe(f"rs.sandbox.{owner}.ping"))
             subs.append(await nc.subscribe(f"rs.sandbox.{owner}.*"))
             subs.append(await nc.subscribe(CREATE_SUBJECT, queue=QUEUE))
             await nc.flush()
             async with anyio.create_task_group() as tg:
-                for sub in subs:
+                tg.start_soon(daemon.serve_pings, subs[0])
+                for sub in subs[1:]:
                     tg.start_soon(daemon.serve, sub, tg)
                 tg.start_soon(
                     lambda: reaper.run_reaper(

@@ -16,8 +16,10 @@ import anyio
 import msgspec
 import structlog
 
+from sandboxd import seccomp
 from sandboxd.errors import SandboxError, SandboxNotFound, SandboxStartupFailed
 from sandboxd.settings import SandboxdSettings
+from sandboxd.users import AGENT_GID, AGENT_UID
 from schemas.sandbox import CreateRequest
 
 LABEL_SANDBOX = "rollstream.sandbox"
@@ -26,6 +28,9 @@ LABEL_EXPIRES = "rollstream.expires"
 LABEL_SCOPE = "rollstream.scope"
 WORKDIR = "/work"
 MIB = 1024 * 1024
+# What the root helpers need inside (the session driver empties the agent's bounding set, drops to
+# its uid and kills its processes); root's other powers stay dropped; none survives into the agent.
+CAPABILITIES = ["SETUID", "SETGID", "SETPCAP", "KILL"]
 
 log = structlog.get_logger()
 
@@ -75,10 +80,23 @@ class ExecOutcome(msgspec.Struct, kw_only=True):
     duration_ms: float
 
 
+def container_name(scope: str, short_id: str) -> str:
+    """The readable Docker name of a sandbox: ``rs-<scope>-<12 hex>`` (its id's suffix)."""
+    return f"rs-{scope}-{short_id}"
+
+
 def container_config(
-    req: CreateRequest, *, image: str, owner: str, expires: float, settings: SandboxdSettings
+    req: CreateRequest,
+    *,
+    image: str,
+    owner: str,
+    expires: float,
+    settings: SandboxdSettings,
+    arch: str = "amd64",
 ) -> dict[str, Any]:
-    """The Docker create body of a sandbox: closed by default (no network, no capabilities, limits)."""
+    """The Docker create body of a sandbox: closed by default (no network, no capabilities beyond
+    the helpers', an explicit seccomp profile, no log file, limits). The request's ``env`` is not
+    the container's: it is given to the agent's commands only, never to root or verifier processes."""
     labels = dict(req.labels)  # the caller's labels; ours below win over any of the same name
     labels |= {
         LABEL_SANDBOX: "1",
@@ -86,28 +104,36 @@ def container_config(
         LABEL_EXPIRES: f"{expires:.0f}",
         LABEL_SCOPE: settings.scope,
     }
-    env = {"HOME": WORKDIR, "LANG": "C.UTF-8"} | dict(req.env)
     scratch = f"rw,exec,nosuid,nodev,size={settings.scratch_mb}m"
     return {
         "Image": image,
         "Cmd": ["sleep", "infinity"],
         "WorkingDir": WORKDIR,
-        "Env": [f"{k}={v}" for k, v in env.items()],
+        "Env": [f"HOME={WORKDIR}", "LANG=C.UTF-8"],
         "Labels": labels,
         "HostConfig": {
             "NetworkMode": "none",
+            "IpcMode": "private",
             "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
+            "CapAdd": CAPABILITIES,
+            "SecurityOpt": ["no-new-privileges", "seccomp=" + seccomp.profile(arch)],
+            "Runtime": settings.runtime,
+            "LogConfig": {"Type": "none", "Config": {}},  # nothing written inside grows a host file
             "PidsLimit": req.pids,
             "Memory": req.memory_mb * MIB,
             "MemorySwap": req.memory_mb * MIB,
             "NanoCpus": int(req.cpus * 1e9),
             "Init": True,
             "ReadonlyRootfs": settings.read_only_rootfs,
-            "Tmpfs": {WORKDIR: f"{scratch},mode=0755", "/tmp": f"{scratch},mode=1777"},
+            "Tmpfs": {
+                WORKDIR: f"{scratch},mode=0755,uid={AGENT_UID},gid={AGENT_GID}",
+                "/tmp": f"{scratch},mode=1777",
+            },
+            # No nproc: RLIMIT_NPROC counts a uid's processes on the whole host, and every sandbox's
+            # agent has the same uid; PidsLimit bounds each container's processes instead.
             "Ulimits": [
                 {"Name": "nofile", "Soft": settings.nofile, "Hard": settings.nofile},
-                {"Name": "nproc", "Soft": req.pids, "Hard": req.pids},
+                {"Name": "core", "Soft": 0, "Hard": 0},
             ],
         },
     }
@@ -124,6 +150,7 @@ class DockerOps:
     def __init__(self) -> None:
         self.control: aiodocker.Docker | None = None
         self.streams: aiodocker.Docker | None = None
+        self.arch = "amd64"  # the engine's architecture (its seccomp profile names it)
 
     async def __aenter__(self) -> DockerOps:
         self.control = aiodocker.Docker()
@@ -136,7 +163,7 @@ class DockerOps:
         else:
             self.streams = aiodocker.Docker(url=self.control.docker_host)
         try:
-            await self.control.version()
+            self.arch = str((await self.control.version()).get("Arch", "amd64"))
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             await self.aclose()
             raise SandboxError(
@@ -180,10 +207,11 @@ class DockerOps:
             raise
         return True
 
-    async def create(self, config: dict[str, Any]) -> str:
-        """Create, then start; a container that fails to start is removed. Returns the full id."""
+    async def create(self, config: dict[str, Any], name: str | None = None) -> str:
+        """Create (named ``name``), then start; a container that fails to start is removed.
+        Returns the full id."""
         try:
-            container = await self._ctl.containers.create(config)
+            container = await self._ctl.containers.create(config, name=name)
         except aiodocker.DockerError as exc:
             raise SandboxStartupFailed(f"docker create failed: {exc.message}") from exc
         try:
@@ -237,16 +265,18 @@ class DockerOps:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | None = None,
+        user: str = "0:0",
         max_output_bytes: int = 16384,
         keep_tail: bool = True,
         deadline_s: float = 60.0,
     ) -> ExecOutcome:
-        """Run ``argv`` in the container; capture bounded output until it ends or ``deadline_s`` passes."""
+        """Run ``argv`` in the container as ``user`` (``uid:gid``); capture bounded output until it
+        ends or ``deadline_s`` passes."""
         container = self._str.containers.container(container_id)
         started = time.monotonic()
         try:
             exe = await container.exec(
-                argv, stdin=stdin is not None, environment=dict(env or {}), workdir=cwd or ""
+                argv, stdin=stdin is not None, environment=dict(env or {}), workdir=cwd or "", user=user
             )
         except aiodocker.DockerError as exc:
             if _gone(exc):

@@ -4,6 +4,9 @@ A spec ``sandboxd/envs/<name>.toml`` names a Debian suite, an mmdebstrap variant
 wheels, files and optional setup commands. Its image is ``rollstream-env/<name>:<12 hex of
 sha256(spec)>``, so the same spec always gives the same tag and a changed spec gives a new one.
 
+Every image gets the users sandboxd runs commands as (``sandboxd.users``: ``agent`` and
+``rs-verify``), unless its spec says ``sandbox_users = false``.
+
 Python packages: pip inside the root cannot reach an index, so the host builds the wheels
 (``pip wheel --no-deps``, for the host's Python, which must be the image's: bookworm and this host
 both have 3.11) and installs them into the root's ``/usr/local/lib/python3.X/dist-packages``.
@@ -26,10 +29,28 @@ import msgspec
 import structlog
 
 from sandboxd.errors import EnvHubError
+from sandboxd.users import (
+    AGENT_GID,
+    AGENT_HOME,
+    AGENT_UID,
+    AGENT_USER,
+    VERIFIER_GID,
+    VERIFIER_UID,
+    VERIFIER_USER,
+)
 
 ENVS_DIR = Path(__file__).parent / "envs"
 MIRROR = "http://deb.debian.org/debian"
 WORKDIR = "/work"
+
+# mmdebstrap customize hook ($1 = the root): the agent's and the verifier's users and groups.
+USERS_HOOK = (
+    f'chroot "$1" groupadd -g {AGENT_GID} {AGENT_USER}'
+    f' && chroot "$1" groupadd -g {VERIFIER_GID} {VERIFIER_USER}'
+    f' && chroot "$1" useradd -u {AGENT_UID} -g {AGENT_GID} -d {AGENT_HOME} -M -s /bin/bash {AGENT_USER}'
+    f' && chroot "$1" useradd -u {VERIFIER_UID} -g {VERIFIER_GID} -d /nonexistent -M -s /usr/sbin/nologin'
+    f" {VERIFIER_USER}"
+)
 
 log = structlog.get_logger()
 
@@ -53,6 +74,14 @@ class EnvSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             "from wheels built on the host; the image needs `python3` of the host's version."
         ),
     ] = []
+    sandbox_users: Annotated[
+        bool,
+        msgspec.Meta(
+            description=f"Create the users sandboxd runs commands as: `{AGENT_USER}` (uid {AGENT_UID}, "
+            f"home {AGENT_HOME}) and `{VERIFIER_USER}` (uid {VERIFIER_UID}). Without them commands still "
+            "run under those uids, nameless."
+        ),
+    ] = True
     files: Annotated[
         dict[str, str],
         msgspec.Meta(
@@ -188,7 +217,7 @@ def _customize_hooks(spec: EnvSpec, wheelhouse: Path, progress: Progress) -> lis
     """mmdebstrap customize hooks (run on the host, ``$1`` = the root) that copy ``files`` in and
     install ``python_wheels``, whose wheels are built here first (the host can reach PyPI).
     Wheels go to ``wheelhouse/*.whl``, file snapshots to ``wheelhouse/file-<i>``."""
-    hooks = []
+    hooks = [USERS_HOOK] if spec.sandbox_users else []
     for i, (dst, src) in enumerate(sorted(spec.files.items())):
         copy = wheelhouse / f"file-{i}"  # a snapshot: edits during the build cannot reach the image
         shutil.copyfile(ENVS_DIR / src, copy)

@@ -42,6 +42,10 @@ class SandboxBadRequest(SandboxError):
     """The request was invalid (bad path, missing file, bad sandbox id...)."""
 
 
+class SandboxForbidden(SandboxError):
+    """The request lacks the sandbox's capability token, or is not allowed on its subject."""
+
+
 class EnvHubError(SandboxError):
     """An environment spec is invalid or its image could not be built."""
 
@@ -53,5 +57,6 @@ FAULT_ERRORS: dict[ErrorKind, type[SandboxError]] = {
     "capacity": SandboxCapacity,
     "startup_failed": SandboxStartupFailed,
     "bad_request": SandboxBadRequest,
+    "forbidden": SandboxForbidden,
     "internal": SandboxError,
 }

@@ -23,6 +23,7 @@ log = structlog.get_logger()
 
 class Pooled(msgspec.Struct, kw_only=True):
     container_id: str
+    short_id: str  # its name's suffix, the sandbox id's once it is taken
     session: Session | None  # the exec session, opened while the container waited in the pool
     since: float
 

@@ -89,3 +89,40 @@ class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             ge=1, description="Open sessions one sandbox may have at once; more fail with `capacity`."
         ),
     ] = 8
+    runtime: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            description="OCI runtime of sandbox containers: `runc`, or `runsc` (gVisor) where the Docker "
+            "engine has it configured (see docs/security.md).",
+        ),
+    ] = "runc"
+    # -- server-side upper bounds of what a request may ask for (a larger value is refused) --
+    max_memory_mb: Annotated[int, msgspec.Meta(ge=16, description="Most memory a create may ask, MiB.")] = (
+        8192
+    )
+    max_pids: Annotated[int, msgspec.Meta(ge=8, description="Most processes a create may ask.")] = 4096
+    max_cpus: Annotated[float, msgspec.Meta(gt=0, description="Most CPU cores a create may ask.")] = 8.0
+    max_ttl_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Longest TTL a create or keepalive may ask, seconds.")
+    ] = 86400.0
+    max_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Longest timeout a command (exec, session, verify) may ask.")
+    ] = 3600.0
+    max_output_bytes: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1024,
+            description="Most output bytes per stream a command may ask (replies must fit the broker).",
+        ),
+    ] = 1 << 20
+    max_file_bytes: Annotated[
+        int, msgspec.Meta(ge=1024, description="Most bytes a write_file may send or a read_file may ask.")
+    ] = 4 << 20
+    allowed_images: Annotated[
+        tuple[str, ...],
+        msgspec.Meta(
+            description="Glob patterns of image names a create may name besides the images rollstream "
+            "builds (`rollstream-env/<name>:<hash>`, `rollstream-task:<hash>`); empty: those only."
+        ),
+    ] = ()

@@ -21,9 +21,10 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, tag="task.v1", tag_field="
     instruction: NonEmpty
     # EnvHub environment name; sandboxd maps it to a locally built image.
     environment: str = "base"
-    # Shell commands run in the sandbox before the episode (as root, cwd /work).
+    # Shell commands run in the sandbox before the episode (as the agent's uid, cwd /work).
     setup: list[str] = []
-    # Shell commands run by the verifier; reward 1.0 when all exit 0, else 0.0.
+    # Shell commands run by the verifier (sandboxd's verify: another uid, the agent ended first);
+    # reward 1.0 when all exit 0, else 0.0.
     verify: list[str] = []
     group_size: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_turns: Annotated[int, msgspec.Meta(ge=1)] = 6

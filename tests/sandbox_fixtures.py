@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from sandboxd.client import SandboxClient
+from sandboxd.docker_ops import DockerOps
 from sandboxd.envhub import ensure_image
 from tests.factories import running_sandboxd, settings_for_tests
 
@@ -45,3 +46,20 @@ async def sandbox_id(sandbox_client: SandboxClient) -> AsyncIterator[str]:
     yield created.sandbox_id
     with anyio.move_on_after(30, shield=True):
         await sandbox_client.close(created.sandbox_id)
+
+
+async def root_exec(container: str, script: str, *, stdin: bytes | None = None) -> tuple[int | None, str]:
+    """Run ``script`` as root in a sandbox's container through Docker: the host's (or a compromised
+    helper's) view, which no agent command has. Returns (exit code, stdout + stderr)."""
+    async with DockerOps() as ops:
+        out = await ops.exec(container, ["sh", "-c", script], stdin=stdin, user="0:0", deadline_s=60)
+    return out.exit_code, out.stdout.text() + out.stderr.text()
+
+
+async def driver_pids(container: str) -> list[int]:
+    """Pids (in the container) of its session drivers."""
+    _, out = await root_exec(
+        container,
+        "for p in /proc/[0-9]*; do grep -qa '^sandboxd-session' $p/cmdline && echo ${p#/proc/}; done",
+    )
+    return [int(p) for p in out.split()]

@@ -43,7 +43,8 @@ async def test_created_sandbox_runs_echo_and_close_removes_its_container(
     assert (result.exit_code, result.stdout, result.stderr) == (3, "hi\n", "oops\n")
     assert not (result.timed_out or result.truncated or result.oom_killed)
     await sandbox_client.close(created.sandbox_id)
-    assert not await container_exists(created.sandbox_id.split(":")[1])
+    assert created.container == f"rs-{settings_for_tests(sandbox_client.nc).scope}-{created.sandbox_id[-12:]}"
+    assert not await container_exists(created.container)
 
 
 async def test_container_is_hardened_with_labels_and_limits(
@@ -53,12 +54,17 @@ async def test_container_is_hardened_with_labels_and_limits(
         memory_mb=128, pids=64, labels={"rollstream.traj": "t1", "rollstream.owner": "forged"}
     )
     async with aiodocker.Docker() as docker:
-        info = await docker.containers.get(created.sandbox_id.split(":")[1])
+        info = await docker.containers.get(created.container)
         host, labels = info["HostConfig"], info["Config"]["Labels"]
+    assert info["Name"] == f"/{created.container}"
     assert labels["rollstream.sandbox"] == "1" and labels["rollstream.owner"] == sandboxd_owner
     assert labels["rollstream.traj"] == "t1" and float(labels["rollstream.expires"]) > time.time()
     assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"]
-    assert host["SecurityOpt"] == ["no-new-privileges"] and host["Init"] is True
+    assert sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETPCAP", "SETUID"]  # the root helpers' only powers
+    assert host["SecurityOpt"][0] == "no-new-privileges" and host["SecurityOpt"][1].startswith("seccomp=")
+    assert host["Init"] is True and host["Runtime"] == "runc" and host["LogConfig"]["Type"] == "none"
+    assert {"Name": "core", "Soft": 0, "Hard": 0} in host["Ulimits"]
+    assert not any(u["Name"] == "nproc" for u in host["Ulimits"])  # a per-uid limit, host-wide
     assert host["Memory"] == host["MemorySwap"] == 128 * 1024 * 1024 and host["PidsLimit"] == 64
     await sandbox_client.close(created.sandbox_id)
 
@@ -81,7 +87,7 @@ async def test_command_past_its_timeout_returns_timed_out_and_its_processes_are_
     sandbox_client: SandboxClient, sandbox_id: str
 ) -> None:
     started = time.monotonic()
-    # The setsid'd child escapes the process group `timeout` kills; the marker sweep gets it too.
+    # The setsid'd child escapes the process group; the kill by the agent's uid gets it too.
     result = await sandbox_client.exec(
         sandbox_id, "echo before; setsid sleep 100001 >/dev/null 2>&1 & sleep 100000", timeout_s=1
     )
@@ -141,7 +147,7 @@ async def test_exec_in_a_container_killed_behind_sandboxd_raises_not_found(
 ) -> None:
     created = await sandbox_client.create()
     async with aiodocker.Docker() as docker:
-        await docker.containers.container(created.sandbox_id.split(":")[1]).kill()
+        await docker.containers.container(created.container).kill()
     with pytest.raises(SandboxNotFound, match="exited"):
         await sandbox_client.exec(created.sandbox_id, "echo hi")
     await sandbox_client.close(created.sandbox_id)

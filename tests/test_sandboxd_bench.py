@@ -18,6 +18,7 @@ async def test_benchmark_rows_are_well_formed(nats_server: NatsServer, base_imag
     assert [r.what.split(":")[0] for r in rows] == [
         "cold start",
         "warm acquire",
+        "verify `true` (seal, verifier exec, remove)",
         "session_run `true` (sandboxd + NATS)",
         "exec `true` (sandboxd + NATS, exec session)",
         "raw aiodocker docker exec `true`",
@@ -26,5 +27,5 @@ async def test_benchmark_rows_are_well_formed(nats_server: NatsServer, base_imag
         "2 sandboxes at once",
     ]
     assert all(0 < r.p50_ms <= r.p99_ms for r in rows)
-    assert "x" in rows[2].note  # the ratio to raw docker exec
+    assert "x" in rows[3].note  # the ratio to raw docker exec
     assert render(rows).row_count == len(rows)

@@ -93,16 +93,23 @@ async def test_closed_session_and_unknown_session_raise_not_found(
         await sandbox_client.session_run(sandbox_id, "s-00000000", "true")
 
 
-async def test_a_command_that_kills_its_shell_is_reported_and_exec_recovers(
+async def test_a_command_cannot_kill_the_driver_and_one_that_kills_its_shell_gets_a_new_one(
     sandbox_client: SandboxClient, sandbox_id: str
 ) -> None:
-    # In the command's subshell $PPID is the session driver (the parent of its shell).
-    killed = await sandbox_client.exec(sandbox_id, "echo bye; kill -9 $PPID; sleep 5")
-    assert killed.exit_code == 137 and "ended its shell" in killed.stderr
+    # $PPID of the shell is the session driver: root, out of the agent uid's reach.
+    driver = await sandbox_client.exec(sandbox_id, "kill -9 $PPID")
+    assert driver.exit_code != 0 and "Operation not permitted" in driver.stderr
+    # The command's own parent is its shell (the agent's): killing it ends the command, not the session.
+    kill_shell = "echo bye; p=$BASHPID; kill -9 $(cut -d' ' -f4 /proc/$p/stat); sleep 5"
+    killed = await sandbox_client.exec(sandbox_id, kill_shell)
+    assert killed.exit_code == 137 and "ended its shell" in killed.stderr and killed.stdout == "bye\n"
     assert (await sandbox_client.exec(sandbox_id, "echo back")).stdout == "back\n"
     session = await sandbox_client.session_open(sandbox_id)
-    with pytest.raises(SandboxNotFound, match="session ended"):
-        await sandbox_client.session_run(sandbox_id, session, "kill -9 $PPID; sleep 5")
+    await sandbox_client.session_run(sandbox_id, session, "cd /tmp && export KEPT=1")
+    again = await sandbox_client.session_run(sandbox_id, session, kill_shell)
+    assert again.exit_code == 137 and "ended its shell" in again.stderr
+    after = await sandbox_client.session_run(sandbox_id, session, 'pwd; echo "$KEPT"')
+    assert after.stdout == "/tmp\n1\n"  # the new shell starts from the cwd and exports last saved
 
 
 async def test_concurrent_execs_in_one_sandbox_all_answer(
@@ -147,10 +154,10 @@ async def test_warm_pool_serves_create_and_refills(nc: NATS, base_image: str) ->
         client = SandboxClient(nc)
         pooled = await _wait_for_containers(ops, owner, 2)
         created = await client.create(labels={"rollstream.traj": "t"})
-        assert created.sandbox_id.split(":")[1] in {c[:12] for c in pooled}
+        assert created.container in pooled
         assert (await client.exec(created.sandbox_id, "pwd")).stdout == "/work\n"
         custom = await client.create(memory_mb=200)  # non-default limits: a cold container
-        assert custom.sandbox_id.split(":")[1] not in {c[:12] for c in pooled}
+        assert custom.container not in pooled
         await _wait_for_containers(ops, owner, 4)  # 2 sandboxes + a refilled pool of 2
         await client.close(created.sandbox_id)
         await client.close(custom.sandbox_id)
@@ -161,4 +168,4 @@ async def _wait_for_containers(ops: DockerOps, owner: str, n: int) -> list[str]:
     with anyio.fail_after(60):
         while len(found := await ops.list_sandboxes(owner=owner)) < n:  # noqa: ASYNC110
             await anyio.sleep(0.1)
-    return [c["Id"] for c in found]
+    return [c["Names"][0].lstrip("/") for c in found]

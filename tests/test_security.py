@@ -235,3 +235,42 @@ async def test_roles_cannot_read_other_subjects_or_inboxes(sessions: dict[str, S
         await s.nc.flush()
         violations = await s.permission_errors()
         assert any(f'subscription to "{subj.lower()}"' in v for v in violations), (role, violations)
+
+
+async def test_only_the_reward_roles_may_verify_or_inspect_a_sandbox(sessions: dict[str, Session]) -> None:
+    # verify and inspect need no capability token (they run the caller's commands as the verifier /
+    # as root), so the broker is their authorisation: rollout's credentials cannot send them.
+    sandboxd = sessions["sandboxd"]
+
+    async def reply(msg: Any) -> None:
+        await msg.respond(b"ok:" + msg.subject.encode())
+
+    await sandboxd.nc.subscribe("rs.sandbox.sbx-1.*", cb=reply)
+    await sandboxd.nc.flush()
+    rollout = sessions["rollout"]
+    assert (
+        await rollout.nc.request("rs.sandbox.sbx-1.exec", b"x", timeout=3)
+    ).data == b"ok:rs.sandbox.sbx-1.exec"
+    await assert_denied(
+        rollout,
+        rollout.nc.request("rs.sandbox.sbx-1.verify", b"x", timeout=DENY_TIMEOUT_S),
+        "Publish",
+        "rs.sandbox.sbx-1.verify",
+    )
+    await assert_denied(
+        rollout,
+        rollout.nc.request("rs.sandbox.sbx-1.inspect", b"x", timeout=DENY_TIMEOUT_S),
+        "Publish",
+        "rs.sandbox.sbx-1.inspect",
+    )
+    await assert_denied(
+        rollout,
+        rollout.nc.request("rs.sandbox.sbx-1.ping", b"x", timeout=DENY_TIMEOUT_S),
+        "Publish",
+        "rs.sandbox.sbx-1.ping",
+    )
+    for role in ("reward", "learner"):
+        for op in ("verify", "inspect"):
+            answer = await sessions[role].nc.request(f"rs.sandbox.sbx-1.{op}", b"x", timeout=3)
+            assert answer.data == f"ok:rs.sandbox.sbx-1.{op}".encode()
+        assert await sessions[role].permission_errors() == []

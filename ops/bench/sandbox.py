@@ -4,6 +4,8 @@
 - warm acquire: ``create`` served by the warm pool -> first command done;
 - command round trip (``true``) through sandboxd + NATS: ``session_run`` and ``exec`` (which uses the
   sandbox's exec session), against a raw aiodocker ``docker exec`` of the same command in the same run;
+- verify: ``verify(["true"])`` of a used sandbox (seal: every agent process killed; then the command
+  in a fresh ``docker exec`` as the verifier uid; then the sandbox removed);
 - fan-out: N sandboxes at once (create all, then one command in each, all concurrently).
 
 Goal (issue): session round trip p50 <= 2 ms. Run with ``python -m ops.bench.sandbox``.
@@ -84,6 +86,17 @@ async def _warm(client: SandboxClient, ops: DockerOps, owner: str, n: int, size:
     return out
 
 
+async def _verify(client: SandboxClient) -> float:
+    """One verification of a used sandbox (with a background process of the agent to end)."""
+    created = await client.create(memory_mb=384)
+    await client.exec(created.sandbox_id, "sleep 60 >/dev/null 2>&1 &")
+    t0 = time.perf_counter()
+    result = await client.verify(created.sandbox_id, ["true"])
+    if not result.passed or result.agent_processes != 1:
+        raise RuntimeError(f"verify: {result}")
+    return (time.perf_counter() - t0) * 1000
+
+
 async def pool_full(ops: DockerOps, owner: str, size: int, deadline_s: float = 60.0) -> None:
     """Wait until ``owner`` holds ``size`` containers (with no sandbox open: its full pool)."""
     until = time.monotonic() + deadline_s
@@ -147,7 +160,10 @@ async def _measure(
     rows = [row("cold start: create -> first command", cold, "no pool (non-default memory)")]
     warm = await _warm(client, ops, owner, starts, pool)
     rows.append(row("warm acquire: create -> first command", warm, "from the pool"))
-    sid = (await client.create()).sandbox_id
+    checks = [await _verify(client) for _ in range(starts)]
+    rows.append(row("verify `true` (seal, verifier exec, remove)", checks, "one agent process to end"))
+    created = await client.create()
+    sid = created.sandbox_id
     session = await client.session_open(sid)
     await pool_full(ops, owner, pool + 1)  # no refill competing for the CPU while measuring
     sess: list[float] = []
@@ -158,8 +174,7 @@ async def _measure(
     for _ in range(commands):  # interleaved: both see the same machine
         sess += await timed(lambda: client.session_run(sid, session, "true"), 1)
         ex += await timed(lambda: client.exec(sid, "true"), 1)
-    container = sid.split(":")[1]
-    raw = await timed(lambda: ops.exec(container, ["true"]), max(5, commands // 10))
+    raw = await timed(lambda: ops.exec(created.container, ["true"]), max(5, commands // 10))
     ratio = statistics.median(raw) / statistics.median(sess)
     rows.append(row("session_run `true` (sandboxd + NATS)", sess, f"raw exec p50 / this p50 = {ratio:.0f}x"))
     rows.append(row("exec `true` (sandboxd + NATS, exec session)", ex))
