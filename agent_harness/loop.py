@@ -31,6 +31,7 @@ from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.prompt import ENDOFTEXT, IM_END, encode, observation_tokens, prompt_tokens, truncate_middle
 from agent_harness.settings import HarnessSettings
 from agent_harness.tools import TOOL_CALL_CLOSE, ParseError, ToolCall, ToolRegistry, parse_tool_call
+from sandboxd.errors import SandboxCapacity
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.sandbox import Created, ExecResult
 from schemas.task import TaskSample
@@ -124,14 +125,30 @@ async def run_episode(
     return traj
 
 
+async def _create_waiting(
+    sandbox: SandboxAPI, environment: str, labels: dict[str, str], settings: HarnessSettings
+) -> Created:
+    """Create a sandbox; while sandboxd is at capacity (its sandboxes wait for verification), wait
+    with backoff up to ``sandbox_wait_s``: back-pressure on the rollout, not an aborted episode."""
+    deadline = time.monotonic() + settings.sandbox_wait_s
+    pause = 0.1
+    while True:
+        try:
+            return await sandbox.create(environment, labels=labels, ttl_s=settings.sandbox_ttl_s)
+        except SandboxCapacity as exc:
+            if time.monotonic() + pause > deadline:
+                raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
 async def _start_sandbox(
     sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, ep: _Episode
 ) -> None:
     labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
-    try:
-        created = await sandbox.create(sample.task.environment, labels=labels, ttl_s=settings.sandbox_ttl_s)
-    except Exception as exc:
-        raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
+    created = await _create_waiting(sandbox, sample.task.environment, labels, settings)
     ep.sandbox_id, ep.sandbox_owner = created.sandbox_id, created.owner
     for command in sample.task.setup:
         result = await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s)

@@ -50,3 +50,11 @@ class HarnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         float,
         msgspec.Meta(gt=0.0, description="TTL asked of sandboxd; the reward worker closes it earlier."),
     ] = 900.0
+    sandbox_wait_s: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            description="How long an episode waits for a free sandbox slot (sandboxd at max_sandboxes, "
+            "e.g. while the reward group verifies earlier episodes) before it is aborted.",
+        ),
+    ] = 120.0

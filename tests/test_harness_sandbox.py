@@ -100,3 +100,43 @@ async def test_a_sandbox_closed_under_the_episode_aborts_it(
     )
     assert traj.status == "aborted" and traj.abort_reason.startswith("exec failed")
     assert traj.sandbox_id == created[0]
+
+
+async def test_an_episode_waits_for_a_sandbox_slot_instead_of_aborting_when_sandboxd_is_full(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,
+) -> None:
+    # sandboxd at capacity (its sandboxes wait for verification) is back-pressure, not a failure
+    held = [(await sandbox_client.create()).sandbox_id for _ in range(3)]  # the test daemon holds 3
+    task = builtin_tasks(seed=5, count=1, levels=(1,))[0]
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    expert = FilesExpert(tokenizer=tok, error_rate=0.0, seed=0)
+
+    async def free_a_slot_later() -> None:
+        await anyio.sleep(1.5)
+        await sandbox_client.close(held.pop())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(free_a_slot_later)
+        started = anyio.current_time()
+        traj = await run_episode(TaskSample(run="it", task=task), engine=expert, sandbox=sandbox_client,
+                                 settings=SETTINGS, source="expert")  # fmt: skip
+    try:
+        assert traj.status == "completed", traj.abort_reason
+        assert anyio.current_time() - started >= 1.5  # it waited for the slot
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            for sid in [*held, traj.sandbox_id]:
+                await sandbox_client.close(sid)
+    short = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=600, sandbox_wait_s=0.5)
+    blockers = [(await sandbox_client.create()).sandbox_id for _ in range(3)]
+    try:
+        aborted = await run_episode(
+            TaskSample(run="it", task=task, sample_idx=1), engine=expert, sandbox=sandbox_client,
+            settings=short, source="expert",
+        )  # fmt: skip
+        assert aborted.status == "aborted" and "SandboxCapacity" in aborted.abort_reason
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            for sid in blockers:
+                await sandbox_client.close(sid)
