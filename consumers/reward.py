@@ -18,7 +18,9 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.task_sandbox import create_options, exec_options
 from agent_harness.tools import ToolCall, ToolRegistry, ToolsFor, default_tools
+from consumers.task_verify import VerifierBroken, verify_task
 from ops import metrics
 from ops.config import Config
 from sandboxd.client import SandboxClient
@@ -55,14 +57,16 @@ async def _rebuild(
     """A fresh sandbox with the task set up and the trajectory's tool calls re-executed (its id is
     appended to ``created_ids`` at once, so the caller closes it even if a later step fails)."""
     assert traj.task is not None
-    created = await sandbox.create(traj.task.environment, labels={"rollstream.traj": traj.traj_id[:60]})
+    labels = {"rollstream.traj": traj.traj_id[:60]}
+    created = await sandbox.create(traj.task.environment, labels=labels, **create_options(traj.task))
     created_ids.append(created.sandbox_id)
+    opts = exec_options(traj.task)
     for cmd in traj.task.setup:
-        await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
+        await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s, **opts)
     for chunk in traj.chunks:
         command = replay_command(chunk, tools)
         if command:
-            await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
+            await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s, **opts)
     return created.sandbox_id
 
 
@@ -93,6 +97,18 @@ async def _graded_reward(sandbox: SandboxClient, sandbox_id: str, traj: Trajecto
         return 1.0 if passed else 0.0
 
 
+async def _check(
+    sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, timeout_s: float
+) -> tuple[float, str]:
+    """(reward, verifier output): an imported task's verifier, or the task's verify commands."""
+    assert traj.task is not None
+    if traj.task.verifier is not None:
+        verdict = await verify_task(sandbox, sandbox_id, traj.task)
+        return verdict.reward, verdict.output
+    ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, timeout_s)
+    return await _graded_reward(sandbox, sandbox_id, traj, ok), out
+
+
 async def score(
     traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float, *, tools_for: ToolsFor = default_tools
 ) -> ScoredTrajectory:
@@ -106,7 +122,7 @@ async def score(
 
     if traj.status == "aborted":
         return invalid(f"aborted: {traj.abort_reason}")
-    if traj.task is None or not traj.task.verify:
+    if traj.task is None or not (traj.task.verify or traj.task.verifier):
         return invalid("no verify commands")
     sandbox_id = traj.sandbox_id
     rebuilt: list[str] = []
@@ -114,14 +130,12 @@ async def score(
         try:
             if not sandbox_id:
                 raise SandboxNotFound("no sandbox recorded")
-            ok, out = await _run_checks(sandbox, sandbox_id, traj.task.verify, verify_timeout_s)
-            reward = await _graded_reward(sandbox, sandbox_id, traj, ok)
+            reward, out = await _check(sandbox, sandbox_id, traj, verify_timeout_s)
         except SandboxNotFound:
             fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt, tools_for(traj.task))
-            ok, out = await _run_checks(sandbox, fresh, traj.task.verify, verify_timeout_s)
-            reward = await _graded_reward(sandbox, fresh, traj, ok)
+            reward, out = await _check(sandbox, fresh, traj, verify_timeout_s)
             out = "[re-executed in a fresh sandbox]\n" + out
-    except InfraFailure as exc:
+    except (InfraFailure, VerifierBroken) as exc:
         return invalid(str(exc))
     except SandboxError as exc:
         return invalid(f"sandbox: {type(exc).__name__}: {exc}")

@@ -69,6 +69,8 @@ class SandboxClient:
         ttl_s: float | None = None,
         labels: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        writable_root: bool = False,
+        work_mb: int = 0,
     ) -> Created:
         req = CreateRequest(
             environment=environment,
@@ -79,6 +81,8 @@ class SandboxClient:
             ttl_s=ttl_s or 0.0,
             labels=dict(labels or {}),
             env=dict(env or {}),
+            writable_root=writable_root,
+            work_mb=work_mb,
         )
         return await self._call(CREATE_SUBJECT, req, Created)
 

@@ -31,6 +31,7 @@ from sandboxd.errors import (
     SandboxTimeout,
 )
 from sandboxd.pool import Pooled, WarmPool
+from sandboxd.rootfs import RootfsWatch, clamp_resources
 from sandboxd.session import Session
 from sandboxd.settings import SandboxdSettings
 from schemas.sandbox import (
@@ -91,6 +92,13 @@ class Daemon(Commands):
         self.limiter = anyio.CapacityLimiter(settings.max_concurrent_requests)
         self.log = log.bind(sandboxd=owner)
         self.pool = WarmPool(settings.warm_pool, self._make_pooled, self._warm_images)
+        self.rootfs = RootfsWatch(
+            ops,
+            limit_mb=settings.rootfs_mb,
+            interval_s=settings.rootfs_check_s,
+            live=lambda sid: sid in self.sandboxes,
+            evict=lambda sid: self.close(CloseRequest(sandbox_id=sid)),
+        )
 
     # -- registry (used by the reaper) --
     def expiry_of(self, container_id: str) -> float | None:
@@ -184,13 +192,14 @@ class Daemon(Commands):
     def _with_defaults(self, req: CreateRequest) -> CreateRequest:
         """Non-positive limits in a request mean: this instance's defaults."""
         s = self.settings
-        return msgspec.structs.replace(
+        req = msgspec.structs.replace(
             req,
             memory_mb=req.memory_mb if req.memory_mb > 0 else s.default_memory_mb,
             pids=req.pids if req.pids > 0 else s.default_pids,
             cpus=req.cpus if req.cpus > 0 else s.default_cpus,
             ttl_s=self._ttl(req.ttl_s),
         )
+        return clamp_resources(req, s)
 
     async def _resolve_image(self, req: CreateRequest) -> str:
         image = req.image
@@ -231,6 +240,8 @@ class Daemon(Commands):
                 labels=dict(req.labels),
                 exec_session=session,
             )
+            if req.writable_root:
+                self.rootfs.watch(sandbox_id, container_id)
         finally:
             self.pending_creates -= 1
         startup_ms = (time.monotonic() - started) * 1000
@@ -247,7 +258,8 @@ class Daemon(Commands):
         """A pool container fits a request for the default limits and no env (both fixed at creation)."""
         s = self.settings
         defaults = (s.default_memory_mb, s.default_pids, s.default_cpus)
-        return not req.env and (req.memory_mb, req.pids, req.cpus) == defaults
+        fixed = req.writable_root or req.work_mb > 0  # task sandboxes are made to measure
+        return not req.env and not fixed and (req.memory_mb, req.pids, req.cpus) == defaults
 
     async def _warm_images(self) -> list[str]:
         images = []
@@ -368,6 +380,7 @@ async def run(
                     )
                 )
                 tg.start_soon(daemon.pool.run)
+                tg.start_soon(daemon.rootfs.run)
                 daemon.log.info("sandboxd.started", max_sandboxes=settings.max_sandboxes)
                 task_status.started(owner)
         finally:

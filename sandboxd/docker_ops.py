@@ -88,6 +88,7 @@ def container_config(
     }
     env = {"HOME": WORKDIR, "LANG": "C.UTF-8"} | dict(req.env)
     scratch = f"rw,exec,nosuid,nodev,size={settings.scratch_mb}m"
+    work = f"rw,exec,nosuid,nodev,size={req.work_mb or settings.scratch_mb}m"  # task sandboxes: larger
     return {
         "Image": image,
         "Cmd": ["sleep", "infinity"],
@@ -103,8 +104,8 @@ def container_config(
             "MemorySwap": req.memory_mb * MIB,
             "NanoCpus": int(req.cpus * 1e9),
             "Init": True,
-            "ReadonlyRootfs": settings.read_only_rootfs,
-            "Tmpfs": {WORKDIR: f"{scratch},mode=0755", "/tmp": f"{scratch},mode=1777"},
+            "ReadonlyRootfs": settings.read_only_rootfs and not req.writable_root,
+            "Tmpfs": {WORKDIR: f"{work},mode=0755", "/tmp": f"{scratch},mode=1777"},
             "Ulimits": [
                 {"Name": "nofile", "Soft": settings.nofile, "Hard": settings.nofile},
                 {"Name": "nproc", "Soft": req.pids, "Hard": req.pids},

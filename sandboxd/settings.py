@@ -89,3 +89,23 @@ class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             ge=1, description="Open sessions one sandbox may have at once; more fail with `capacity`."
         ),
     ] = 8
+    # -- bounds of task sandboxes (sandboxd/rootfs.py) --
+    max_cpus: Annotated[
+        float, msgspec.Meta(gt=0, description="Most CPU cores a create request gets (more is clamped).")
+    ] = 2.0
+    max_memory_mb: Annotated[
+        int, msgspec.Meta(ge=16, description="Most memory (MiB) a create request gets (more is clamped).")
+    ] = 4096
+    max_work_mb: Annotated[
+        int, msgspec.Meta(ge=1, description="Largest /work scratch mount (MiB) a create request gets.")
+    ] = 2048
+    rootfs_mb: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="Size limit (MiB) of a writable root's layer; a sandbox past it is removed.",
+        ),
+    ] = 1024
+    rootfs_check_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Seconds between measurements of writable roots.")
+    ] = 2.0

@@ -23,6 +23,11 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.create.v
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     ttl_s: float = 900.0
+    # Imported tasks (sandboxd/rootfs.py): a writable copy-on-write root whose layer sandboxd
+    # bounds, and the size of /work in MiB (0: the default); cpus, memory_mb and work_mb are
+    # clamped to the instance's max_cpus, max_memory_mb and max_work_mb.
+    writable_root: bool = False
+    work_mb: int = 0
 
 
 class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec.v1", tag_field="kind"):
