@@ -245,7 +245,9 @@ def failing_step(log: str) -> str:
 def tail(log: str, lines: int = 15) -> str:
     """The last ``lines`` non-empty lines of a build's output."""
     kept: deque[str] = deque(maxlen=lines)
+    notice = False  # the classic builder's deprecation notice: a DEPRECATED line and indented ones
     for line in log.splitlines():
-        if line.strip():
+        notice = line.startswith("DEPRECATED:") or (notice and line[:1].isspace())
+        if line.strip() and not notice:
             kept.append(line.rstrip()[:400])
     return "\n".join(kept)
