@@ -29,7 +29,7 @@ from consumers.lake.errors import (
 )
 from consumers.lake.export import write_result
 from consumers.lake.reader import iter_scored, load_scored
-from consumers.lake.tables import SCHEMAS, FilterVerdict
+from consumers.lake.tables import SCHEMAS, EvalRecord, FilterVerdict
 from consumers.lake.views import count_selected, open_lake, query
 from consumers.lake.worker import run
 from consumers.lake.writer import LakeWriter, check_name
@@ -37,6 +37,7 @@ from consumers.lake.writer import LakeWriter, check_name
 __all__ = [
     "SCHEMAS",
     "CompactStats",
+    "EvalRecord",
     "FilterVerdict",
     "LakeError",
     "LakeIntegrityError",
