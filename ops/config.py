@@ -15,6 +15,7 @@ import msgspec
 from agent_harness.proxy import ProxySettings
 from agent_harness.settings import HarnessSettings
 from learner.settings import LearnerSettings
+from ops.evaluation.settings import EvalSettings
 from sandboxd.settings import SandboxdSettings
 
 
@@ -35,10 +36,16 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     source: Annotated[
-        Literal["builtin", "jsonl", "gem"],
-        _meta("Task source: built-in family, JSONL file or GEM env."),
+        Literal["builtin", "jsonl", "gem", "harbor", "swe"],
+        _meta(
+            "Task source: built-in family, JSONL file, GEM env, Harbor/Terminal-Bench task directories "
+            "(harbor) or SWE-style instances (swe)."
+        ),
     ] = "builtin"
-    path: Annotated[str, _meta("JSONL task file when source = jsonl.")] = ""
+    path: Annotated[
+        str,
+        _meta("JSONL task file (jsonl), task directory or folder of them (harbor), instances JSONL (swe)."),
+    ] = ""
     env_id: Annotated[str, _meta("GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")] = ""
     reward: Annotated[
         Literal["graded", "won"],
@@ -94,6 +101,7 @@ class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     proxy: Annotated[
         int, _meta("OpenAI-compatible model proxies (proxy.port; one per host).", ge=0, le=1)
     ] = 0
+    eval: Annotated[int, _meta("Background evaluators (`[eval] every` > 0 starts one).", ge=0, le=1)] = 0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -120,6 +128,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     sandboxd: SandboxdSettings = SandboxdSettings()
     metrics: MetricsSettings = MetricsSettings()
     proxy: ProxySettings = ProxySettings()
+    eval: EvalSettings = EvalSettings()
     processes: ProcessCounts = ProcessCounts()
 
     @property
