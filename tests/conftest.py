@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 from streams.server import NatsServer
 
-pytest_plugins = ["tests.sandbox_fixtures"]
+pytest_plugins = ["tests.sandbox_fixtures", "tests.task_fixtures"]
 
 
 @pytest.fixture

@@ -137,9 +137,9 @@ def eval_command(
             pass
         return
     try:
+        policies = [resolve_policy(cfg, p) for p in (policy or ["latest"])] if agent == "policy" else []
         with out.status("building environments"):
             task_list, items = load_task_set(tasks, network=network)
-        policies = [resolve_policy(cfg, p) for p in (policy or ["latest"])] if agent == "policy" else []
     except (EvalError, PolicyError) as exc:
         raise _fail(str(exc)) from None
     if skipped := [i for i in items if not i.ok]:
