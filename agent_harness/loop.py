@@ -44,7 +44,16 @@ class SandboxAPI(Protocol):
     """The part of ``sandboxd.client.SandboxClient`` the loop uses."""
 
     async def create(
-        self, environment: str = "base", *, labels: dict[str, str] = ..., ttl_s: float = ..., **opts: Any
+        self,
+        environment: str = "base",
+        *,
+        labels: dict[str, str] = ...,
+        ttl_s: float = ...,
+        image: str = ...,
+        cpus: float | None = ...,
+        memory_mb: int | None = ...,
+        writable_root: bool = ...,
+        work_mb: int = ...,
     ) -> Created: ...
 
     async def exec(

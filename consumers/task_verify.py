@@ -39,7 +39,16 @@ class VerifierBroken(Exception):
 class VerifySandbox(Protocol):
     """The part of ``sandboxd.client.SandboxClient`` verification uses."""
 
-    async def exec(self, sandbox_id: str, command: str, **kw: Any) -> ExecResult: ...
+    async def exec(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        timeout_s: float = ...,
+        cwd: str = ...,
+        env: dict[str, str] | None = ...,
+        max_output_bytes: int = ...,
+    ) -> ExecResult: ...
 
     async def write_file(self, sandbox_id: str, path: str, data: bytes, mode: int = ...) -> None: ...
 

@@ -171,6 +171,6 @@ def with_eval(
         k=k,
         concurrency=concurrency,
         pass_threshold=pass_threshold,
-        build_network=network,  # type: ignore[arg-type]
+        build_network=network,
     )
     return msgspec.structs.replace(cfg, eval=section)

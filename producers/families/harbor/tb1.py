@@ -66,7 +66,7 @@ def _solution(root: Path, timeout_s: float, problems: list[Problem]) -> Oracle |
         if not commands or not all(isinstance(c, str) for c in commands):
             problems.append(Problem("solution.yaml", "command", "must be a list of {command: <shell text>}"))
             return None
-        script = "\n".join(commands).encode() + b"\n"
+        script = "\n".join(str(c) for c in commands).encode() + b"\n"
         return Oracle(
             command="bash /solution/solution.sh", files={"/solution/solution.sh": script}, timeout_s=timeout_s
         )
