@@ -198,3 +198,11 @@ def test_an_unknown_policy_version_is_one_line_naming_the_versions_there(tmp_pat
     result = CliRunner().invoke(app, [*args, "--set", f'state_dir="{tmp_path}"', "--set", "run=evaltest"])
     assert result.exit_code == 2 and "no checkpoint of version 7" in result.output
     assert "versions: none" in result.output
+
+
+def test_an_eval_section_turns_on_the_background_evaluator_of_just_up(tmp_path: Path) -> None:
+    from ops.supervisor import Supervisor
+
+    assert Supervisor(config(tmp_path)).desired["eval"] == 0
+    on = config(tmp_path, f'eval.tasks="{TASKS / "harbor"}"', "eval.every=10")
+    assert Supervisor(on).desired["eval"] == 1
