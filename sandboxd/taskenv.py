@@ -46,6 +46,11 @@ class TaskEnvError(EnvHubError):
     """A task's environment cannot be built or found; the message names the task and the step."""
 
 
+class BaseImageMissing(TaskEnvError):
+    """The Dockerfile's ``FROM`` image is not on this host and the build is offline: an EnvHub
+    spec of the task may stand in."""
+
+
 class BuiltImage(msgspec.Struct, frozen=True, kw_only=True):
     """A task image: its tag, its working directory, and whether this call built it (and how long)."""
 
@@ -149,6 +154,19 @@ def local_image(task: str, ref: str) -> BuiltImage:
     return BuiltImage(tag=tag, workdir=workdir_of(info))
 
 
+def from_spec(task: str, spec: Path) -> BuiltImage:
+    """The EnvHub image of a task's own spec file (``environment/envhub.toml``), built unless present:
+    what stands in offline for a Dockerfile whose base image cannot be had."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", f"task-{task}".lower()).strip("-.")[:60]
+    started = time.monotonic()
+    tag, env = envhub.build_spec_file(name, spec)
+    seconds = time.monotonic() - started
+    info = inspect(tag)
+    if info is None:
+        raise TaskEnvError(f"task {task}: building {spec} reported success but {tag} is missing.")
+    return BuiltImage(tag=tag, workdir=env.workdir or workdir_of(info), built=seconds > 1.0, seconds=seconds)
+
+
 def _lock(tag: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(tag, threading.Lock())
@@ -191,7 +209,7 @@ def _ensure_base(task: str, base: str, network: str) -> None:
                 envhub.ensure_image(name)
             return
     if network == "none" and inspect(base) is None:
-        raise TaskEnvError(
+        raise BaseImageMissing(
             f"task {task}: the Dockerfile's base image {base!r} is not present on this Docker host, and "
             "builds run offline (--network none): use `FROM rollstream-env/base` (an EnvHub image) or "
             "load the image first."

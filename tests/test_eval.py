@@ -206,3 +206,18 @@ def test_an_eval_section_turns_on_the_background_evaluator_of_just_up(tmp_path: 
     assert Supervisor(config(tmp_path)).desired["eval"] == 0
     on = config(tmp_path, f'eval.tasks="{TASKS / "harbor"}"', "eval.every=10")
     assert Supervisor(on).desired["eval"] == 1
+
+
+@pytest.mark.slow
+async def test_an_envhub_spec_stands_in_offline_for_a_dockerfile_whose_base_cannot_be_pulled(
+    tmp_path: Path, base_image: str
+) -> None:
+    """The task's Dockerfile starts FROM an image this host lacks; its environment/envhub.toml
+    (packages, files, workdir, env) is built instead (mmdebstrap, ~1-2 min the first time) and its
+    oracle passes in it."""
+    tasks, _ = load_task_set(TASKS / "envhub" / "greeting-offline")
+    assert tasks[0].image.startswith("rollstream-env/task-greeting-offline:") and tasks[0].workdir == "/app"
+    [outcome] = await evaluate(
+        config(tmp_path), tasks, task_set="envhub", agent="oracle", policies=[], k=1, concurrency=1
+    )
+    assert [r.reward for r in outcome.records] == [1.0], outcome.records[0].verifier_output

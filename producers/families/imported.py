@@ -56,10 +56,11 @@ class EnvSource:
     exclude: tuple[str, ...] = ()
     build_timeout_s: float = 600.0
     workdir: str = ""  # the tasks' working directory ("" = the image's WORKDIR)
+    envhub_spec: Path | None = None  # stands in when the Dockerfile's base image cannot be had offline
 
     @property
     def key(self) -> tuple[object, ...]:
-        return (self.docker_image, self.dockerfile, self.context, self.exclude)
+        return (self.docker_image, self.dockerfile, self.context, self.exclude, self.envhub_spec)
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,24 @@ def _filtered_context(src: Path, exclude: tuple[str, ...], into: Path) -> Path:
 
 
 def build_env(name: str, env: EnvSource, *, network: str = "none") -> taskenv.BuiltImage:
-    """The image of one environment (built unless present); raises ``TaskEnvError`` naming ``name``."""
+    """The image of one environment (built unless present); raises ``TaskEnvError`` naming ``name``.
+    Order: a ``docker_image`` present here, the Dockerfile, the EnvHub spec (when there is no
+    Dockerfile, or its base image cannot be had offline)."""
     if env.docker_image and (
         env.dockerfile is None or taskenv.inspect(taskenv.resolve_ref(env.docker_image))
     ):
         return taskenv.local_image(name, env.docker_image)
+    if env.dockerfile is None and env.envhub_spec is not None:
+        return taskenv.from_spec(name, env.envhub_spec)
+    try:
+        return _from_dockerfile(name, env, network)
+    except taskenv.BaseImageMissing:
+        if env.envhub_spec is None:
+            raise
+        return taskenv.from_spec(name, env.envhub_spec)
+
+
+def _from_dockerfile(name: str, env: EnvSource, network: str) -> taskenv.BuiltImage:
     assert env.dockerfile is not None
     context = env.context or env.dockerfile.parent
     if not env.exclude:

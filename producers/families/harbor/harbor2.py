@@ -51,11 +51,12 @@ def _sections(doc: dict[str, Any], problems: list[Problem]) -> dict[str, dict[st
 
 def _environment(root: Path, env: dict[str, Any], problems: list[Problem]) -> EnvSource | None:
     dockerfile = root / "environment" / "Dockerfile"
+    spec = root / "environment" / "envhub.toml"  # rollstream's offline stand-in for the Dockerfile
     image = env.get("docker_image") or ""
     if not isinstance(image, str):
         problems.append(Problem("task.toml", "environment.docker_image", "must be a string"))
         image = ""
-    if not dockerfile.is_file() and not image:
+    if not dockerfile.is_file() and not image and not spec.is_file():
         problems.append(
             Problem(
                 "environment/Dockerfile", "", "missing (and task.toml sets no [environment] docker_image)"
@@ -71,6 +72,7 @@ def _environment(root: Path, env: dict[str, Any], problems: list[Problem]) -> En
         dockerfile=dockerfile if dockerfile.is_file() else None,
         context=root / "environment",
         build_timeout_s=timeout,
+        envhub_spec=spec if spec.is_file() else None,
     )
 
 
