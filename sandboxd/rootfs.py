@@ -62,8 +62,10 @@ class RootfsWatch:
 
     async def layer_bytes(self, container_id: str) -> int | None:
         """Bytes written to the container's own layer (None if it is gone)."""
+        docker = self.ops.control  # a control call: never on the exec-stream client
+        assert docker is not None
         try:
-            info = await self.ops.streams_client.containers.container(container_id).show(size=1)
+            info = await docker.containers.container(container_id).show(size=1)
         except aiodocker.DockerError:
             return None
         return int(info.get("SizeRw") or 0)
