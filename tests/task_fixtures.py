@@ -136,5 +136,15 @@ def swe_instances(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny policy (as tests/test_harness_fixtures.py makes it), so that task tests import no
+    other test module (main's conftest registers the same fixture: drop this one there)."""
+    from agent_harness.policy_init import create_tiny_policy
+    from producers.families.files import corpus
+
+    return create_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", corpus(seed=0), seed=0)
+
+
+@pytest.fixture(scope="session")
 def swe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("swe-cache")

@@ -22,9 +22,8 @@ from ops.evaluation.sandboxes import private_sandboxes
 from ops.evaluation.summary import broken, summarize
 from producers.families import tools_for
 from schemas.task import Oracle, Verifier
-from tests.task_fixtures import TASKS
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
+TASKS = Path(__file__).parent / "data" / "tasks"  # the task directories these tests import
 pytestmark = pytest.mark.docker
 
 
@@ -133,7 +132,7 @@ def fake_checkpoint(cfg: Config, base: Path, version: int, step: int) -> Path:
 def test_the_cli_compares_two_versions_of_the_embedded_policy_and_writes_the_lake(
     tmp_path: Path,
     base_image: str,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     base = install_policy(tmp_path, tiny_policy)
     cfg = config(tmp_path)
@@ -175,7 +174,7 @@ def test_the_cli_compares_two_versions_of_the_embedded_policy_and_writes_the_lak
 async def test_every_n_evaluates_each_due_version_once_even_across_restarts(
     tmp_path: Path,
     base_image: str,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
 ) -> None:
     base = install_policy(tmp_path, tiny_policy)
     folder = task_folder(tmp_path, TASKS / "harbor" / "prebuilt-image")

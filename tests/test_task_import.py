@@ -17,8 +17,8 @@ from producers.families import harbor, import_tasks, swe
 from producers.families.imported import cycle, importable, prepare
 from sandboxd import envhub, taskenv
 from schemas.task import MAX_TASK_FILE_BYTES
-from tests.task_fixtures import TASKS
 
+TASKS = Path(__file__).parent / "data" / "tasks"
 HARBOR = TASKS / "harbor"
 TB1 = TASKS / "tb1"
 

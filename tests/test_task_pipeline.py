@@ -19,9 +19,8 @@ from consumers.lake import query
 from ops import pipeline
 from ops.config import load_config
 from streams.topology import ensure
-from tests.task_fixtures import TASKS
-from tests.test_harness_fixtures import tiny_policy  # noqa: F401
 
+TASKS = Path(__file__).parent / "data" / "tasks"  # the task directories these tests import
 pytestmark = pytest.mark.docker
 FIXES = {  # instruction fragment -> the command that solves the task (run in the task's workdir)
     "containing exactly the line": "echo 'Hello, world!' > hello.txt",
@@ -69,7 +68,7 @@ async def test_harbor_tasks_train_through_the_workers_in_their_own_images(
     js: JetStreamContext,
     nc: NATS,
     sandboxd_owner: str,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "set"
@@ -86,7 +85,7 @@ async def test_swe_instances_train_through_the_workers(
     js: JetStreamContext,
     nc: NATS,
     sandboxd_owner: str,
-    tiny_policy: Path,  # noqa: F811
+    tiny_policy: Path,
     tmp_path: Path,
     swe_instances: Path,
 ) -> None:
