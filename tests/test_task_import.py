@@ -251,3 +251,14 @@ def test_swe_reward_needs_every_fail_to_pass_fixed_and_no_pass_to_pass_broken() 
     assert swe_reward(results, ["test_mul"], ["test_add", "test_sub"]).reward == 0.0
     assert swe_reward(results, ["test_mul", "test_missing"], []).reward == 0.0
     assert "still failing: test_missing" in swe_reward(results, ["test_missing"], []).output
+
+
+def test_a_repository_given_by_url_is_cloned_once_into_the_cache(swe_instances: Path, tmp_path: Path) -> None:
+    lines = [msgspec.json.decode(line) for line in swe_instances.read_bytes().splitlines()]
+    url = (swe_instances.parent / "repo").resolve().as_uri()  # file://: a clone without a network
+    path = tmp_path / "url.jsonl"
+    path.write_bytes(b"\n".join(msgspec.json.encode(line | {"repo": url}) for line in lines))
+    items = swe.load(path, cache=tmp_path / "cache")
+    assert [i.ok for i in items] == [True, True, True]
+    assert len(list((tmp_path / "cache" / "repos").iterdir())) == 1
+    assert items[0].task is not None and items[0].task.metadata["repo"] == url
