@@ -30,11 +30,12 @@ import structlog
 from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.prompt import ENDOFTEXT, IM_END, encode, observation_tokens, prompt_tokens, truncate_middle
 from agent_harness.settings import HarnessSettings
+from agent_harness.task_sandbox import create_options, episode_timeout, exec_options
 from agent_harness.tools import TOOL_CALL_CLOSE, ParseError, ToolCall, ToolRegistry, parse_tool_call
 from sandboxd.errors import SandboxCapacity
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.sandbox import Created, ExecResult
-from schemas.task import TaskSample
+from schemas.task import Task, TaskSample
 from schemas.trajectory import Chunk, ToolStatus, Trajectory, TrajSource, TrajStatus
 
 log = structlog.get_logger(__name__)
@@ -44,7 +45,16 @@ class SandboxAPI(Protocol):
     """The part of ``sandboxd.client.SandboxClient`` the loop uses."""
 
     async def create(
-        self, environment: str = "base", *, labels: dict[str, str] = ..., ttl_s: float = ...
+        self,
+        environment: str = "base",
+        *,
+        labels: dict[str, str] = ...,
+        ttl_s: float = ...,
+        image: str = ...,
+        cpus: float | None = ...,
+        memory_mb: int | None = ...,
+        writable_root: bool = ...,
+        work_mb: int = ...,
     ) -> Created: ...
 
     async def exec(
@@ -72,6 +82,7 @@ class _Episode:
     abort_reason: str = ""
     sandbox_id: str = ""
     sandbox_owner: str = ""
+    exec_opts: dict[str, Any] = field(default_factory=dict)  # the task's cwd, if not /work
 
 
 async def run_episode(
@@ -89,8 +100,9 @@ async def run_episode(
     started = time.time()
     tokenizer = engine.tokenizer
     ep = _Episode(seq=prompt_tokens(tokenizer, sample.task.instruction, registry))
+    ep.exec_opts = exec_options(sample.task)
     prompt_len = len(ep.seq)
-    with anyio.move_on_after(settings.episode_timeout_s) as scope:
+    with anyio.move_on_after(episode_timeout(sample.task, settings.episode_timeout_s)) as scope:
         try:
             await _start_sandbox(sample, sandbox, settings, ep)
             prompt_len = await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
@@ -126,7 +138,7 @@ async def run_episode(
 
 
 async def _create_waiting(
-    sandbox: SandboxAPI, environment: str, labels: dict[str, str], settings: HarnessSettings
+    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings
 ) -> Created:
     """Create a sandbox; while sandboxd is at capacity (its sandboxes wait for verification), wait
     with backoff up to ``sandbox_wait_s``: back-pressure on the rollout, not an aborted episode."""
@@ -134,7 +146,9 @@ async def _create_waiting(
     pause = 0.1
     while True:
         try:
-            return await sandbox.create(environment, labels=labels, ttl_s=settings.sandbox_ttl_s)
+            return await sandbox.create(
+                task.environment, labels=labels, ttl_s=settings.sandbox_ttl_s, **create_options(task)
+            )
         except SandboxCapacity as exc:
             if time.monotonic() + pause > deadline:
                 raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
@@ -148,19 +162,21 @@ async def _start_sandbox(
     sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, ep: _Episode
 ) -> None:
     labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
-    created = await _create_waiting(sandbox, sample.task.environment, labels, settings)
+    created = await _create_waiting(sandbox, sample.task, labels, settings)
     ep.sandbox_id, ep.sandbox_owner = created.sandbox_id, created.owner
     for command in sample.task.setup:
-        result = await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s)
+        result = await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s, ep.exec_opts)
         if result.exit_code != 0 or result.timed_out:
             raise _SandboxFailed(
                 f"setup command failed ({result.exit_code}): {command}: {result.stderr[:200]}"
             )
 
 
-async def _exec(sandbox: SandboxAPI, sandbox_id: str, command: str, timeout_s: float) -> ExecResult:
+async def _exec(
+    sandbox: SandboxAPI, sandbox_id: str, command: str, timeout_s: float, opts: dict[str, Any] | None = None
+) -> ExecResult:
     try:
-        return await sandbox.exec(sandbox_id, command, timeout_s=timeout_s)
+        return await sandbox.exec(sandbox_id, command, timeout_s=timeout_s, **(opts or {}))
     except Exception as exc:
         raise _SandboxFailed(f"exec failed: {type(exc).__name__}: {exc}") from exc
 
@@ -291,7 +307,7 @@ async def _act(
         return "parse_error", f"error: {call.message}", False
 
     async def run(command: str) -> ExecResult:
-        return await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s)
+        return await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s, ep.exec_opts)
 
     outcome = await registry.execute(call, run, timeout_s=settings.command_timeout_s)
     return outcome.status, outcome.text, outcome.done

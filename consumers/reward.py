@@ -8,7 +8,8 @@ risky behaviour (``judge``): the sandbox is probed before verification (``consum
 tool calls are matched by the text rules (``consumers.screen``); what they find goes into ``flags``
 and ``flag_evidence``, and the learner drops or down-weights flagged samples (``learner.flagged``).
 
-Verification runs the task's verify commands in the trajectory's own sandbox while it is alive,
+Verification runs the task's verify commands (an imported task's verifier: ``consumers.task_verify``,
+its test files placed by sandboxd after the seal) in the trajectory's own sandbox while it is alive,
 through sandboxd's ``verify`` (the agent's processes are ended first; the commands run as another
 uid; see docs/security.md); if it is gone, a fresh sandbox re-runs setup and the commands of the
 trajectory's tool calls first (as the task's tools, from ``tools_for``, ran them). An agent
@@ -27,11 +28,13 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.task_sandbox import create_options, exec_options
 from agent_harness.tools import ToolCall, ToolRegistry, ToolsFor, default_tools
 from consumers import probe, screen
 from consumers.metrics import REWARDS
 from consumers.probe import ProbeSettings
 from consumers.settings import RewardSettings
+from consumers.task_verify import VerifierBroken, verify_task
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError, SandboxNotFound
 from schemas.codec import raw_traj_decoder
@@ -74,14 +77,16 @@ async def _rebuild(
     """A fresh sandbox with the task set up and the trajectory's tool calls re-executed (its id is
     appended to ``created_ids`` at once, so the caller closes it even if a later step fails)."""
     assert traj.task is not None
-    created = await sandbox.create(traj.task.environment, labels={"rollstream.traj": traj.traj_id[:60]})
+    labels = {"rollstream.traj": traj.traj_id[:60]}
+    created = await sandbox.create(traj.task.environment, labels=labels, **create_options(traj.task))
     created_ids.append(created.sandbox_id)
+    opts = exec_options(traj.task)
     for cmd in traj.task.setup:
-        await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s)
+        await sandbox.exec(created.sandbox_id, cmd, timeout_s=timeout_s, **opts)
     for chunk in traj.chunks:
         command = replay_command(chunk, tools)
         if command:
-            await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s)
+            await sandbox.exec(created.sandbox_id, command, timeout_s=timeout_s, **opts)
     return created.sandbox_id
 
 
@@ -110,6 +115,17 @@ def _graded_reward(result: bytes | None, passed: bool) -> float:
         return 1.0 if passed else 0.0
 
 
+async def _check(
+    sandbox: SandboxClient, sandbox_id: str, traj: Trajectory, timeout_s: float
+) -> tuple[float, str]:
+    """(reward, verifier output): an imported task's verifier, or the task's verify commands."""
+    assert traj.task is not None
+    if traj.task.verifier is not None:
+        verdict = await verify_task(sandbox, sandbox_id, traj.task)
+        return verdict.reward, verdict.output
+    return await _run_checks(sandbox, sandbox_id, traj, timeout_s)
+
+
 async def score(
     traj: Trajectory, sandbox: SandboxClient, verify_timeout_s: float, *, tools_for: ToolsFor = default_tools
 ) -> ScoredTrajectory:
@@ -123,7 +139,7 @@ async def score(
 
     if traj.status == "aborted":
         return invalid(f"aborted: {traj.abort_reason}")
-    if traj.task is None or not traj.task.verify:
+    if traj.task is None or not (traj.task.verify or traj.task.verifier):
         return invalid("no verify commands")
     sandbox_id = traj.sandbox_id
     rebuilt: list[str] = []
@@ -131,12 +147,12 @@ async def score(
         try:
             if not sandbox_id:
                 raise SandboxNotFound("no sandbox recorded")
-            reward, out = await _run_checks(sandbox, sandbox_id, traj, verify_timeout_s)
+            reward, out = await _check(sandbox, sandbox_id, traj, verify_timeout_s)
         except SandboxNotFound:
             fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt, tools_for(traj.task))
-            reward, out = await _run_checks(sandbox, fresh, traj, verify_timeout_s)
+            reward, out = await _check(sandbox, fresh, traj, verify_timeout_s)
             out = "[re-executed in a fresh sandbox]\n" + out
-    except InfraFailure as exc:
+    except (InfraFailure, VerifierBroken) as exc:
         return invalid(str(exc))
     except SandboxError as exc:
         return invalid(f"sandbox: {type(exc).__name__}: {exc}")

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from ops.config import Config, ConfigError, load_config
+from ops.evaluation.cli import eval_command, tasks_app
 from ops.lake_cli import filter_app, lake_app, replay_command, resample_command
 from sandboxd.cli import env_app
 
@@ -27,6 +28,8 @@ app.add_typer(lake_app, name="lake")
 app.add_typer(filter_app, name="filter")
 app.command("replay")(replay_command)
 app.command("resample")(resample_command)
+app.add_typer(tasks_app, name="tasks")
+app.command("eval")(eval_command)
 out = Console()
 err = Console(stderr=True)
 

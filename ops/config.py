@@ -20,6 +20,7 @@ from agent_harness.proxy import ProxySettings
 from consumers.lake.settings import LakeSettings
 from consumers.settings import RewardSettings, RolloutSettings
 from learner.settings import LearnerSettings
+from ops.evaluation.settings import EvalSettings
 from producers.settings import ProducerSettings
 from sandboxd.settings import SandboxdSettings
 
@@ -55,6 +56,7 @@ class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     proxy: Annotated[
         int, _meta("OpenAI-compatible model proxies (proxy.port; one per host).", ge=0, le=1)
     ] = 0
+    eval: Annotated[int, _meta("Background evaluators (`[eval] every` > 0 starts one).", ge=0, le=1)] = 0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,6 +83,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     sandboxd: SandboxdSettings = SandboxdSettings()
     metrics: MetricsSettings = MetricsSettings()
     proxy: ProxySettings = ProxySettings()
+    eval: EvalSettings = EvalSettings()
     processes: ProcessCounts = ProcessCounts()
 
     @property

@@ -22,7 +22,7 @@ from agent_harness.engine import InferenceEngine
 from ops.config import Config
 from producers.seed import Seeding
 
-WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy")
+WORKERS = ("sandboxd", "producer", "rollout", "reward", "learner", "lake", "proxy", "eval")
 Starter = Callable[..., Coroutine[Any, Any, Any]]
 """``await task_group.start(starter)``: runs a worker, which calls ``task_status.started()`` once bound."""
 
@@ -80,6 +80,10 @@ def starter(
         return lambda task_status: proxy_worker.run(
             cfg.proxy, cfg.rollout, js, run=cfg.run, policy_dir=cfg.policy_dir, task_status=task_status
         )
+    if name == "eval":  # on its own broker and sandboxd: it only reads checkpoints and writes the lake
+        from ops.evaluation import worker as eval_worker
+
+        return lambda task_status: eval_worker.watch(cfg, task_status=task_status)
     raise ValueError(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
 
 

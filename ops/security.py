@@ -47,7 +47,7 @@ from streams.topology import (
     check_run,
 )
 
-ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "proxy", "ops")
+ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "proxy", "ops", "eval")
 API = "$JS.API"
 KV_STREAM = f"KV_{POLICY_BUCKET}"
 OBJ_STREAM = f"OBJ_{WEIGHTS_BUCKET}"
@@ -203,6 +203,10 @@ def _stage_grants(role: str, run: str | None) -> Grants:
             ["rs.sandbox.create sandboxd", "rs.sandbox.*.*", inbox],
             allow_responses=True,
         )
+    if role == "eval":
+        # The background evaluator reads checkpoints from disk and runs its own broker and sandboxd:
+        # on the run's broker it needs nothing but its inbox.
+        return Grants([], [inbox])
     if role == "ops":
         # The supervisor, status and scale CLI: JetStream admin (ensure), every rollstream subject,
         # the KV bucket and the object store; it answers rs.ops.scale.<run> requests.

@@ -29,7 +29,7 @@ from streams.server import NatsServer, NatsServerError, port_in_use
 from streams.topology import ensure
 
 log = structlog.get_logger(__name__)
-START_ORDER = ("sandboxd", "lake", "learner", "reward", "rollout", "producer", "proxy")
+START_ORDER = ("sandboxd", "lake", "learner", "reward", "rollout", "producer", "proxy", "eval")
 
 
 class PreflightError(RuntimeError):
@@ -103,6 +103,8 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.children: list[Child] = []
         self.desired = {name: getattr(cfg.processes, name) for name in START_ORDER}
+        if cfg.eval.every > 0 and cfg.eval.tasks:  # `[eval] every = N` turns the evaluator on
+            self.desired["eval"] = 1
         self.stopping = False
 
     # -- processes ------------------------------------------------------------------------------

@@ -12,10 +12,19 @@ class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """Where tasks come from and how much work the producer keeps in flight."""
 
     source: Annotated[
-        Literal["builtin", "jsonl", "gem"],
-        msgspec.Meta(description="Task source: built-in family, JSONL file or GEM env."),
+        Literal["builtin", "jsonl", "gem", "harbor", "swe"],
+        msgspec.Meta(
+            description="Task source: built-in family, JSONL file, GEM env, Harbor/Terminal-Bench task "
+            "directories (harbor) or SWE-style instances (swe)."
+        ),
     ] = "builtin"
-    path: Annotated[str, msgspec.Meta(description="JSONL task file when source = jsonl.")] = ""
+    path: Annotated[
+        str,
+        msgspec.Meta(
+            description="JSONL task file (jsonl), task directory or folder of them (harbor), "
+            "instances JSONL (swe)."
+        ),
+    ] = ""
     env_id: Annotated[
         str, msgspec.Meta(description="GEM env id when source = gem, e.g. game:GuessTheNumber-v0-easy.")
     ] = ""

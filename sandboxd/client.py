@@ -90,6 +90,8 @@ class SandboxClient:
         ttl_s: float | None = None,
         labels: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        writable_root: bool = False,
+        work_mb: int = 0,
     ) -> Created:
         req = CreateRequest(
             environment=environment,
@@ -100,6 +102,8 @@ class SandboxClient:
             ttl_s=ttl_s or 0.0,
             labels=dict(labels or {}),
             env=dict(env or {}),
+            writable_root=writable_root,
+            work_mb=work_mb,
         )
         created = await self._call(CREATE_SUBJECT, req, Created)
         self.adopt(created.sandbox_id, created.token)
@@ -221,6 +225,8 @@ class SandboxClient:
         env: dict[str, str] | None = None,
         result_path: str = "",
         close: bool = True,
+        clear: list[str] | None = None,
+        files: dict[str, bytes] | None = None,
     ) -> VerifyResult:
         """End the agent in the sandbox, then run ``commands`` as the verifier (see ``VerifyRequest``);
         with ``close`` the sandbox is removed afterwards, whatever happened."""
@@ -233,6 +239,8 @@ class SandboxClient:
             env=dict(env or {}),
             result_path=result_path,
             close=close,
+            clear=list(clear or []),
+            files=dict(files or {}),
         )
         timeout = max(self.request_timeout_s, len(commands) * (timeout_s + EXEC_SLACK_S) + SEAL_SLACK_S)
         try:

@@ -37,6 +37,7 @@ from sandboxd.errors import (
     SandboxTimeout,
 )
 from sandboxd.pool import Pooled, WarmPool
+from sandboxd.rootfs import RootfsWatch
 from sandboxd.session import Session
 from sandboxd.settings import SandboxdSettings
 from sandboxd.verify import Verification
@@ -112,6 +113,14 @@ class Daemon(Verification):
         self.limiter = anyio.CapacityLimiter(settings.max_concurrent_requests)
         self.log = log.bind(sandboxd=owner)
         self.pool = WarmPool(settings.warm_pool, self._make_pooled, self._warm_images)
+        self.rootfs = RootfsWatch(
+            ops,
+            limit_mb=settings.rootfs_mb,
+            interval_s=settings.rootfs_check_s,
+            live=lambda sid: sid in self.sandboxes,
+            evict=self._evict,
+            log=self.log,
+        )
 
     # -- registry (used by the reaper) --
     def expiry_of(self, container_id: str) -> float | None:
@@ -308,10 +317,12 @@ class Daemon(Verification):
                 container_id=container_id,
                 expires=expires,
                 token=token,
-                env=dict(req.env),
+                env=await self.ops.image_env(image) | dict(req.env),
                 labels=dict(req.labels),
                 exec_session=session,
             )
+            if req.writable_root:
+                self.rootfs.watch(sandbox_id, container_id)
         finally:
             self.pending_creates -= 1
         startup_ms = (time.monotonic() - started) * 1000
@@ -334,7 +345,9 @@ class Daemon(Verification):
     def _poolable(self, req: CreateRequest) -> bool:
         """A pool container fits a request for the default limits (fixed at creation)."""
         s = self.settings
-        return (req.memory_mb, req.pids, req.cpus) == (s.default_memory_mb, s.default_pids, s.default_cpus)
+        defaults = (s.default_memory_mb, s.default_pids, s.default_cpus)
+        fixed = req.writable_root or req.work_mb > 0  # task sandboxes are made to measure
+        return not req.env and not fixed and (req.memory_mb, req.pids, req.cpus) == defaults
 
     async def _warm_images(self) -> list[str]:
         images = []
@@ -359,6 +372,12 @@ class Daemon(Verification):
             except SandboxError as exc:  # the first exec will try again, or use docker exec
                 self.log.debug("pool.session_failed", error=exc.message)
         return Pooled(container_id=container_id, short_id=short, session=session, since=time.time())
+
+    async def _evict(self, sandbox_id: str) -> None:
+        """Remove a sandbox sandboxd itself gave up on (a writable root past its limit)."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            await self.close_sandbox(sb)
 
     async def close_sandbox(self, sb: Sandbox) -> None:
         """Remove ``sb``'s container and forget it (closing twice is fine)."""
@@ -461,6 +480,7 @@ async def run(
                     )
                 )
                 tg.start_soon(daemon.pool.run)
+                tg.start_soon(daemon.rootfs.run)
                 daemon.log.info("sandboxd.started", max_sandboxes=settings.max_sandboxes)
                 task_status.started(owner)
         finally:

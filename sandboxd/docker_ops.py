@@ -105,6 +105,7 @@ def container_config(
         LABEL_SCOPE: settings.scope,
     }
     scratch = f"rw,exec,nosuid,nodev,size={settings.scratch_mb}m"
+    work = f"rw,exec,nosuid,nodev,size={req.work_mb or settings.scratch_mb}m"  # task sandboxes: larger
     return {
         "Image": image,
         "Cmd": ["sleep", "infinity"],
@@ -124,9 +125,9 @@ def container_config(
             "MemorySwap": req.memory_mb * MIB,
             "NanoCpus": int(req.cpus * 1e9),
             "Init": True,
-            "ReadonlyRootfs": settings.read_only_rootfs,
+            "ReadonlyRootfs": settings.read_only_rootfs and not req.writable_root,
             "Tmpfs": {
-                WORKDIR: f"{scratch},mode=0755,uid={AGENT_UID},gid={AGENT_GID}",
+                WORKDIR: f"{work},mode=0755,uid={AGENT_UID},gid={AGENT_GID}",
                 "/tmp": f"{scratch},mode=1777",
             },
             # No nproc: RLIMIT_NPROC counts a uid's processes on the whole host, and every sandbox's
@@ -206,6 +207,12 @@ class DockerOps:
                 return False
             raise
         return True
+
+    async def image_env(self, image: str) -> dict[str, str]:
+        """The image's ``ENV`` (a task image's own variables, which sessions must keep too)."""
+        info = await self._ctl.images.inspect(image)
+        pairs = (item.partition("=") for item in (info.get("Config") or {}).get("Env") or [])
+        return {key: value for key, _, value in pairs if key}
 
     async def create(self, config: dict[str, Any], name: str | None = None) -> str:
         """Create (named ``name``), then start; a container that fails to start is removed.

@@ -85,10 +85,15 @@ class EnvSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     files: Annotated[
         dict[str, str],
         msgspec.Meta(
-            description="Absolute image path -> source file relative to sandboxd/envs; "
-            "the contents are part of the tag."
+            description="Absolute image path -> source file relative to sandboxd/envs (or to the spec "
+            "file of a task's environment); the contents are part of the tag."
         ),
     ] = {}
+    # What a task's environment (``<task>/environment/envhub.toml``) may also need; left empty, a
+    # spec keeps its tag.
+    workdir: Annotated[str, msgspec.Meta(description="The image's working directory (default /work).")] = ""
+    env: Annotated[dict[str, str], msgspec.Meta(description="Environment variables set in the image.")] = {}
+    user: Annotated[str, msgspec.Meta(description="The user commands run as (default root).")] = ""
 
 
 class EnvInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,6 +118,11 @@ def load_spec(name: str) -> EnvSpec:
     if not path.is_file():
         known = ", ".join(env_names()) or "none"
         raise EnvHubError(f"unknown environment {name!r}: no {path} (known: {known}).")
+    return load_spec_file(path, ENVS_DIR)
+
+
+def load_spec_file(path: Path, root: Path) -> EnvSpec:
+    """Read and validate a spec file whose ``files`` are relative to ``root``."""
     try:
         spec = msgspec.toml.decode(path.read_bytes(), type=EnvSpec)
     except msgspec.ValidationError as exc:
@@ -120,24 +130,24 @@ def load_spec(name: str) -> EnvSpec:
     except msgspec.DecodeError as exc:
         raise EnvHubError(f"{path} is not valid TOML: {exc}.") from exc
     for dst, src in spec.files.items():
-        if not dst.startswith("/") or not (ENVS_DIR / src).is_file():
+        if not dst.startswith("/") or not (root / src).is_file():
             raise EnvHubError(
                 f"invalid `files` entry {dst!r} = {src!r} in {path}: the key must be an absolute image "
-                f"path and the value a file relative to {ENVS_DIR}."
+                f"path and the value a file relative to {root}."
             )
     return spec
 
 
-def spec_hash(spec: EnvSpec) -> str:
+def spec_hash(spec: EnvSpec, root: Path = ENVS_DIR) -> str:
     """First 12 hex digits of the sha256 of the canonical (sorted-key JSON) spec, with the digests
     of its files. Fields left empty are omitted, so specs that do not use them keep their tags."""
     doc = msgspec.to_builtins(spec, order="sorted")
-    for key in ("python_wheels", "files"):
+    for key in ("python_wheels", "files", "workdir", "env", "user"):
         if not doc[key]:
             del doc[key]
     if spec.files:
         doc["file_digests"] = {
-            dst: hashlib.sha256((ENVS_DIR / src).read_bytes()).hexdigest() for dst, src in spec.files.items()
+            dst: hashlib.sha256((root / src).read_bytes()).hexdigest() for dst, src in spec.files.items()
         }
     canonical = msgspec.json.encode(doc, order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:12]
@@ -194,8 +204,18 @@ def ensure_image(name: str, *, progress: Progress | None = None) -> str:
 
 def build(name: str, *, force: bool = False, progress: Progress | None = None) -> str:
     """Build the image of environment ``name`` (skipped if present unless ``force``); returns its tag."""
-    spec = load_spec(name)
-    tag = image_tag(name)
+    return _build(name, load_spec(name), ENVS_DIR, image_tag(name), force=force, progress=progress)
+
+
+def build_spec_file(name: str, path: Path, *, progress: Progress | None = None) -> tuple[str, EnvSpec]:
+    """The image of a spec file outside sandboxd/envs (a task's ``environment/envhub.toml``; its
+    ``files`` relative to it), tagged ``rollstream-env/<name>:<hash>``, built unless present."""
+    spec = load_spec_file(path, path.parent)
+    tag = f"rollstream-env/{name}:{spec_hash(spec, path.parent)}"
+    return _build(name, spec, path.parent, tag, force=False, progress=progress), spec
+
+
+def _build(name: str, spec: EnvSpec, root: Path, tag: str, *, force: bool, progress: Progress | None) -> str:
     docker = _docker()
     if not force and image_exists(tag):
         return tag
@@ -205,7 +225,7 @@ def build(name: str, *, force: bool = False, progress: Progress | None = None) -
     log.info("env.build.start", env=name, tag=tag, packages=spec.packages)
     base_tag = f"{tag}-base" if spec.setup else tag
     with tempfile.TemporaryDirectory(prefix="rollstream-wheels-") as wheelhouse:
-        hooks = _customize_hooks(spec, Path(wheelhouse), progress or (lambda _line: None))
+        hooks = _customize_hooks(spec, Path(wheelhouse), progress or (lambda _line: None), root)
         _bootstrap(mmdebstrap, docker, spec, base_tag, progress or (lambda _line: None), hooks)
     if spec.setup:
         _run_setup(docker, spec, base_tag, tag, progress or (lambda _line: None))
@@ -213,14 +233,22 @@ def build(name: str, *, force: bool = False, progress: Progress | None = None) -
     return tag
 
 
-def _customize_hooks(spec: EnvSpec, wheelhouse: Path, progress: Progress) -> list[str]:
+def _changes(spec: EnvSpec) -> list[str]:
+    """``--change`` arguments of ``docker import`` / ``commit``: workdir, environment, user."""
+    changes = ["--change", f"WORKDIR {spec.workdir or WORKDIR}"]
+    for key, value in sorted(spec.env.items()):
+        changes += ["--change", f"ENV {key}={shlex.quote(value)}"]
+    return changes + (["--change", f"USER {spec.user}"] if spec.user else [])
+
+
+def _customize_hooks(spec: EnvSpec, wheelhouse: Path, progress: Progress, root: Path = ENVS_DIR) -> list[str]:
     """mmdebstrap customize hooks (run on the host, ``$1`` = the root) that copy ``files`` in and
     install ``python_wheels``, whose wheels are built here first (the host can reach PyPI).
     Wheels go to ``wheelhouse/*.whl``, file snapshots to ``wheelhouse/file-<i>``."""
     hooks = [USERS_HOOK] if spec.sandbox_users else []
     for i, (dst, src) in enumerate(sorted(spec.files.items())):
         copy = wheelhouse / f"file-{i}"  # a snapshot: edits during the build cannot reach the image
-        shutil.copyfile(ENVS_DIR / src, copy)
+        shutil.copyfile(root / src, copy)
         hooks.append(f'install -D -m 0644 {shlex.quote(str(copy))} "$1"{shlex.quote(dst)}')
     if not spec.python_wheels:
         return hooks
@@ -258,7 +286,7 @@ def _bootstrap(
         debstrap = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
         assert debstrap.stdout is not None and debstrap.stderr is not None
         importer = subprocess.Popen(
-            [docker, "import", "--change", f"WORKDIR {WORKDIR}", "-", tag],
+            [docker, "import", *_changes(spec), "-", tag],
             stdin=debstrap.stdout,
             stdout=import_out,
             stderr=subprocess.STDOUT,
@@ -295,6 +323,8 @@ def _run_setup(docker: str, spec: EnvSpec, base_tag: str, tag: str, progress: Pr
             "none",
             "--workdir",
             WORKDIR,
+            "--user",
+            "0",  # setup runs as root whatever `user` the image will have
             base_tag,
             "bash",
             "-c",
@@ -307,7 +337,7 @@ def _run_setup(docker: str, spec: EnvSpec, base_tag: str, tag: str, progress: Pr
         if run.returncode != 0:
             raise EnvHubError(f"setup of {tag} failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
         commit = subprocess.run(
-            [docker, "commit", "--change", f"WORKDIR {WORKDIR}", "--change", 'CMD ["bash"]', name, tag],
+            [docker, "commit", *_changes(spec), "--change", 'CMD ["bash"]', name, tag],
             capture_output=True,
             text=True,
         )

@@ -30,6 +30,8 @@ MAX_LABEL_KEY, MAX_LABEL_VALUE = 128, 256
 MAX_COMMAND_BYTES = 256 * 1024
 MAX_PATH = 4096
 MAX_VERIFY_COMMANDS = 64
+MAX_VERIFY_FILES = 256  # test files a verify request may place
+MAX_VERIFY_CLEAR = 8  # directories a verify request may empty
 
 
 def _above(field: str, value: float, bound: float, setting: str) -> SandboxBadRequest:
@@ -53,9 +55,12 @@ def check_create(req: CreateRequest, s: SandboxdSettings) -> None:
         ("pids", req.pids, s.max_pids, "sandboxd.max_pids"),
         ("cpus", req.cpus, s.max_cpus, "sandboxd.max_cpus"),
         ("ttl_s", req.ttl_s, s.max_ttl_s, "sandboxd.max_ttl_s"),
+        ("work_mb", req.work_mb, s.max_work_mb, "sandboxd.max_work_mb"),
     ):
         if value > bound:
             raise _above(field, value, bound, setting)
+    if req.work_mb < 0:
+        raise SandboxBadRequest(f"`work_mb` = {req.work_mb} must be >= 0 (0: the default size of /work)")
     check_env(req.env, "env")
     if len(req.labels) > MAX_LABELS:
         raise SandboxBadRequest(f"`labels` has {len(req.labels)} entries; at most {MAX_LABELS} are allowed")
@@ -108,6 +113,14 @@ def check_verify(req: VerifyRequest, s: SandboxdSettings) -> None:
     absolute_path(req.cwd, "cwd")
     if req.result_path:
         absolute_path(req.result_path, "result_path")
+    if len(req.clear) > MAX_VERIFY_CLEAR:
+        raise SandboxBadRequest(f"`clear` has {len(req.clear)} entries; at most {MAX_VERIFY_CLEAR}")
+    if len(req.files) > MAX_VERIFY_FILES:
+        raise SandboxBadRequest(f"`files` has {len(req.files)} entries; at most {MAX_VERIFY_FILES}")
+    check_file_size(sum(len(data) for data in req.files.values()), "files (all bytes)", s)
+    for path in [*req.clear, *req.files]:
+        if absolute_path(path, "clear/files") == "/":
+            raise SandboxBadRequest("`clear` and `files` may not name `/`")
 
 
 def check_inspect(req: InspectRequest, s: SandboxdSettings) -> None:

@@ -126,3 +126,17 @@ class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             "builds (`rollstream-env/<name>:<hash>`, `rollstream-task:<hash>`); empty: those only."
         ),
     ] = ()
+    # -- task sandboxes (sandboxd/rootfs.py) --
+    max_work_mb: Annotated[
+        int, msgspec.Meta(ge=1, description="Largest /work scratch mount (MiB) a create may ask (`work_mb`).")
+    ] = 2048
+    rootfs_mb: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="Size limit (MiB) of a writable root's layer; a sandbox past it is removed.",
+        ),
+    ] = 1024
+    rootfs_check_s: Annotated[
+        float, msgspec.Meta(gt=0, description="Seconds between measurements of writable roots.")
+    ] = 2.0

@@ -7,6 +7,8 @@
    environment and a private fresh HOME, after a check that no agent process is alive and after
    killing whatever an earlier verify command left running. Its output travels on that exec's own
    stream, which only the verifier's processes hold: no agent process exists to write to it.
+   Before the first, an imported task's test files are placed (``clear``, ``files``) by root,
+   each through a fresh ``docker exec`` too: what the agent left in those directories is gone.
 3. ``result_path`` is read the same way; then the sandbox is removed (``close``).
 
 Why this and not freezing the agent or a fresh sandbox: a frozen process still holds its file
@@ -24,7 +26,7 @@ from typing import Any
 import anyio
 
 from sandboxd import limits
-from sandboxd.commands import FILE_OP_DEADLINE_S, Commands, Sandbox
+from sandboxd.commands import AGENT_USER_SPEC, FILE_OP_DEADLINE_S, Commands, Sandbox
 from sandboxd.docker_ops import DockerOps, ExecOutcome
 from sandboxd.errors import SandboxError, SandboxForbidden
 from sandboxd.users import AGENT_UID, VERIFIER_GID, VERIFIER_UID, VERIFIER_USER
@@ -51,6 +53,13 @@ export HOME TMPDIR=$HOME; umask 022
 cd -- "$2" || exit 126
 exec timeout -s KILL "$3" bash -c "$4"
 """
+# $1 directory. Root here holds no CAP_CHOWN nor CAP_DAC_OVERRIDE, so the fresh directory is made
+# writable by all: no agent process is left to write to it, and the verifier must (reward files).
+CLEAR = 'rm -rf -- "$1" && mkdir -p -- "$1" && chmod 0777 -- "$1"'
+# $1 path, $2 octal mode; the file's bytes on stdin. A symlink the agent left at the path is replaced.
+PLACE = 'mkdir -p -- "${1%/*}/" && rm -f -- "$1" && cat >"$1" && chmod -- "$2" "$1"'
+ROOT = "0:0"
+ROOT_ENV = {"LANG": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 READ_RESULT = 'kill -9 -1 2>/dev/null; test -f "$1" && head -c "$2" -- "$1"'
 VERIFY_ENV = {
     "LANG": "C.UTF-8",
@@ -77,6 +86,7 @@ class Verification(Commands):
                 started = time.monotonic()
                 found = await self._seal(sb)
                 seal_ms = (time.monotonic() - started) * 1000
+                await self._place(sb, req)
                 results = await self._run_checks(sb, req)
                 data = await self._read_result(sb, req) if req.result_path else None
         finally:
@@ -137,6 +147,29 @@ class Verification(Commands):
             await sb.exec_session.close()
             sb.exec_session = None
         return found
+
+    async def _place(self, sb: Sandbox, req: VerifyRequest) -> None:
+        """Empty ``req.clear`` and write ``req.files`` after the seal: as root in the fresh ``clear``
+        directories; elsewhere (a task's working directory) as the agent uid, so no more than the
+        agent itself could have written there (root holds no CAP_DAC_OVERRIDE to write it anyway)."""
+        clear = [limits.absolute_path(d) for d in req.clear]
+        steps: list[tuple[list[str], bytes | None, str]] = [
+            (["sh", "-c", CLEAR, "clear", d], None, ROOT) for d in clear
+        ]
+        for path, body in sorted(req.files.items()):
+            where = limits.absolute_path(path)
+            mode = "0755" if where.endswith(".sh") else "0644"
+            user = ROOT if any(where.startswith(d.rstrip("/") + "/") for d in clear) else AGENT_USER_SPEC
+            steps.append((["sh", "-c", PLACE, "place", where, mode], body, user))
+        for argv, stdin, user in steps:
+            outcome = await self._exec_in(
+                sb, argv, stdin=stdin, env=ROOT_ENV, user=user, deadline_s=FILE_OP_DEADLINE_S
+            )
+            if outcome.exit_code != 0:
+                raise SandboxError(
+                    f"cannot place the verifier's {argv[4]}: {outcome.stderr.text().strip()[:300]}",
+                    sandbox_id=sb.sandbox_id,
+                )
 
     async def _run_checks(self, sb: Sandbox, req: VerifyRequest) -> list[ExecResult]:
         results: list[ExecResult] = []

@@ -30,6 +30,11 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.create.v
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     ttl_s: float = 900.0
+    # Imported tasks (sandboxd/rootfs.py): a writable copy-on-write root whose layer sandboxd
+    # bounds, and the size of /work in MiB (0: the default); cpus, memory_mb and work_mb above the
+    # instance's max_cpus, max_memory_mb and max_work_mb are refused (sandboxd/limits.py).
+    writable_root: bool = False
+    work_mb: int = 0
 
 
 class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec.v1", tag_field="kind"):
@@ -117,7 +122,8 @@ class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.verify.v
     uid through fresh ``docker exec``s, never through a channel the agent's processes could reach.
 
     First every process of the agent uid is killed and no agent operation is accepted any more
-    (the sandbox is sealed); then each command runs with a clean environment in ``cwd``; then
+    (the sandbox is sealed); then ``clear`` and ``files`` are placed; then each command runs with
+    a clean environment in ``cwd``; then
     ``result_path`` (if given) is read as the verifier. ``close`` removes the sandbox afterwards.
     No token: the broker grants the ``verify`` subject only to the reward-producing roles.
     """
@@ -130,6 +136,13 @@ class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.verify.v
     env: dict[str, str] = {}
     result_path: str = ""  # a file the verifier reads after the commands (a graded reward)
     close: bool = True
+    # Imported tasks' test files (consumers/task_verify.py), placed after the seal and before the
+    # commands through fresh ``docker exec``s: each ``clear`` directory is removed and made anew by
+    # root, empty and writable by the verifier; then each of ``files`` (path -> bytes) is written,
+    # readable by all (``.sh`` files executable): by root inside a ``clear`` directory, elsewhere
+    # (the task's working directory) as the agent uid, whose processes are all dead by then.
+    clear: list[str] = []
+    files: dict[str, bytes] = {}
 
 
 class InspectRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.inspect.v1", tag_field="kind"):

@@ -19,7 +19,7 @@ from ops.security import write_server_config
 from streams.server import NatsServer
 from tests.factories import BROKER_RUN, Broker, make_tiny_policy
 
-pytest_plugins = ["tests.sandbox_fixtures"]
+pytest_plugins = ["tests.sandbox_fixtures", "tests.task_fixtures"]
 
 
 @pytest.fixture

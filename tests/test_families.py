@@ -32,13 +32,16 @@ def _names(registry: ToolRegistry) -> set[str]:
 
 def test_the_registry_finds_each_family_by_name_source_and_task() -> None:
     assert families.get("files") is FILES and families.get("gem") is GEM
-    with pytest.raises(KeyError, match="families: files, gem"):
-        families.get("swe")
+    with pytest.raises(KeyError, match="families: files, gem, harbor, swe"):
+        families.get("webshop")
     assert families.for_source("builtin") is FILES and families.for_source("gem") is GEM
+    assert families.for_source("harbor") is families.get("harbor") and families.for_source(
+        "swe"
+    ) is families.get("swe")
     assert families.for_source("jsonl") is None
     assert families.of_task(gem_task(GUESS, 1, "hi")) is GEM
     assert families.of_task(task_at(0, 0, (1,))) is FILES
-    assert families.of_task(Task(task_id="t", family="swe", instruction="x")) is None
+    assert families.of_task(Task(task_id="t", family="webshop", instruction="x")) is None
 
 
 def test_each_task_gets_its_familys_tools_and_unknown_families_the_default() -> None:

@@ -222,11 +222,12 @@ def test_driver_faults_become_gem_errors_and_answers_decode() -> None:
 
 def test_the_gem_spec_tags_its_wheels_and_driver_while_older_specs_keep_their_tags() -> None:
     base, gem = envhub.load_spec("base"), envhub.load_spec("gem")
-    # What the spec hashed to before `python_wheels` and `files` existed: base keeps its tag.
+    # What the spec hashed to before `python_wheels`, `files` (and the task fields `workdir`, `env`,
+    # `user`) existed: base keeps its tag.
     before = {
         k: v
         for k, v in msgspec.to_builtins(base, order="sorted").items()
-        if k not in ("python_wheels", "files")
+        if k not in ("python_wheels", "files", "workdir", "env", "user")
     }
     assert envhub.spec_hash(base) == hashlib.sha256(msgspec.json.encode(before)).hexdigest()[:12]
     assert gem.files == {"/opt/gem_driver.py": "../../producers/families/gem/driver.py"}

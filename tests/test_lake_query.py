@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from consumers.lake import SCHEMAS, FilterVerdict, LakeWriter, QueryError, open_lake, query, write_result
+from consumers.lake import (
+    SCHEMAS,
+    EvalRecord,
+    FilterVerdict,
+    LakeWriter,
+    QueryError,
+    open_lake,
+    query,
+    write_result,
+)
 from consumers.lake.views import view_sql
 from ops.lake_cli import render_table
 from tests.factories import DAY, fill, make_scored, make_step, make_task, make_train
@@ -40,6 +49,11 @@ def lake(tmp_path: Path) -> Path:
     ]
     for verdict in verdicts:
         writer.add_filter(verdict)
+    attempt = EvalRecord(
+        eval_id="e1", run="run1", task_set="tasks", task_id="t", attempt=0, agent="oracle",
+        policy="oracle", policy_version=-1, reward=1.0, passed=True, time=DAY,
+    )  # fmt: skip
+    writer.add_eval(attempt)
     writer.flush()
     redelivered = LakeWriter(tmp_path, writer_id="w2")
     for scored, verdict in zip(records, verdicts, strict=True):
@@ -48,6 +62,7 @@ def lake(tmp_path: Path) -> Path:
         redelivered.add_filter(verdict)
     redelivered.add_task(make_task())
     redelivered.add_train(make_step())
+    redelivered.add_eval(attempt)
     redelivered.flush()
     return tmp_path
 
@@ -62,6 +77,7 @@ def test_records_written_twice_appear_once_in_every_view(lake: Path) -> None:
     assert count(lake, "tasks") == 1
     assert count(lake, "train_steps") == 1
     assert count(lake, "filters") == 6
+    assert count(lake, "evals") == 1
     dupes = query(lake, "SELECT traj_id FROM trajectories GROUP BY 1 HAVING count(*) > 1")
     assert dupes.num_rows == 0
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.lake import LakeWriter
+from consumers.lake import EvalRecord, LakeWriter
 from ops.report import (
     PLOTS,
+    eval_points,
     plot_reward_by_version,
     plot_success_by_version,
     pool_versions,
@@ -80,6 +81,15 @@ def write_run(writer: LakeWriter, run: str, wins: list[int], seed: int) -> Writt
     for record in records:
         writer.add_train(record)
     writer.add_task(make_task(run))
+    for v in (0, 2, 4):  # `rollstream eval` every 2 versions: 4 tasks x 4 attempts, better with training
+        for task in range(4):
+            for attempt in range(4):
+                record = EvalRecord(
+                    eval_id=f"{run}-v{v}", run=run, task_set="held-out", task_id=f"t{task}",
+                    attempt=attempt, agent="policy", policy=f"v{v}", policy_version=v,
+                    reward=1.0, passed=(task + attempt) % 8 < v + wins[0], time=DAY + v * 300,
+                )  # fmt: skip
+                writer.add_eval(record)
     return out
 
 
@@ -200,8 +210,9 @@ def test_plots_without_data_are_skipped_and_named(tmp_path: Path) -> None:
         "reward_by_version.png",
         "throughput.png",
     ]
-    assert set(result.skipped) == {"staleness.png", "loss.png"}
+    assert set(result.skipped) == {"staleness.png", "loss.png", "eval_by_version.png"}
     assert "skipped       loss.png: no train_steps rows" in result.summary
+    assert "eval_by_version.png: no policy evaluations (rollstream eval)" in result.summary
     assert "train_log     none" in result.summary and "steps         none" in result.summary
     assert not (out / "loss.png").exists()
 
@@ -318,3 +329,13 @@ def test_the_short_two_run_lake_keeps_one_point_per_version(
     assert [b.version for b in ipa] == list(range(VERSIONS))
     assert [b.mean for b in ipa] == pytest.approx([w / PER_VERSION for w in [1, 2, 4, 5, 7, 8]])
     assert pooled.note() == ""
+
+
+def test_the_eval_plot_rests_on_pass_at_k_by_version(two_runs: tuple[Path, dict[str, Written]]) -> None:
+    lake, _ = two_runs
+    points = eval_points(lake, "ipa")
+    assert [p.version for p in points] == [0, 2, 4] and all(p.passk.k == 4 for p in points)
+    # v0: only task t0 passes, once in 4 attempts: pass@1 = (1/4) / 4 tasks; pass@4 = 1 of 4 tasks
+    assert points[0].pass1.value == pytest.approx(0.0625) and points[0].passk.value == pytest.approx(0.25)
+    # v4: 13 of the 16 attempts pass, every task at least once
+    assert points[2].pass1.value == pytest.approx(13 / 16) and points[2].passk.value == 1.0

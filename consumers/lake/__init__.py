@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     )
     from consumers.lake.export import write_result
     from consumers.lake.reader import iter_scored, load_scored
-    from consumers.lake.tables import SCHEMAS, FilterVerdict
+    from consumers.lake.tables import SCHEMAS, EvalRecord, FilterVerdict
     from consumers.lake.views import count_selected, open_lake, query
     from consumers.lake.worker import run
     from consumers.lake.writer import LakeWriter, check_name
@@ -55,6 +55,7 @@ _HOME = {
     "iter_scored": "reader",
     "load_scored": "reader",
     "SCHEMAS": "tables",
+    "EvalRecord": "tables",
     "FilterVerdict": "tables",
     "count_selected": "views",
     "open_lake": "views",
@@ -67,6 +68,7 @@ _HOME = {
 __all__ = [
     "SCHEMAS",
     "CompactStats",
+    "EvalRecord",
     "FilterVerdict",
     "LakeError",
     "LakeIntegrityError",

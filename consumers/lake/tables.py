@@ -135,6 +135,32 @@ FILTERS = pa.schema(
     ]
 )
 
+# One attempt of `rollstream eval` (ops/evaluation) at one task: its policy version, reward, cost.
+EVALS = pa.schema(
+    [
+        ("eval_id", pa.string()),
+        ("run", pa.string()),
+        ("task_set", pa.string()),
+        ("task_id", pa.string()),
+        ("attempt", pa.int64()),
+        ("agent", pa.string()),
+        ("policy", pa.string()),
+        ("policy_version", pa.int64()),
+        ("reward", pa.float64()),
+        ("passed", pa.bool_()),
+        ("valid", pa.bool_()),
+        ("status", pa.string()),
+        ("abort_reason", pa.string()),
+        ("invalid_reason", pa.string()),
+        ("num_tokens", pa.int64()),
+        ("num_action_tokens", pa.int64()),
+        ("turns", pa.int64()),
+        ("wall_s", pa.float64()),
+        ("verifier_output", pa.string()),
+        ("time", pa.float64()),
+    ]
+)
+
 # File schemas per table.
 SCHEMAS: dict[str, pa.Schema] = {
     "trajectories": TRAJECTORIES,
@@ -143,9 +169,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "train_steps": TRAIN_STEPS,
     "tasks": TASKS,
     "filters": FILTERS,
+    "evals": EVALS,
 }
 # Chunks are made durable before trajectories, so a visible trajectory row always has its chunks.
-FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "filters")
+FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "filters", "evals")
 
 # Which rows are copies of one record (redelivery, a rewritten part), and which copy a view keeps:
 # (PARTITION BY keys, ORDER BY of the copy kept first).
@@ -158,6 +185,7 @@ DEDUPE: dict[str, tuple[str, str]] = {
     "train_steps": ("run, step", "time DESC, filename DESC"),
     "tasks": ("run, task_id, sample_idx", "created_at, filename"),
     "filters": ("traj_id, stage", "time DESC, filename DESC"),
+    "evals": ("eval_id, task_id, attempt", "time, filename"),
 }
 
 # What makes two rows copies of one *message* (a redelivery), which compaction may merge. Wider
@@ -170,6 +198,7 @@ COMPACT_KEYS: dict[str, tuple[str, str]] = {
     "train_steps": ("run, step, time", "filename"),
     "tasks": ("run, task_id, sample_idx, created_at", "filename"),
     "filters": ("traj_id, stage, time", "filename"),
+    "evals": ("eval_id, task_id, attempt, time", "filename"),
 }
 
 _SIMPLE_TYPES = {
@@ -202,4 +231,30 @@ class FilterVerdict(msgspec.Struct, frozen=True, kw_only=True):
     stage: str  # "heuristic" | "reverify" | "security"
     verdict: str  # "pass" | "flag" | "fail"
     reasons: list[str] = []
+    time: float = 0.0
+
+
+class EvalRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt of an evaluation (an ``evals`` row; lake-only, never on the wire). ``agent`` is
+    ``policy`` or ``oracle`` (the task's reference solution; ``policy_version`` -1)."""
+
+    eval_id: str
+    run: str
+    task_set: str
+    task_id: str
+    attempt: int
+    agent: str
+    policy: str
+    policy_version: int
+    reward: float
+    passed: bool
+    valid: bool = True
+    status: str = ""
+    abort_reason: str = ""
+    invalid_reason: str = ""
+    num_tokens: int = 0
+    num_action_tokens: int = 0
+    turns: int = 0
+    wall_s: float = 0.0
+    verifier_output: str = ""
     time: float = 0.0

@@ -24,7 +24,16 @@ import pyarrow.parquet as pq
 
 from consumers.lake.durable import atomic_write
 from consumers.lake.errors import LakeRecordError, LakeWriteError
-from consumers.lake.tables import FILTERS, FLUSH_ORDER, SCHEMAS, TRAIN_LOG, TRAIN_STEPS, FilterVerdict
+from consumers.lake.tables import (
+    EVALS,
+    FILTERS,
+    FLUSH_ORDER,
+    SCHEMAS,
+    TRAIN_LOG,
+    TRAIN_STEPS,
+    EvalRecord,
+    FilterVerdict,
+)
 from schemas.arrays import LOGPROB_DTYPE, TOKEN_DTYPE
 from schemas.task import TaskSample
 from schemas.train import StepStats, TrainRecord
@@ -223,6 +232,10 @@ class LakeWriter:
         row = {f: getattr(verdict, f) for f in FILTERS.names}
         row["reasons"] = list(verdict.reasons)
         self._add("filters", verdict.run, verdict.time, [row])
+
+    def add_eval(self, record: EvalRecord) -> None:
+        """Buffer one evaluation attempt (``evals`` row)."""
+        self._add("evals", record.run, record.time, [{f: getattr(record, f) for f in EVALS.names}])
 
     def pending(self) -> int:
         """Rows buffered and not yet durable, over all tables."""

@@ -92,11 +92,16 @@ class _TimedSandbox:
         self.inner = inner
 
     async def create(
-        self, environment: str = "base", *, labels: dict[str, str] | None = None, ttl_s: float = 900.0
+        self,
+        environment: str = "base",
+        *,
+        labels: dict[str, str] | None = None,
+        ttl_s: float = 900.0,
+        **opts: Any,
     ) -> Created:
         t0 = time.perf_counter()
         try:
-            return await self.inner.create(environment, labels=labels or {}, ttl_s=ttl_s)
+            return await self.inner.create(environment, labels=labels or {}, ttl_s=ttl_s, **opts)
         finally:
             _charge("sbx", time.perf_counter() - t0)
 

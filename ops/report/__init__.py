@@ -3,7 +3,8 @@
 Everything comes from the deduplicating views of ``consumers.lake``. A plot whose data is missing
 is skipped and named in the summary; an empty lake gives a summary that says so and no PNG.
 Modules: ``data`` (SQL and version bins), ``plots`` (matplotlib's object API on the Agg canvas:
-no pyplot state, no display), ``summary`` (the text). Everything here blocks; async callers go
+no pyplot state, no display), ``evals`` (pass@k by version from ``rollstream eval``, next to the
+training success), ``summary`` (the text). Everything here blocks; async callers go
 through ``anyio.to_thread``.
 """
 
@@ -20,6 +21,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from consumers.lake import LakeError
+from ops.report import plots as _plots
 from ops.report.data import (
     NoData,
     PooledVersions,
@@ -29,10 +31,9 @@ from ops.report.data import (
     version_bins,
     wilson_interval,
 )
+from ops.report.evals import EVAL_PLOT, eval_lines, eval_points, plot_eval_by_version
 from ops.report.plots import (
     DPI,
-    PLOTS,
-    PLOTTERS,
     plot_loss,
     plot_reward_by_version,
     plot_staleness,
@@ -41,11 +42,16 @@ from ops.report.plots import (
 )
 from ops.report.summary import summarize
 
+PLOTS = (*_plots.PLOTS, EVAL_PLOT)
+PLOTTERS = {**_plots.PLOTTERS, EVAL_PLOT: plot_eval_by_version}
+
 __all__ = [
     "PLOTS",
     "PooledVersions",
     "ReportResult",
     "VersionBin",
+    "eval_points",
+    "plot_eval_by_version",
     "plot_loss",
     "plot_reward_by_version",
     "plot_staleness",
@@ -98,6 +104,7 @@ def write_report(lake_root: Path, out_dir: Path, *, run: str | None = None) -> R
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = summarize(lake_root, run)
     empty = len(lines) == 2 and "nothing to report" in lines[1]
+    lines += [] if empty else eval_lines(lake_root, run)
     plots: list[Path] = []
     skipped: dict[str, str] = {}
     for name, plot in PLOTTERS.items():

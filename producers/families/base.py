@@ -31,6 +31,9 @@ class TaskParams(Protocol):
     @property
     def reward(self) -> str: ...  # "graded": the task's own graded reward if any; "won": 1 iff verified
 
+    @property
+    def path(self) -> str: ...  # a task file or directory (imported families: harbor, swe)
+
 
 class TaskSandbox(Protocol):
     """The part of ``sandboxd.client.SandboxClient`` that making tasks may use."""

@@ -1,0 +1,3 @@
+#!/bin/bash
+# Deliberately wrong: the verifier wants 42.
+echo 41 > /app/answer.txt

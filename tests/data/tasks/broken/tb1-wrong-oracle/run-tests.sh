@@ -1,0 +1,2 @@
+#!/bin/bash
+grep -qx yes /app/answer.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+# Deliberately wrong: writes to the wrong file.
+echo yes > /app/answer.text

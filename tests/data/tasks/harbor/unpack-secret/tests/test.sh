@@ -1,0 +1,2 @@
+#!/bin/bash
+[ "$(cat /app/answer.txt 2>/dev/null)" = "open sesame" ] && echo 1 > /logs/verifier/reward.txt || echo 0 > /logs/verifier/reward.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+chmod +x /app/greet.sh
+/app/greet.sh > /app/out.txt

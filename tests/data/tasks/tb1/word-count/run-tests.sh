@@ -1,0 +1,2 @@
+#!/bin/bash
+[ "$(tr -d '[:space:]' < /app/count.txt)" = "9" ]

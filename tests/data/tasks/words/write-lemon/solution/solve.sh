@@ -1,0 +1,2 @@
+#!/bin/bash
+echo lemon > /work/answer.txt

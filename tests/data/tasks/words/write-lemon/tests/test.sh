@@ -1,0 +1,2 @@
+#!/bin/bash
+[ "$(cat /work/answer.txt 2>/dev/null)" = "lemon" ] && echo 1 > /logs/verifier/reward.txt || echo 0 > /logs/verifier/reward.txt

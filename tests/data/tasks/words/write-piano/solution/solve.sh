@@ -1,0 +1,2 @@
+#!/bin/bash
+echo piano > /work/answer.txt
