@@ -16,11 +16,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import msgspec
 
+from producers.families.base import TaskParams, TaskSandbox
 from sandboxd import taskenv
 from sandboxd.errors import EnvHubError
 from schemas.task import MAX_TASK_FILE_BYTES, Task, task_files_bytes
@@ -220,3 +223,32 @@ def cycle(tasks: list[Task], *, seed: int, start: int, count: int) -> list[Task]
         meta = task.metadata | {"task": task.task_id, "epoch": str(epoch)}
         out.append(msgspec.structs.replace(task, task_id=f"{task.task_id}@{epoch}", metadata=meta))
     return out
+
+
+class ImportedStream:
+    """The endless task stream over an imported task set (``producer.path``): loaded, validated and
+    its images built once per process and path, then cycled. One per format (``noun`` names its
+    items in the error for a path that holds none)."""
+
+    def __init__(self, load: Callable[[Path], list[Imported]], noun: str) -> None:
+        self.load, self.noun = load, noun
+        self._prepared: dict[tuple[str, str], list[Task]] = {}
+
+    def prepared_tasks(self, path: Path, *, network: str = "none") -> list[Task]:
+        """The importable tasks of ``path`` with their images built (memoised per process)."""
+        key = (str(Path(path).resolve()), network)
+        if key not in self._prepared:
+            self._prepared[key] = importable(prepare(self.load(path), network=network))
+        return self._prepared[key]
+
+    async def make_tasks(
+        self, sandbox: TaskSandbox, params: TaskParams, *, seed: int, start: int, count: int
+    ) -> list[Task]:
+        """Tasks ``start..start+count-1`` of the endless stream over ``producer.path``'s tasks."""
+        tasks = await anyio.to_thread.run_sync(partial(self.prepared_tasks, Path(params.path)))
+        if not tasks:
+            raise ValueError(
+                f"producer.path = {params.path!r} holds no importable {self.noun}: "
+                "run `rollstream tasks import`"
+            )
+        return cycle(tasks, seed=seed, start=start, count=count)

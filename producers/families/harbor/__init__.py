@@ -9,18 +9,14 @@ expert: a task's reference solution is run by ``rollstream eval --agent oracle``
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from agent_harness.tools import default_tools
-from producers.families.base import Family, TaskParams, TaskSandbox
+from producers.families.base import Family
 from producers.families.harbor.harbor2 import load_harbor
 from producers.families.harbor.tb1 import load_tb1
-from producers.families.imported import Imported, Problem, cycle, failed, importable, prepare
-from schemas.task import Task
+from producers.families.imported import Imported, ImportedStream, Problem, failed
 
 FAMILY = "harbor"
 
@@ -53,27 +49,9 @@ def load(path: Path) -> list[Imported]:
     return items or [failed(path.name, "harbor", path, [Problem(str(path), "", "holds no task directories")])]
 
 
-_prepared: dict[tuple[str, str], list[Task]] = {}
-
-
-def prepared_tasks(path: Path, *, network: str = "none") -> list[Task]:
-    """The importable tasks of ``path`` with their images built (memoised per process)."""
-    key = (str(Path(path).resolve()), network)
-    if key not in _prepared:
-        _prepared[key] = importable(prepare(load(path), network=network))
-    return _prepared[key]
-
-
-async def make_tasks(
-    sandbox: TaskSandbox, params: TaskParams, *, seed: int, start: int, count: int
-) -> list[Task]:
-    """Tasks ``start..start+count-1`` of the endless stream over ``producer.path``'s tasks."""
-    tasks = await anyio.to_thread.run_sync(partial(prepared_tasks, Path(params.path)))
-    if not tasks:
-        raise ValueError(
-            f"producer.path = {params.path!r} holds no importable task: run `rollstream tasks import`"
-        )
-    return cycle(tasks, seed=seed, start=start, count=count)
+_stream = ImportedStream(load, "task")
+prepared_tasks = _stream.prepared_tasks
+make_tasks = _stream.make_tasks
 
 
 def no_expert(**_: Any) -> Any:

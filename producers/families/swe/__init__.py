@@ -15,23 +15,19 @@ import hashlib
 import shlex
 import shutil
 import tempfile
-from functools import partial
 from pathlib import Path
 
-import anyio
 import msgspec
 
 from agent_harness.tools import default_tools
-from producers.families.base import Family, TaskParams, TaskSandbox
+from producers.families.base import Family
 from producers.families.harbor import no_expert
 from producers.families.imported import (
     EnvSource,
     Imported,
+    ImportedStream,
     Problem,
-    cycle,
     failed,
-    importable,
-    prepare,
     size_problem,
 )
 from producers.families.swe.instances import SweInstance, test_ids
@@ -212,27 +208,9 @@ def load(path: Path, *, cache: Path = DEFAULT_CACHE) -> list[Imported]:
     return items
 
 
-_prepared: dict[str, list[Task]] = {}
-
-
-def prepared_tasks(path: Path, *, network: str = "none") -> list[Task]:
-    """The importable instances of ``path`` with their images built (memoised per process)."""
-    key = str(Path(path).resolve())
-    if key not in _prepared:
-        _prepared[key] = importable(prepare(load(path), network=network))
-    return _prepared[key]
-
-
-async def make_tasks(
-    sandbox: TaskSandbox, params: TaskParams, *, seed: int, start: int, count: int
-) -> list[Task]:
-    """Tasks ``start..start+count-1`` of the endless stream over ``producer.path``'s instances."""
-    tasks = await anyio.to_thread.run_sync(partial(prepared_tasks, Path(params.path)))
-    if not tasks:
-        raise ValueError(
-            f"producer.path = {params.path!r} holds no importable instance: run `rollstream tasks import`"
-        )
-    return cycle(tasks, seed=seed, start=start, count=count)
+_stream = ImportedStream(load, "instance")
+prepared_tasks = _stream.prepared_tasks
+make_tasks = _stream.make_tasks
 
 
 SWE = Family(
