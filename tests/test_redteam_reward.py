@@ -146,11 +146,11 @@ async def test_forged_status_lines_in_its_own_shell_never_answer_a_later_command
         assert result.exit_code == code and not result.timed_out
 
 
-async def test_a_forged_frame_on_the_driver_channel_is_a_session_error_not_a_result(
-    sandbox_client: SandboxClient, created: Created
-) -> None:
-    # Even a writer that reaches the channel (root in the container: the host's view) cannot forge a
-    # result: the frame's MAC is keyed by a secret only sandboxd and the driver hold.
+async def _inject_during_a_command(
+    sandbox_client: SandboxClient, created: Created, command: str, injection: str
+) -> list[BaseException]:
+    """Run ``command`` in the sandbox's session and, while it runs, ``injection`` as root in the
+    container (``{driver}`` is the session driver's pid); the errors the command raised."""
     sid = created.sandbox_id
     await sandbox_client.exec(sid, "true")
     [driver] = await driver_pids(created.container)
@@ -158,15 +158,27 @@ async def test_a_forged_frame_on_the_driver_channel_is_a_session_error_not_a_res
 
     async def victim() -> None:
         try:
-            await sandbox_client.exec(sid, "sleep 2; exit 1", timeout_s=10)
+            await sandbox_client.exec(sid, command, timeout_s=10)
         except SandboxError as exc:
             errors.append(exc)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(victim)
         await anyio.sleep(0.7)
-        forged = "x 0 30 0123456789abcdef0123456789abcdef\\n0000000000000000 0 0 0 0 -1 1 0"
-        await root_exec(created.container, f"printf '{forged}' > /proc/{driver}/fd/1")
+        await root_exec(created.container, injection.format(driver=driver))
+    return errors
+
+
+async def test_a_forged_frame_on_the_driver_channel_is_a_session_error_not_a_result(
+    sandbox_client: SandboxClient, created: Created
+) -> None:
+    # Even a writer that reaches the channel (root in the container: the host's view) cannot forge a
+    # result: the frame's MAC is keyed by a secret only sandboxd and the driver hold.
+    sid = created.sandbox_id
+    forged = "x 0 30 0123456789abcdef0123456789abcdef\\n0000000000000000 0 0 0 0 -1 1 0"
+    errors = await _inject_during_a_command(
+        sandbox_client, created, "sleep 2; exit 1", f"printf '{forged}' > /proc/{{driver}}/fd/1"
+    )
     assert len(errors) == 1 and "protocol violation" in str(errors[0])
     assert (await sandbox_client.exec(sid, "echo fresh")).stdout == "fresh\n"  # a new session serves
 
@@ -174,26 +186,15 @@ async def test_a_forged_frame_on_the_driver_channel_is_a_session_error_not_a_res
 async def test_a_frame_claiming_a_huge_length_is_refused_with_bounded_memory(
     sandbox_client: SandboxClient, created: Created
 ) -> None:
-    sid = created.sandbox_id
-    await sandbox_client.exec(sid, "true")
-    [driver] = await driver_pids(created.container)
     daemon = psutil.Process(os.getpid())
     rss_before = daemon.memory_info().rss
-    errors: list[BaseException] = []
-
-    async def victim() -> None:
-        try:
-            await sandbox_client.exec(sid, "sleep 2", timeout_s=10)
-        except SandboxError as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(victim)
-        await anyio.sleep(0.7)
-        huge = "o 1 9999999999 0123456789abcdef0123456789abcdef\\n"
-        await root_exec(
-            created.container, f"{{ printf '{huge}'; head -c 8388608 /dev/zero; }} > /proc/{driver}/fd/1"
-        )
+    huge = "o 1 9999999999 0123456789abcdef0123456789abcdef\\n"
+    errors = await _inject_during_a_command(
+        sandbox_client,
+        created,
+        "sleep 2",
+        f"{{{{ printf '{huge}'; head -c 8388608 /dev/zero; }}}} > /proc/{{driver}}/fd/1",
+    )
     assert len(errors) == 1 and "claims 9999999999 bytes" in str(errors[0])
     assert daemon.memory_info().rss - rss_before < 30 * MIB
 
@@ -202,23 +203,9 @@ async def test_a_driver_stderr_flood_ends_the_session_with_bounded_logs(
     sandbox_client: SandboxClient, created: Created
 ) -> None:
     sid = created.sandbox_id
-    await sandbox_client.exec(sid, "true")
-    [driver] = await driver_pids(created.container)
-    errors: list[BaseException] = []
-
-    async def victim() -> None:
-        try:
-            await sandbox_client.exec(sid, "sleep 2", timeout_s=10)
-        except SandboxError as exc:
-            errors.append(exc)
-
+    flood = "head -c 4194304 /dev/zero | tr '\\0' E > /proc/{driver}/fd/2"
     with structlog.testing.capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(victim)
-            await anyio.sleep(0.7)
-            await root_exec(
-                created.container, f"head -c 4194304 /dev/zero | tr '\\0' E > /proc/{driver}/fd/2"
-            )
+        errors = await _inject_during_a_command(sandbox_client, created, "sleep 2", flood)
     assert len(errors) == 1 and "stderr" in str(errors[0])
     logged = sum(len(e.get("text", "")) for e in logs if e["event"] == "session.driver_stderr")
     assert 0 < logged <= 4096
