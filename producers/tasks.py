@@ -59,17 +59,23 @@ async def task_stream(
 
 
 async def _load_cursor(js: JetStreamContext, run: str) -> int:
-    kv = await js.key_value(POLICY_BUCKET)
-    try:
-        entry = await kv.get(f"{check_run(run)}.producer_cursor")
-    except (KeyNotFoundError, NotFoundError):
-        return 0
-    return int(entry.value or b"0")
+    async def get() -> int:
+        kv = await js.key_value(POLICY_BUCKET)
+        try:
+            entry = await kv.get(f"{check_run(run)}.producer_cursor")
+        except (KeyNotFoundError, NotFoundError):
+            return 0
+        return int(entry.value or b"0")
+
+    return await retrying(get, attempt_timeout_s=10.0)  # a broker fail-over is waited out
 
 
 async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
-    kv = await js.key_value(POLICY_BUCKET)
-    await kv.put(f"{check_run(run)}.producer_cursor", str(cursor).encode())
+    async def put() -> None:
+        kv = await js.key_value(POLICY_BUCKET)
+        await kv.put(f"{check_run(run)}.producer_cursor", str(cursor).encode())
+
+    await retrying(put, attempt_timeout_s=10.0)  # idempotent: the same cursor again
 
 
 async def run(
