@@ -111,6 +111,7 @@ async def run_episode(
             ep.status, ep.abort_reason = "aborted", str(exc)
     if scope.cancelled_caught:
         ep.status, ep.abort_reason = "truncated", "episode_timeout"
+    await _finish(sandbox, registry, ep, settings)
     if ep.chunks and ep.chunks[-1].obs_tokens:  # nothing was generated after it
         ep.chunks[-1] = msgspec.structs.replace(ep.chunks[-1], obs_tokens=b"")
     versions = [c.policy_version for c in ep.chunks] or [engine.version]
@@ -135,6 +136,21 @@ async def run_episode(
     )
     log.debug("episode", traj_id=traj.traj_id, status=traj.status, chunks=len(traj.chunks))
     return traj
+
+
+async def _finish(
+    sandbox: SandboxAPI, registry: ToolRegistry, ep: _Episode, settings: HarnessSettings
+) -> None:
+    """The registry's end-of-episode command, if any (best effort: the trajectory is already made,
+    and a dead sandbox has nothing left to stop)."""
+    command = registry.finish_command()
+    if command is None or not ep.sandbox_id:
+        return
+    with anyio.move_on_after(settings.command_timeout_s):
+        try:
+            await sandbox.exec(ep.sandbox_id, command, timeout_s=settings.command_timeout_s, **ep.exec_opts)
+        except Exception as exc:  # noqa: BLE001 - best effort, logged
+            log.debug("episode_finish_failed", sandbox_id=ep.sandbox_id, error=str(exc)[:200])
 
 
 async def _create_waiting(

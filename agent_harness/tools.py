@@ -132,6 +132,12 @@ class ToolRegistry:
             return f"tool {call.name!r} has no argument {sorted(extra)[0]!r}"
         return None
 
+    def finish_command(self) -> str | None:
+        """A command the harness runs in the sandbox when the episode ends, whatever its status,
+        outside the trajectory (e.g. to stop an environment's resident process, which the reward
+        group's probe would otherwise see as a process left behind). None: nothing to run."""
+        return None
+
     def command(self, call: ToolCall) -> str | None:
         """The shell command a valid call runs in the sandbox (None: it runs none, like ``submit``).
         The reward worker re-executes these to rebuild a lost sandbox."""

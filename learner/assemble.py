@@ -16,6 +16,10 @@ broker does not redeliver them while they wait. Members that arrive after their 
 start a new entry and are released by the same rules (at the latest after the timeout); a late
 member of a released group that is still held joins it.
 
+With ``informative`` given (dynamic sampling, as in DAPO and ROLL), a ready group of a task that
+fails it (all rewards equal: every group-normalised advantage is 0) is not batched: it is set aside
+for the caller to account for, and the batch keeps filling from informative groups.
+
 ``GroupBuffer`` is the pure bookkeeping (no I/O, clock passed in); ``GroupBatcher`` drives it from a
 ``Consumer``. Without groups (tasks of size 1) the batcher is a plain "``batch_size`` or timeout"
 collector.
@@ -24,7 +28,7 @@ collector.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -52,6 +56,7 @@ class AssemblyStats:
     complete: int = 0
     stragglers: int = 0  # released incomplete after group_timeout_s
     batches: int = 0
+    filtered: int = 0  # ready groups set aside as uninformative
 
 
 class GroupBuffer(Generic[T]):
@@ -67,11 +72,14 @@ class GroupBuffer(Generic[T]):
         group_size: int,
         group_timeout_s: float,
         batch_timeout_s: float,
+        informative: Callable[[Sequence[T]], bool] | None = None,
     ) -> None:
         self.key, self.batch_size, self.group_size = key, batch_size, group_size
         self.group_timeout_s, self.batch_timeout_s = group_timeout_s, batch_timeout_s
+        self.informative = informative
         self.groups: dict[str, _Group[T]] = {}  # insertion order = arrival order of first members
         self.stats = AssemblyStats()
+        self.filtered: list[list[T]] = []  # uninformative groups not yet claimed by the caller
         self._anon = 0
 
     def __len__(self) -> int:
@@ -112,8 +120,23 @@ class GroupBuffer(Generic[T]):
                 times.append(g.first_seen + self.group_timeout_s)
         return min(times, default=now + self.batch_timeout_s)
 
+    def take_filtered(self) -> list[list[T]]:
+        """The groups set aside as uninformative since the last call (each one whole)."""
+        out, self.filtered = self.filtered, []
+        return out
+
+    def _set_aside(self, now: float) -> None:
+        if self.informative is None:
+            return
+        for gid, g in list(self.groups.items()):
+            if not gid.startswith("\0") and self._ready(g, now) and not self.informative(g.members):
+                del self.groups[gid]
+                self.filtered.append(g.members)
+                self.stats.filtered += 1
+
     def take(self, now: float) -> list[T]:
         """A batch of whole ready groups, or ``[]`` when none is due yet."""
+        self._set_aside(now)
         ready = [(gid, g) for gid, g in self.groups.items() if self._ready(g, now)]
         count = sum(len(g.members) for _, g in ready)
         oldest = min((g.ready_since for _, g in ready if g.ready_since is not None), default=None)
@@ -142,8 +165,15 @@ def trajectory_group(d: Delivery[ScoredTrajectory]) -> tuple[str, int] | None:
     return traj.group_id, traj.task.group_size
 
 
+def rewards_differ(group: Sequence[Delivery[ScoredTrajectory]]) -> bool:
+    """Whether a group carries a group-baseline signal: not every member has the same reward."""
+    return len({d.record.reward for d in group}) > 1
+
+
 class GroupBatcher:
-    """Fetches from the learner consumer and hands out batches of whole groups."""
+    """Fetches from the learner consumer and hands out batches of whole groups. With
+    ``on_filtered`` (dynamic sampling), groups whose rewards are all equal are handed to it as soon
+    as they are ready instead of being batched."""
 
     def __init__(
         self,
@@ -153,15 +183,17 @@ class GroupBatcher:
         group_size: int,
         group_timeout_s: float,
         batch_timeout_s: float,
+        on_filtered: Callable[[list[Delivery[ScoredTrajectory]]], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.consumer, self.clock = consumer, clock
+        self.consumer, self.clock, self.on_filtered = consumer, clock, on_filtered
         self.buffer: GroupBuffer[Delivery[ScoredTrajectory]] = GroupBuffer(
             key=trajectory_group,
             batch_size=batch_size,
             group_size=group_size,
             group_timeout_s=group_timeout_s,
             batch_timeout_s=batch_timeout_s,
+            informative=rewards_differ if on_filtered is not None else None,
         )
         self._last_heartbeat = clock()
 
@@ -178,6 +210,7 @@ class GroupBatcher:
         while True:
             now = self.clock()
             batch = buf.take(now)
+            await self._settle_filtered()
             if batch:
                 return batch
             wait = min(2.0, max(0.2, buf.next_deadline(now) - now))
@@ -185,6 +218,11 @@ class GroupBatcher:
             for d in await self.consumer.fetch(want, timeout_s=wait):
                 buf.add(d, self.clock())
             await self._heartbeat()
+
+    async def _settle_filtered(self) -> None:
+        for group in self.buffer.take_filtered():
+            assert self.on_filtered is not None
+            await self.on_filtered(group)
 
     async def _heartbeat(self) -> None:
         now = self.clock()

@@ -30,6 +30,16 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             ),
         ),
     ] = 30.0
+    dynamic_sampling: Annotated[
+        bool,
+        msgspec.Meta(
+            description=(
+                "Dynamic sampling (DAPO): drop a complete task group whose rewards are all equal (its "
+                "group-normalised advantages are all 0) before it enters a batch, and keep filling the "
+                "batch from informative groups. Counted in train_steps.filtered_groups."
+            )
+        ),
+    ] = False
     lr: Annotated[
         float,
         msgspec.Meta(

@@ -85,6 +85,7 @@ class Learner:
         self.resumed_records = msgspec.convert(extra.get("unpublished", []), list[TrainRecord])
         self.checkpointed_step = trainer.step
         self.published_step = trainer.step
+        self.filtered_groups = 0  # uninformative groups dropped since the last step's stats
 
     @property
     def version(self) -> int:
@@ -162,6 +163,21 @@ class Learner:
             else:
                 keep.append(d)
         return keep, drops
+
+    async def drop_uninformative(self, group: list[Delivery[ScoredTrajectory]]) -> None:
+        """Dynamic sampling: a task group whose rewards are all equal trains nothing under a group
+        baseline. Its members are dropped (a member with a reason of its own keeps that reason),
+        published and acked at once: drops touch no model state."""
+        records = []
+        for d in group:
+            reason, detail = self._drop_reason(d.record)
+            if not reason:
+                reason, detail = "uninformative", f"all {len(group)} of the group scored {d.record.reward:g}"
+            records.append(self._record(d.record, "dropped", reason, self.trainer.step, detail=detail))
+        await self.publish_records(records)
+        for d in group:
+            await d.ack()
+        self.filtered_groups += 1
 
     def as_trained(self, s: ScoredTrajectory) -> ScoredTrajectory:
         """The sample as it trains: a flagged one under ``flagged = "negative"`` with its reward
@@ -270,6 +286,7 @@ async def run(
         group_size=group_size,
         group_timeout_s=settings.group_timeout_s,
         batch_timeout_s=settings.batch_timeout_s,
+        on_filtered=learner.drop_uninformative if settings.dynamic_sampling else None,
     )
     task_status.started()
     log.info(
@@ -277,6 +294,7 @@ async def run(
         policy_version=learner.version,
         eta=settings.max_staleness,
         batch=settings.batch_size,
+        dynamic_sampling=settings.dynamic_sampling,
         group_size=group_size,
     )
     while True:
@@ -325,7 +343,9 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
             masked_fraction=result.stats.masked_fraction,
             grad_norm=result.grad_norm,
             time=time.time(),
+            filtered_groups=learner.filtered_groups,
         )
+        learner.filtered_groups = 0
         await learner.pub.publish_async(
             subject("train", run), stats, msg_id=f"{run}:step:{result.step}:{learner.version}"
         )

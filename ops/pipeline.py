@@ -32,11 +32,27 @@ def seeding(cfg: Config) -> Seeding:
     return Seeding(producer=cfg.producer, rollout=cfg.rollout, reward=cfg.reward)
 
 
+def pipeline_budget(cfg: Config, *, with_learner: bool) -> int | None:
+    """The producer's version-aware admission budget (``producers.tasks``): samples in the whole
+    pipeline, (η + 1) x batch x publish_every; None (no such bound) without a learner to drain it."""
+    if not (cfg.producer.admission and with_learner):
+        return None
+    learner = cfg.learner
+    return (learner.max_staleness + 1) * learner.batch_size * learner.publish_every
+
+
 def starter(
-    name: str, cfg: Config, js: JetStreamContext, nc: NATS, *, engine: InferenceEngine | None = None
+    name: str,
+    cfg: Config,
+    js: JetStreamContext,
+    nc: NATS,
+    *,
+    engine: InferenceEngine | None = None,
+    with_learner: bool | None = None,
 ) -> Starter:
     """Worker ``name`` of run ``cfg.run``; ``engine`` replaces the rollout worker's own (the
-    demonstrations hand it the warm-started policy). Each worker's modules load only when it starts."""
+    demonstrations hand it the warm-started policy). ``with_learner``: whether a learner drains the
+    run (default: ``processes.learner > 0``). Each worker's modules load only when it starts."""
     if name == "sandboxd":
         from sandboxd import daemon
 
@@ -44,7 +60,11 @@ def starter(
     if name == "producer":
         from producers import tasks
 
-        return lambda task_status: tasks.run(cfg.producer, js, nc, run=cfg.run, task_status=task_status)
+        learning = cfg.processes.learner > 0 if with_learner is None else with_learner
+        budget = pipeline_budget(cfg, with_learner=learning)
+        return lambda task_status: tasks.run(
+            cfg.producer, js, nc, run=cfg.run, pipeline_budget=budget, task_status=task_status
+        )
     if name == "rollout":
         from consumers import rollout
         from producers.families import tools_for
@@ -96,9 +116,11 @@ async def start(
     *,
     engine: InferenceEngine | None = None,
 ) -> None:
-    """Start workers ``names`` in ``tg``, in that order, each once it is bound."""
+    """Start workers ``names`` in ``tg``, in that order, each once it is bound (the producer's
+    admission counts on a learner only when ``names`` holds one)."""
+    names = list(names)
     for name in names:
-        await tg.start(starter(name, cfg, js, nc, engine=engine))
+        await tg.start(starter(name, cfg, js, nc, engine=engine, with_learner="learner" in names))
 
 
 async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: TaskStatus[None]) -> None:

@@ -154,7 +154,11 @@ def _stage_grants(role: str, run: str | None) -> Grants:
             f"rs.tasks.{r}",
             f"$KV.{POLICY_BUCKET}.{cursor}",
             *_kv_read(cursor),
-            f"{API}.CONSUMER.INFO.{ROLLOUT.stream}.{ROLLOUT.durable(run) if run else '*'}",
+            # version-aware admission counts the samples in every stage of the pipeline
+            *(
+                f"{API}.CONSUMER.INFO.{spec.stream}.{spec.durable(run) if run else '*'}"
+                for spec in (ROLLOUT, REWARD, LEARNER)
+            ),
         ]
         return Grants(pub, [inbox])
     if role == "rollout":

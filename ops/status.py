@@ -72,29 +72,47 @@ async def _status(cfg: Config, console: Console) -> None:
         console.print(t)
     finally:
         await nc.close()
+    console.print(lake_line(cfg.lake_root, cfg.learner.max_staleness))
+
+
+def lake_line(lake_root: Path, bound: int) -> str:
+    """What the lake holds, in one line (the last line of ``rollstream status``)."""
     from consumers.lake import QueryError, query
 
     try:
-        table = query(
-            cfg.lake_root,
+        row = query(
+            lake_root,
             "SELECT count(*) AS trajectories, avg(reward) FILTER (source = 'online') AS success, "
             "count(DISTINCT policy_version) AS versions, max(policy_version) AS newest FROM trajectories",
-        )
-        row = table.to_pylist()[0]
-        drops = query(
-            cfg.lake_root,
-            "SELECT count(*) FILTER (fate = 'dropped') AS dropped, count(*) AS total, "
-            "max(staleness) FILTER (fate = 'trained') AS max_trained_staleness FROM train_log",
         ).to_pylist()[0]
-        success = f"{row['success']:.1%}" if row["success"] is not None else "-"
-        console.print(
-            f"lake: {row['trajectories']} trajectories, online success {success}, "
-            f"{row['versions']} policy versions "
-            f"(newest {row['newest']}); train log: {drops['dropped']} of {drops['total']} samples dropped, "
-            f"max trained staleness {drops['max_trained_staleness']} (bound {cfg.learner.max_staleness})"
-        )
+        drops = query(
+            lake_root,
+            "SELECT count(*) FILTER (fate = 'dropped' AND source = 'online') AS dropped, "
+            "count(*) FILTER (source = 'online') AS total, "
+            "count(*) FILTER (fate = 'dropped' AND source = 'online' AND reason = 'stale') AS stale, "
+            "max(staleness) FILTER (fate = 'trained' AND source = 'online') AS max_trained_staleness, "
+            "count(*) FILTER (source = 'replay') AS replayed FROM train_log",
+        ).to_pylist()[0]
     except QueryError as exc:
-        console.print(f"lake: {exc}")
+        return f"lake: {exc}"
+    success = f"{row['success']:.1%}" if row["success"] is not None else "-"
+    return (
+        f"lake: {row['trajectories']} trajectories, online success {success}, "
+        f"{row['versions']} policy versions (newest {row['newest']}); {_train_line(drops, bound)}"
+    )
+
+
+def _train_line(drops: dict[str, Any], bound: int) -> str:
+    """The train log in one line, about online samples only: replays are exempt from the staleness
+    bound by design, so they are counted apart and never shown as a staleness."""
+    total, stale = drops["total"] or 0, drops["stale"] or 0
+    share = f" ({stale / total:.1%} stale)" if total else ""
+    newest = drops["max_trained_staleness"]
+    return (
+        f"train log (online samples): {drops['dropped']} of {total} dropped{share}, "
+        f"max trained staleness {'-' if newest is None else newest} (bound {bound}); "
+        f"{drops['replayed']} replayed samples (exempt from the bound)"
+    )
 
 
 def _as_ops(cfg: Config) -> Config:

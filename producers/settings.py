@@ -46,4 +46,14 @@ class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_inflight: Annotated[
         int, msgspec.Meta(ge=1, description="Samples published but not yet finished by rollout, at most.")
     ] = 16
+    admission: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Version-aware admission: publish a sample only while the samples already in "
+            "the pipeline (rollout, reward and learner queues) fit in (learner.max_staleness + 1) x "
+            "learner.batch_size x learner.publish_every, so what starts now is trained within the "
+            "staleness bound; rollout waits (no work) while the learner warm-starts. Applies when a "
+            "learner runs."
+        ),
+    ] = True
     total: Annotated[int, msgspec.Meta(ge=0, description="Stop after this many tasks; 0 = run forever.")] = 0

@@ -4,8 +4,14 @@ Every task goes into the task registry (KV ``rs_tasks``, ``streams.tasks``) befo
 published: the reward group verifies with that copy, never with the one a trajectory carries.
 
 In-flight = samples waiting for or held by the rollout group (the consumer's pending plus
-ack-pending counts). Keeping it small keeps rollouts close to the learner's version, so few samples
-are dropped as stale. The producer's position is kept in KV so a restart does not repeat tasks.
+ack-pending counts), at most ``max_inflight``. With a learner, admission is also version-aware (as
+AReaL's): the samples anywhere in the pipeline (rollout, reward and learner queues together) stay
+within ``pipeline_budget`` = (η + 1) x batch x publish_every. The learner trains samples in about
+the order they reach it, one version per ``batch x publish_every``, so a sample admitted behind
+fewer than that many is trained at most η versions after the weights it starts with; and while
+the learner does not consume (its warm start), rollout stops once the budget is full instead of
+generating work that would expire. The producer's position is kept in KV so a restart does not
+repeat tasks.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
 from streams.policy import retrying
 from streams.tasks import publish_samples
-from streams.topology import POLICY_BUCKET, ROLLOUT, check_run
+from streams.topology import LEARNER, POLICY_BUCKET, REWARD, ROLLOUT, check_run
 
 log = structlog.get_logger(__name__)
 
@@ -78,28 +84,54 @@ async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
     await retrying(put, attempt_timeout_s=10.0)  # idempotent: the same cursor again
 
 
+async def pipeline_inflight(js: JetStreamContext, run: str) -> tuple[int, int]:
+    """(samples held by or waiting for the rollout group, samples anywhere in the pipeline)."""
+
+    async def counts() -> list[int]:
+        return [sum((await backlog(js, spec, run))[:2]) for spec in (ROLLOUT, REWARD, LEARNER)]
+
+    # a broker fail-over is waited out, as for every other broker call of a worker
+    rollout, reward, learner = await retrying(counts, attempt_timeout_s=10.0)
+    return rollout, rollout + reward + learner
+
+
+def room_for(settings: ProducerSettings, rollout: int, pipeline: int, budget: int | None) -> int:
+    """How many samples may be published now."""
+    room = settings.max_inflight - rollout
+    if budget is not None:
+        room = min(room, budget - pipeline)
+    return room
+
+
 async def run(
     settings: ProducerSettings,
     js: JetStreamContext,
     nc: NATS,
     *,
     run: str,
+    pipeline_budget: int | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Publish task samples of run ``run``, at most ``settings.max_inflight`` outstanding, until
-    cancelled or done."""
+    """Publish task samples of run ``run``, at most ``settings.max_inflight`` outstanding in the
+    rollout group and, with ``pipeline_budget``, at most that many in the whole pipeline (see the
+    module docstring), until cancelled or done."""
     pub = Publisher(js)
     cursor = await _load_cursor(js, run)
     tasks = task_stream(settings, cursor, SandboxClient(nc))
     group = settings.group_size
     task_status.started()
-    log.info("producer_started", cursor=cursor, source=settings.source, max_inflight=settings.max_inflight)
+    log.info(
+        "producer_started",
+        cursor=cursor,
+        source=settings.source,
+        max_inflight=settings.max_inflight,
+        pipeline_budget=pipeline_budget,
+    )
     published = 0
     while settings.total == 0 or cursor < settings.total:
-        # a broker fail-over is waited out, as for every other broker call of a worker
-        pending, ack_pending, _ = await retrying(lambda: backlog(js, ROLLOUT, run), attempt_timeout_s=10.0)
-        room = settings.max_inflight - (pending + ack_pending)
-        if room < group:
+        inflight, pipeline = await pipeline_inflight(js, run)
+        # a group larger than the budget still goes, alone, once the pipeline is empty
+        if room_for(settings, inflight, pipeline, pipeline_budget) < group and (pipeline or inflight):
             await anyio.sleep(0.5)
             continue
         nxt = await anext(tasks, None)
@@ -118,6 +150,8 @@ async def run(
         published += group
         await _save_cursor(js, run, cursor)
         if published % 50 < group:
-            log.info("producer_progress", published=published, cursor=cursor, inflight=pending + ack_pending)
+            log.info(
+                "producer_progress", published=published, cursor=cursor, inflight=inflight, pipeline=pipeline
+            )
     log.info("producer_done", cursor=cursor)
     await anyio.sleep_forever()

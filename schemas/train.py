@@ -9,7 +9,8 @@ import msgspec
 Fate = Literal["trained", "dropped"]
 # Why a sample was dropped ("" when trained). Values that vary (a staleness, the reward group's
 # explanation) live in their own fields, never in the reason, so reasons stay a closed set.
-DropReason = Literal["", "stale", "duplicate", "invalid", "empty", "flagged"]
+# "uninformative": the sample's task group had one reward for all (dynamic sampling, no group signal).
+DropReason = Literal["", "stale", "duplicate", "invalid", "empty", "flagged", "uninformative"]
 # Online samples obey the staleness bound; replays from the lake are exempt by design.
 SampleSource = Literal["online", "replay"]
 
@@ -52,6 +53,8 @@ class StepStats(msgspec.Struct, frozen=True, kw_only=True, tag="step.v1", tag_fi
     masked_fraction: float
     grad_norm: float
     time: float
+    # task groups dropped as uninformative (dynamic sampling) since the previous step
+    filtered_groups: int = 0
 
 
 TrainLog = TrainRecord | StepStats

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from agent_harness.loop import run_episode
 from agent_harness.settings import HarnessSettings
+from consumers.probe import ProbeSettings, run_probe
 from consumers.reward import score
 from producers import families
 from producers.families.gem import GemToolRegistry, GuessTheNumberExpert, act_call, next_guess
@@ -25,6 +26,7 @@ from producers.families.gem.api import (
     GemSession,
     StepResult,
     decode_answer,
+    stop_command,
 )
 from producers.families.gem.tasks import family_of, gem_seed, gem_task, gem_tasks
 from sandboxd import envhub
@@ -92,6 +94,32 @@ async def test_random_play_ends_the_episode_and_a_lost_game_fails_verification(
         assert over.value.kind == "episode_over"
         assert not (await env.result()).won
         assert (await sandbox_client.exec(env.sandbox_id, VERIFY_COMMAND)).exit_code == 1
+
+
+@pytest.mark.docker
+async def test_the_resident_gem_process_serves_steps_and_its_loss_or_stop_leaves_the_game_intact(
+    gem_image: str, sandbox_client: SandboxClient
+) -> None:
+    async with await GemSession.open(sandbox_client, GUESS) as env:
+        observation, _ = await env.reset(7)
+        alive = await sandbox_client.exec(env.sandbox_id, "test -S /work/.gem/driver.sock")
+        assert alive.exit_code == 0  # reset started the episode's resident process
+        guess = next_guess(observation)
+        first = await env.step(f"\\boxed{{{guess}}}")
+        # the server goes away mid-episode (stopped here; killed or lost alike): the next step runs
+        # in its own process from the saved episode and continues the same game
+        stopped = await sandbox_client.exec(env.sandbox_id, stop_command())
+        assert '"stopped": true' in stopped.stdout
+        assert (await sandbox_client.exec(env.sandbox_id, "test -S /work/.gem/driver.sock")).exit_code == 1
+        second = await env.step(f"\\boxed{{{next_guess(observation + chr(10) + first.observation)}}}")
+        assert second.steps == 2 and second.total_reward >= first.total_reward
+        # a new reset starts a new resident process; stopping it leaves nothing the probe would flag
+        await env.reset(8)
+        await env.step("\\boxed{5}")
+        await sandbox_client.exec(env.sandbox_id, stop_command())
+        findings = await run_probe(sandbox_client, env.sandbox_id, ProbeSettings())
+        assert [f for f in findings if f.flag == "leftover_process"] == []
+        assert (await env.result()).steps == 1
 
 
 @pytest.mark.docker

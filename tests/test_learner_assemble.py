@@ -5,16 +5,13 @@ from __future__ import annotations
 import time
 
 import anyio
-import msgspec
 from nats.js import JetStreamContext
 
 from learner.assemble import GroupBatcher, GroupBuffer
-from producers.families.files import builtin_tasks
 from schemas.codec import scored_decoder
-from schemas.trajectory import ScoredTrajectory
 from streams.bus import Consumer, Publisher
 from streams.topology import LEARNER, ensure, subject
-from tests.factories import LEARNER_RUN, scored
+from tests.factories import LEARNER_RUN, group_member, scored
 
 RUN = LEARNER_RUN  # the run of the ``scored`` samples
 
@@ -74,6 +71,30 @@ def test_fewer_ready_samples_than_a_batch_are_trained_after_the_batch_timeout() 
     assert len(buf.take(6.0)) == 4
 
 
+def test_dynamic_sampling_sets_uniform_groups_aside_and_fills_the_batch_from_informative_ones() -> None:
+    # items "<group>.<k>.<reward>": groups u and v score 1 for all, w mixes 0 and 1, x mixes too
+    buf = GroupBuffer(
+        key=lambda item: (item.split(".")[0], 4),
+        batch_size=8,
+        group_size=4,
+        group_timeout_s=10.0,
+        batch_timeout_s=5.0,
+        informative=lambda members: len({m.split(".")[2] for m in members}) > 1,
+    )
+    for g, rewards in [("u", "1111"), ("w", "0101"), ("v", "1111"), ("x", "0011")]:
+        for k, r in enumerate(rewards):
+            buf.add(f"{g}.{k}.{r}", 0.0)
+    batch = buf.take(0.0)
+    assert sorted({i.split(".")[0] for i in batch}) == ["w", "x"]  # a full batch without u and v
+    assert [sorted({i.split(".")[0] for i in g}) for g in buf.take_filtered()] == [["u"], ["v"]]
+    assert buf.take_filtered() == [] and buf.stats.filtered == 2 and buf.stats.complete == 2
+    # an incomplete group is judged only once it is ready (here: at its group timeout)
+    for k in range(2):
+        buf.add(f"y.{k}.0", 20.0)
+    assert buf.take(29.0) == [] and buf.take_filtered() == []
+    assert buf.take(30.0) == [] and [len(g) for g in buf.take_filtered()] == [2]
+
+
 def test_without_groups_the_buffer_is_a_plain_size_or_timeout_collector() -> None:
     buf = buffer(batch=3, group=1, batch_timeout=5.0)
     for k in range(5):
@@ -81,14 +102,6 @@ def test_without_groups_the_buffer_is_a_plain_size_or_timeout_collector() -> Non
     assert buf.take(0.0) == ["x.0", "x.1", "x.2"]
     assert buf.take(1.0) == []
     assert buf.take(5.0) == ["x.3", "x.4"]
-
-
-def member(task: int, k: int, group_size: int = 4) -> ScoredTrajectory:
-    s = scored(task, 0)
-    spec = builtin_tasks(seed=task, count=1, levels=(1,))[0]
-    spec = msgspec.structs.replace(spec, task_id=f"t{task}", group_size=group_size)
-    traj = msgspec.structs.replace(s.traj, traj_id=f"{RUN}:t{task}:{k}", sample_idx=k, task=spec)
-    return msgspec.structs.replace(s, traj=traj)
 
 
 async def test_the_learner_consumer_yields_whole_groups_and_releases_a_straggler_group(
@@ -100,7 +113,7 @@ async def test_the_learner_consumer_yields_whole_groups_and_releases_a_straggler
     order = [(1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (1, 3), (2, 3), (3, 2)]
     order += [(4, k) for k in range(4)]
     for task, k in order:
-        rec = member(task, k)
+        rec = group_member(task, k)
         await pub.publish(subject("scored", RUN), rec, msg_id=rec.traj.traj_id)
     consumer = await Consumer(js, LEARNER, RUN, scored_decoder).bind()
     batcher = GroupBatcher(consumer, batch_size=8, group_size=4, group_timeout_s=3.0, batch_timeout_s=1.0)
@@ -128,7 +141,8 @@ async def test_the_learner_consumer_yields_whole_groups_and_releases_a_straggler
 async def test_trajectories_of_tasks_without_groups_are_never_held_back(js: JetStreamContext) -> None:
     await ensure(js, RUN)
     pub = Publisher(js)
-    records = [member(10, 0, group_size=1), member(11, 0, group_size=1), scored(12, 0)]  # last: no task
+    no_task = scored(12, 0)
+    records = [group_member(10, 0, group_size=1), group_member(11, 0, group_size=1), no_task]
     for rec in records:
         await pub.publish(subject("scored", RUN), rec, msg_id=rec.traj.traj_id)
     consumer = await Consumer(js, LEARNER, RUN, scored_decoder).bind()

@@ -16,7 +16,7 @@ from schemas.trajectory import ScoredTrajectory
 from streams import policy
 from streams.bus import Publisher
 from streams.topology import ensure, subject
-from tests.factories import LEARNER_RUN, make_policy, read_train_log, scored
+from tests.factories import LEARNER_RUN, group_member, make_policy, read_step_stats, read_train_log, scored
 
 RUN = LEARNER_RUN  # the run of the ``scored`` samples
 
@@ -95,3 +95,34 @@ async def test_flagged_samples_are_dropped_trained_or_trained_as_failures_and_th
         assert flagged.reward == 1.0 and flagged.loss > 0
     else:  # trained as a failure: reward forced to flagged_reward, the loss pushes the calls down
         assert flagged.reward == -0.5 and flagged.loss < 0
+
+
+async def test_dynamic_sampling_drops_uniform_groups_and_counts_them_in_the_step_stats(
+    js: JetStreamContext, tmp_path: Path
+) -> None:
+    settings = LearnerSettings(batch_size=4, batch_timeout_s=1, group_timeout_s=30, dynamic_sampling=True)
+    policy_dir, ckpts = tmp_path / "policy", tmp_path / "checkpoints"
+    make_policy(policy_dir)
+    await ensure(js, RUN)
+    pub = Publisher(js)
+    # groups of 4: t1 all succeed, t3 all fail, t2 (last) mixed: only t2 carries a group-baseline
+    # signal, and the two uniform groups are set aside before the batch that t2 fills
+    rewards = {1: [1.0] * 4, 3: [0.0] * 4, 2: [1.0, 0.0, 1.0, 0.0]}
+    async with anyio.create_task_group() as tg:
+        learner = functools.partial(
+            worker.run, settings, js, run=RUN, policy_dir=policy_dir, checkpoint_root=ckpts, group_size=4
+        )
+        await tg.start(learner)
+        for task, rs in rewards.items():
+            for k, r in enumerate(rs):
+                rec = group_member(task, k, reward=r)
+                await pub.publish(subject("scored", RUN), rec, msg_id=rec.traj.traj_id)
+        records = await read_train_log(js, RUN, 12, timeout_s=30)
+        steps = await read_step_stats(js, RUN, 1, timeout_s=10)
+        tg.cancel_scope.cancel()
+    fates = {(r.task_id, r.fate, r.reason) for r in records}
+    assert len(records) == 12
+    uniform = "dropped", "uninformative"
+    assert fates == {("t1", *uniform), ("t2", "trained", ""), ("t3", *uniform)}
+    assert all("scored" in r.detail for r in records if r.fate == "dropped")
+    assert [(s.samples, s.filtered_groups) for s in steps] == [(4, 2)]

@@ -101,6 +101,7 @@ TRAIN_STEPS = pa.schema(
         ("masked_fraction", pa.float64()),
         ("grad_norm", pa.float64()),
         ("time", pa.float64()),
+        ("filtered_groups", pa.int64()),
     ]
 )
 

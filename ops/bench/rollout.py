@@ -254,12 +254,18 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated levels")
     parser.add_argument("--episodes-per-slot", type=int, default=2)
     parser.add_argument("--no-unbatched", action="store_true", help="skip the unbatched comparison")
+    parser.add_argument("--gem-episodes", type=int, default=10, help="GEM episodes per player (0: skip)")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.concurrency.split(","))
     t0 = time.perf_counter()
     rows = asyncio.run(run_benchmark(levels, args.episodes_per_slot, not args.no_unbatched))
     console = Console(width=150)
     console.print(render(rows))
+    if args.gem_episodes > 0:
+        from ops.bench import gem_episodes
+
+        gem = asyncio.run(gem_episodes.run_benchmark(args.gem_episodes))
+        console.print(gem_episodes.render(gem_episodes.ENV_ID, gem))
     console.print(f"done in {time.perf_counter() - t0:.0f}s")
 
 

@@ -181,6 +181,18 @@ def scored(i: int, version: int, reward: float = 1.0) -> ScoredTrajectory:
     return seeded_scored(i, run=LEARNER_RUN, version=version, reward=reward)
 
 
+def group_member(task: int, k: int, group_size: int = 4, reward: float = 1.0) -> ScoredTrajectory:
+    """Member ``k`` of the task group ``t<task>`` (a built-in task of ``group_size`` samples), as
+    ``scored`` makes it."""
+    from producers.families.files import builtin_tasks
+
+    s = scored(task, 0, reward=reward)
+    spec = builtin_tasks(seed=task, count=1, levels=(1,))[0]
+    spec = msgspec.structs.replace(spec, task_id=f"t{task}", group_size=group_size)
+    traj = msgspec.structs.replace(s.traj, traj_id=f"{LEARNER_RUN}:t{task}:{k}", sample_idx=k, task=spec)
+    return msgspec.structs.replace(s, traj=traj)
+
+
 def lake_trajectory(
     i: int, command: str = "ls", *, version: int = 0, reward: float = 1.0
 ) -> ScoredTrajectory:
@@ -351,13 +363,22 @@ def write_lake(root: Path, records: Sequence[ScoredTrajectory], *, writer_id: st
 
 async def read_train_log(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[TrainRecord]:
     """Up to ``n`` train records of ``run`` (pulled and acked), within ``timeout_s``."""
+    return await _read_train(js, run, n, TrainRecord, timeout_s)
+
+
+async def read_step_stats(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[StepStats]:
+    """Up to ``n`` step statistics of ``run`` from its train stream, within ``timeout_s``."""
+    return await _read_train(js, run, n, StepStats, timeout_s)
+
+
+async def _read_train(js: JetStreamContext, run: str, n: int, kind: type[Any], timeout_s: float) -> list[Any]:
     sub = await js.pull_subscribe(subject("train", run), stream=TRAIN.name)
-    out: list[TrainRecord] = []
+    out: list[Any] = []
     with anyio.move_on_after(timeout_s):
         while len(out) < n:
             for m in await sub.fetch(10, timeout=5):
                 rec = train_decoder.decode(m.data)
-                if isinstance(rec, TrainRecord):
+                if isinstance(rec, kind):
                     out.append(rec)
                 await m.ack()
     return out

@@ -97,7 +97,14 @@ def reset_command(env_id: str, seed: int) -> str:
 
 
 def step_command(action: str) -> str:
-    return f"python3 {DRIVER} step {shlex.quote(action)}"
+    # -S: no site packages, a fast start; the driver forwards the step to the episode's resident
+    # process (started by reset) and re-executes itself normally only when none answers.
+    return f"python3 -S {DRIVER} step {shlex.quote(action)}"
+
+
+def stop_command() -> str:
+    """Stop the episode's resident GEM process (the saved episode stays for verification)."""
+    return f"python3 -S {DRIVER} stop"
 
 
 def observe_command(env_id: str, seeds: list[int]) -> str:

@@ -10,7 +10,7 @@ verifier is the driver's ``verify`` (won or not); the episode's summed reward is
 from __future__ import annotations
 
 from agent_harness.tools import Executor, ToolCall, ToolOutcome, ToolRegistry, ToolSpec, format_tool_call
-from producers.families.gem.api import GemError, StepResult, decode_answer, step_command
+from producers.families.gem.api import GemError, StepResult, decode_answer, step_command, stop_command
 from schemas.task import Task
 
 ACT = ToolSpec(
@@ -42,6 +42,9 @@ class GemToolRegistry(ToolRegistry):
 
     def __init__(self) -> None:
         super().__init__((ACT,))
+
+    def finish_command(self) -> str | None:
+        return stop_command()
 
     def command(self, call: ToolCall) -> str | None:
         return step_command(call.arguments["action"]) if call.name == "act" else None
