@@ -13,16 +13,51 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from agent_harness.prompt import ENDOFTEXT, IM_END, IM_START
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+TOOL_RESPONSE_OPEN = "<tool_response>"
+TOOL_RESPONSE_CLOSE = "</tool_response>"
 
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *TOOL_CALL_TOKENS, "<tool_response>", "</tool_response>")
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *TOOL_CALL_TOKENS, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
 
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
-CHAT_TEMPLATE = (
+LEGACY_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+"""The template of policies made before tools went through the template (upgraded on load)."""
+
+CHAT_TEMPLATE = (
+    # The embedded policy's framing, unchanged since its first checkpoints: the tool schemas and one
+    # example call follow the system text; tool results come back as a user turn of
+    # <tool_response> blocks; Hermes-style <tool_call> calls.
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + message.content -}}"
+    "{%- if tools -%}"
+    "{{- '\\nTools:\\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson(separators=(',', ':')) + '\\n' -}}{%- endfor -%}"
+    "{%- set f = tools[0].function -%}"
+    '{{- \'Call a tool like this:\\n<tool_call>\\n{"name":"\' + f.name + \'","arguments":{\' -}}'
+    "{%- if f.name == 'bash' -%}{{- '\"command\":\"ls\"' -}}"
+    "{%- else -%}{%- for p in f.parameters.properties -%}"
+    "{{- '\"' + p + '\":\"...\"' -}}{%- if not loop.last -%},{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '}}\\n</tool_call>' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
