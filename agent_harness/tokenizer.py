@@ -63,8 +63,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train the byte-level BPE on ``corpus`` and wrap it with special tokens and the chat template."""
+def train_tokenizer(
+    corpus: Iterable[str],
+    *,
+    vocab_size: int = 1024,
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    eos: str = IM_END,
+    pad: str = ENDOFTEXT,
+    bos: str | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE on ``corpus`` and wrap it with special tokens and the chat template
+    (by default the embedded policy's; ``agent_harness.architectures`` passes other families')."""
     tok = Tokenizer(models.BPE())
     # Exactly Qwen2's normaliser and pre-tokeniser: AutoTokenizer maps a qwen2 checkpoint to
     # Qwen2Tokenizer, which installs these; training with the same keeps both encodings equal.
@@ -78,18 +88,19 @@ def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 1024) -> PreTrai
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
+        eos_token=eos,
+        pad_token=pad,
+        bos_token=bos,
         unk_token=None,
         model_max_length=2048,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast

@@ -57,6 +57,7 @@ def starter(
             policy_dir=cfg.policy_dir,
             engine=engine,
             tools_for=tools_for,
+            policy_settings=cfg.policy,
             task_status=task_status,
         )
     if name == "reward":
@@ -122,5 +123,6 @@ async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: 
         policy_dir=cfg.policy_dir,
         checkpoint_root=cfg.checkpoint_root,
         group_size=cfg.producer.group_size,
+        policy_settings=cfg.policy,
         task_status=task_status,
     )
