@@ -122,7 +122,7 @@ def create_policy(
         pad_token_id=ids(spec.pad),
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()  # type: ignore[no-untyped-call]
     model.save_pretrained(path)
     tok.save_pretrained(path)
     GenerationConfig(  # type: ignore[no-untyped-call]

@@ -75,6 +75,7 @@ class Conversation:
         self._instruction = "Do the task."
         self._pieces: list[str] = []  # template text already fed: prompt, (head, tail) per turn
         self._verbatim = True
+        self.assistant_lead = ""  # whitespace the template puts before an assistant message's text
         self.end_of_turn = self._probe()
         self.closing_ids = self._closing_ids()
         self.stop_ids = sorted(self.closing_ids | self._ids_of(self.format.stop_after))
@@ -93,7 +94,10 @@ class Conversation:
         turn = (len(self._pieces) + 1) // 2
         pieces = self._split(self._render(turn), turn)
         for i, (old, new) in enumerate(zip(self._pieces, pieces, strict=False)):
-            if new != old and not (i % 2 == 0 and new.startswith(old) and not new[len(old) :].strip()):
+            if i % 2 == 0 and new.startswith(old) and not new[len(old) :].strip():
+                self.assistant_lead = new[len(old) :]  # e.g. Mistral's " ": the policy writes it
+                continue
+            if new != old:
                 raise ChatTemplateError(
                     f"the chat template re-renders earlier turns differently (piece {i}: {old[-40:]!r} "
                     f"became {new[-40:]!r}); rollstream needs a prefix-consistent template"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class Batch:
         """The same batch with every tensor on ``device`` (the learner's model's)."""
         if self.input_ids.device == device:
             return self
-        moved = {
+        moved: dict[str, Any] = {
             name: value.to(device) if isinstance(value, torch.Tensor) else value
             for name, value in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
         }

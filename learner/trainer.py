@@ -216,7 +216,10 @@ class Trainer:
 def _checkpoint_activations(model: Any) -> None:
     """Gradient checkpointing, which transformers applies in train mode only: train mode with every
     dropout probability at 0, so the function stays the one the engine samples from."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train(True)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
