@@ -71,7 +71,7 @@ class Conversation:
         self.format: ToolFormat = tool_format(tool_format_name, self.template)
         self.tools = registry.schemas()
         self._tool_names = list(registry.specs)
-        self._fold_system = False
+        self.fold_system = False
         self._instruction = "Do the task."
         self._pieces: list[str] = []  # template text already fed: prompt, (head, tail) per turn
         self._verbatim = True
@@ -131,7 +131,7 @@ class Conversation:
     # -- internals ------------------------------------------------------------------------------
 
     def _messages(self, turns: int, last_result: str | None = None) -> list[dict[str, Any]]:
-        if self._fold_system:
+        if self.fold_system:
             msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{SYSTEM}\n\n{self._instruction}"}]
         else:
             msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self._instruction}]
@@ -171,7 +171,7 @@ class Conversation:
         the user message, as templates that move the system message need); learn whether results
         pass verbatim and the end-of-turn marker the template writes after an assistant message."""
         for fold in (False, True):
-            self._fold_system = fold
+            self.fold_system = fold
             try:
                 self.prompt(self._instruction)
                 for _ in range(2):

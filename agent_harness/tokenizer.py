@@ -34,13 +34,10 @@ LEGACY_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATE = (
     # The embedded policy's framing, unchanged since its first checkpoints: the tool schemas and one
-    # example call follow the system text; tool results come back as a user turn of
-    # <tool_response> blocks; Hermes-style <tool_call> calls.
-    "{%- for message in messages -%}"
-    "{%- if message.role == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + message.content -}}"
-    "{%- if tools -%}"
-    "{{- '\\nTools:\\n' -}}"
+    # example call follow the system text (or make the system message when there is none); tool
+    # results come back as a user turn of <tool_response> blocks; Hermes-style <tool_call> calls.
+    "{%- macro tools_block() -%}"
+    "{{- 'Tools:\\n' -}}"
     "{%- for tool in tools -%}{{- tool | tojson(separators=(',', ':')) + '\\n' -}}{%- endfor -%}"
     "{%- set f = tools[0].function -%}"
     '{{- \'Call a tool like this:\\n<tool_call>\\n{"name":"\' + f.name + \'","arguments":{\' -}}'
@@ -49,7 +46,14 @@ CHAT_TEMPLATE = (
     "{{- '\"' + p + '\":\"...\"' -}}{%- if not loop.last -%},{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '}}\\n</tool_call>' -}}"
+    "{%- endmacro -%}"
+    "{%- if tools and messages[0].role != 'system' -%}"
+    "{{- '<|im_start|>system\\n' + tools_block() + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + message.content -}}"
+    "{%- if tools -%}{{- '\\n' + tools_block() -}}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- elif message.role == 'tool' -%}"
     "{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from agent_harness.architectures import ARCHITECTURES
 from agent_harness.batcher import Batcher
+from agent_harness.chat import assistant_key, chat_format, parse_reply, render
 from agent_harness.engine import GenRequest
 from agent_harness.formats import FORMATS, ToolFormatError, detect_format
 from agent_harness.model import PolicySettings
@@ -60,7 +61,7 @@ def arch_policy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _full_render(tok: Any, conv: Conversation, instruction: str, turns: list[tuple[str, str]]) -> str:
     """The whole conversation rendered in one go, with the real actions and results."""
-    if conv._fold_system:
+    if conv.fold_system:
         msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{SYSTEM}\n\n{instruction}"}]
     else:
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
@@ -304,3 +305,29 @@ def test_gradient_checkpointing_gives_the_same_step(arch_policy: dict[str, Path]
     step = checkpointed.train_step([s])
     assert step.loss == pytest.approx(plain.loss, rel=1e-5)
     assert step.grad_norm == pytest.approx(plain.grad_norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chat_requests_extend_the_previous_request_token_for_token(
+    arch: str, arch_policy: dict[str, Path]
+) -> None:
+    tok = AutoTokenizer.from_pretrained(arch_policy[arch])
+    conv = chat_format(tok)
+    tools = ToolRegistry().schemas()
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "List the files."},
+    ]
+    first = render(tok, messages, tools, {})
+    action = encode(tok, conv.write_call(ToolCall("bash", {"command": "ls -a"})) + conv.end_of_turn)
+    reply = parse_reply(tok.decode(action, skip_special_tokens=False), conv.format)
+    assert reply.status == "ok" and reply.first_call == ToolCall("bash", {"command": "ls -a"})
+    assert set(conv.stop_ids) >= {action[-1]}
+    generated = {assistant_key(reply.message(), 0): action}
+    call_id = reply.tool_calls[0]["id"]
+    messages += [reply.message(), {"role": "tool", "tool_call_id": call_id, "content": "a.txt\nb.txt"}]
+    second = render(tok, messages, tools, generated)
+    assert second[: len(first) + len(action)] == first + action
+    messages += [{"role": "assistant", "content": "Two files."}, {"role": "user", "content": "Thanks."}]
+    extends = render(tok, messages, tools, generated)[: len(second)] == second
+    assert extends == (arch != "mistral")  # Mistral moves its tools to the newest user message
