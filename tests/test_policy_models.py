@@ -331,3 +331,14 @@ def test_chat_requests_extend_the_previous_request_token_for_token(
     messages += [{"role": "assistant", "content": "Two files."}, {"role": "user", "content": "Thanks."}]
     extends = render(tok, messages, tools, generated)[: len(second)] == second
     assert extends == (arch != "mistral")  # Mistral moves its tools to the newest user message
+
+
+def test_the_model_benchmark_fills_a_row_per_architecture_and_dtype(arch_policy: dict[str, Path]) -> None:
+    from ops.bench.models import SECTIONS, Context
+
+    ctx = Context({"llama": arch_policy["llama"]}, ("float32", "bfloat16"), batch=2, new_tokens=4, repeats=1)
+    for section in SECTIONS.values():
+        table = section(ctx)
+        assert table.row_count == 2
+        rates = list(table.columns[-2 if section is SECTIONS["generation"] else -1].cells)
+        assert all(float(str(r).replace(",", "")) > 0 for r in rates)
