@@ -115,6 +115,7 @@ async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: 
         policy_dir=cfg.policy_dir,
         lake_root=cfg.lake_root,
         checkpoint_root=cfg.checkpoint_root,
+        policy_settings=cfg.policy,
     )
     await worker.run(
         cfg.learner,
