@@ -79,7 +79,13 @@ def starter(
         from consumers import proxy_worker
 
         return lambda task_status: proxy_worker.run(
-            cfg.proxy, cfg.rollout, js, run=cfg.run, policy_dir=cfg.policy_dir, task_status=task_status
+            cfg.proxy,
+            cfg.rollout,
+            js,
+            run=cfg.run,
+            policy_dir=cfg.policy_dir,
+            policy_settings=cfg.policy,
+            task_status=task_status,
         )
     if name == "eval":  # on its own broker and sandboxd: it only reads checkpoints and writes the lake
         from ops.evaluation import worker as eval_worker
