@@ -14,6 +14,7 @@ conversation is made, by a two-turn probe, rather than producing a sequence the 
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,21 @@ class Frame:
     raw_head: str  # the template's head before the policy's own closing token was taken off
 
 
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a template's probe found (see ``Conversation._probe``)."""
+
+    fold_system: bool
+    verbatim: bool
+    end_of_turn: str
+    assistant_lead: str
+    closing_ids: set[int]
+    stop_ids: list[int]
+
+
+_FACTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], _Facts]] = weakref.WeakKeyDictionary()
+
+
 class Conversation:
     """One episode's context, rendered with the chat template turn by turn."""
 
@@ -76,9 +92,10 @@ class Conversation:
         self._pieces: list[str] = []  # template text already fed: prompt, (head, tail) per turn
         self._verbatim = True
         self.assistant_lead = ""  # whitespace the template puts before an assistant message's text
-        self.end_of_turn = self._probe()
-        self.closing_ids = self._closing_ids()
-        self.stop_ids = sorted(self.closing_ids | self._ids_of(self.format.stop_after))
+        self.end_of_turn = ""
+        self.closing_ids: set[int] = set()
+        self.stop_ids: list[int] = []
+        self._adopt(self._facts())
 
     # -- rendering ------------------------------------------------------------------------------
 
@@ -166,6 +183,29 @@ class Conversation:
         pieces.append(text[at:])
         return pieces
 
+    def _facts(self) -> _Facts:
+        """What the probe learns, once per tokenizer, template, format and tool list."""
+        key = (self.template, self.format.name, json.dumps(self.tools, sort_keys=True))
+        try:
+            known = _FACTS.setdefault(self.tokenizer, {})
+        except TypeError:  # a tokenizer that cannot be weakly referenced: probe every time
+            known = {}
+        if key not in known:
+            end_of_turn = self._probe()
+            closing = self._ids_of((end_of_turn, *self.format.closers))
+            if self.tokenizer.eos_token_id is not None:
+                closing.add(int(self.tokenizer.eos_token_id))
+            stops = sorted(closing | self._ids_of(self.format.stop_after))
+            known[key] = _Facts(
+                self.fold_system, self._verbatim, end_of_turn, self.assistant_lead, closing, stops
+            )
+        return known[key]
+
+    def _adopt(self, facts: _Facts) -> None:
+        self.fold_system, self._verbatim = facts.fold_system, facts.verbatim
+        self.end_of_turn, self.assistant_lead = facts.end_of_turn, facts.assistant_lead
+        self.closing_ids, self.stop_ids = set(facts.closing_ids), list(facts.stop_ids)
+
     def _probe(self) -> str:
         """Check two turns render prefix-consistently (else retry with the system text folded into
         the user message, as templates that move the system message need); learn whether results
@@ -198,12 +238,6 @@ class Conversation:
     def _ids_of(self, tokens: tuple[str, ...]) -> set[int]:
         vocab = self.tokenizer.get_vocab()
         return {vocab[t] for t in tokens if t in vocab}
-
-    def _closing_ids(self) -> set[int]:
-        ids = self._ids_of((self.end_of_turn, *self.format.closers))
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
 
 
 def prompt_tokens(
