@@ -100,6 +100,7 @@ async def evaluate_one(
         concurrency=concurrency,
         pass_threshold=pass_threshold,
         verify_timeout_s=cfg.reward.verify_timeout_s,
+        tool_format=cfg.policy.tool_format,
     )
     engine = None
     if agent == "policy":
