@@ -78,6 +78,10 @@ bench-async:
 bench-lake:
     {{py}} -m ops.bench.lake
 
+# Model benchmark: per architecture and dtype, generation tokens/s (batched, KV cache), learner samples/s
+bench-models *args:
+    {{py}} -m ops.bench.models {{args}}
+
 # Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~20 min)
 demo *args:
     {{py}} -m ops.demo "$@"

@@ -1,47 +1,47 @@
-"""OpenAI chat messages <-> the Qwen/Hermes token format the policy reads and writes.
+"""OpenAI chat messages <-> the tokens the policy reads and writes, through its chat template.
 
-Rendering is deterministic and piecewise (each message header, body and closing encoded on its
-own), so the same message list always gives the same tokens and a conversation's next request
-extends the previous one token for token. An assistant message that the proxy itself generated is
-rendered from the exact tokens the engine produced (looked up by its tool-call ids or content),
-never re-tokenised: that is what makes the recorded trajectory rebuild exactly.
-
-The format matches ``agent_harness.prompt``: a system message followed by the tool schemas, tool
-results as a user turn of ``<tool_response>`` blocks, and ``<|im_end|>`` after an assistant turn
-unless the policy wrote it.
+Rendering is deterministic: the messages go through the tokenizer's chat template (with the
+request's ``tools``), so the same message list always gives the same tokens and a conversation's
+next request extends the previous one token for token when the template is prefix-consistent
+(``agent_harness.prompt.Conversation`` checks that of every template it renders with). An assistant
+message that the proxy itself generated is rendered from the exact tokens the engine produced
+(looked up by its tool-call ids or content), never re-tokenised: the template renders a placeholder
+there, the text is split at the placeholders, and the exact tokens go in between (less the
+template's end-of-turn marker when the policy wrote it). That is what makes the recorded trajectory
+rebuild exactly. Other assistant messages carry their tool calls written in the policy's own
+format (``agent_harness.formats``).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+import string
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
+from agent_harness.formats import FORMATS, ToolFormat
+from agent_harness.prompt import Conversation, encode
+from agent_harness.tools import ToolCall, ToolRegistry
 
-from agent_harness.prompt import (
-    ENDOFTEXT,
-    IM_END,
-    IM_START,
-    TOOL_RESPONSE_CLOSE,
-    TOOL_RESPONSE_OPEN,
-    encode,
-)
-from agent_harness.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, format_tool_call, parse_tool_call
-
-_json = msgspec.json.Encoder()
+_PLACEHOLDER = "RSGENERATED{}Q"
+_ID_CHARS = string.ascii_letters + string.digits
+_SPECIAL_TEXT = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "</s>")
+_formats: weakref.WeakKeyDictionary[Any, dict[str, Conversation]] = weakref.WeakKeyDictionary()
 
 
 class ChatFormatError(ValueError):
     """A request whose messages cannot be rendered (one sentence naming the message and field)."""
 
 
-def tools_block(tools: list[dict[str, Any]]) -> str:
-    """The tool section of the system message, as ``agent_harness.prompt.system_prompt`` writes it."""
-    lines = "\n".join(_json.encode(t).decode() for t in tools)
-    example = format_tool_call("bash", {"command": "ls"})
-    return f"Tools:\n{lines}\nCall a tool like this:\n{example}"
+def chat_format(tokenizer: Any, tool_format: str = "auto") -> Conversation:
+    """The tokenizer's template facts (format, end of turn, stop ids), probed once per tokenizer."""
+    per_tok = _formats.setdefault(tokenizer, {})
+    if tool_format not in per_tok:
+        per_tok[tool_format] = Conversation(tokenizer, ToolRegistry(), tool_format)
+    return per_tok[tool_format]
 
 
 def _text(message: Mapping[str, Any], index: int) -> str:
@@ -69,68 +69,95 @@ def render(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     generated: Mapping[str, list[int]],
+    tool_format: str = "auto",
 ) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant header (the generation prompt)."""
+    """Token ids of ``messages`` followed by the generation prompt."""
+    conv = chat_format(tokenizer, tool_format)
+    msgs, exact = _template_messages(messages, generated, conv.format)
+    if conv.fold_system and len(msgs) > 1 and msgs[0]["role"] == "system" and msgs[1]["role"] == "user":
+        # templates that move the system text (Mistral's) are prefix-consistent only without it
+        msgs[1:2] = [{"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[1]['content']}"}]
+        msgs = msgs[1:]
+    try:
+        text: str = tokenizer.apply_chat_template(
+            msgs, tools=tools or None, chat_template=conv.template, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # noqa: BLE001 -- the template's own refusal (e.g. its role rules)
+        raise ChatFormatError(f"the chat template cannot render these messages: {exc}") from None
+    out: list[int] = []
+    for i, piece in enumerate(_split(text, len(exact))):
+        if i > 0 and exact[i - 1] and exact[i - 1][-1] in conv.closing_ids and conv.end_of_turn:
+            piece = piece.removeprefix(conv.end_of_turn)
+        if i < len(exact) and conv.assistant_lead:
+            piece = piece.removesuffix(conv.assistant_lead)
+        out += encode(tokenizer, piece)
+        if i < len(exact):
+            out += exact[i]
+    return out
+
+
+def _template_messages(
+    messages: list[dict[str, Any]], generated: Mapping[str, list[int]], fmt: ToolFormat
+) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """The messages as the template takes them (generated ones as placeholders) and the exact
+    tokens of each placeholder, in order."""
     if not messages:
         raise ChatFormatError("messages must not be empty")
+    out: list[dict[str, Any]] = []
+    exact: list[list[int]] = []
+    ordinal = 0
     for index, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise ChatFormatError(f"messages[{index}] must be an object with a role")
-    out: list[int] = []
-    system = ""
-    rest = messages
-    if messages[0].get("role") in ("system", "developer"):
-        system, rest = _text(messages[0], 0), messages[1:]
-    if tools:
-        system = f"{system}\n{tools_block(tools)}" if system else tools_block(tools)
-    if system:
-        out += encode(tokenizer, f"{IM_START}system\n{system}{IM_END}\n")
-    offset = len(messages) - len(rest)
-    i = ordinal = 0
-    while i < len(rest):
-        msg, index = rest[i], i + offset
         role = msg.get("role")
-        if role == "user":
-            out += encode(tokenizer, f"{IM_START}user\n{_text(msg, index)}{IM_END}\n")
+        if role in ("system", "developer") and index == 0:
+            out.append({"role": "system", "content": _text(msg, index)})
+        elif role == "user":
+            out.append({"role": "user", "content": _text(msg, index)})
         elif role == "assistant":
-            out += _assistant(tokenizer, msg, index, generated.get(assistant_key(msg, ordinal)))
+            tokens = generated.get(assistant_key(msg, ordinal))
             ordinal += 1
+            if tokens is not None:
+                out.append({"role": "assistant", "content": _PLACEHOLDER.format(len(exact))})
+                exact.append(tokens)
+            else:
+                out.append({"role": "assistant", "content": _written(msg, index, fmt)})
         elif role == "tool":
-            bodies = []
-            while i < len(rest) and rest[i].get("role") == "tool":
-                bodies.append(f"{TOOL_RESPONSE_OPEN}\n{_text(rest[i], i + offset)}\n{TOOL_RESPONSE_CLOSE}")
-                i += 1
-            out += encode(tokenizer, f"{IM_START}user\n" + "\n".join(bodies) + f"{IM_END}\n")
-            continue
+            call_id = str(msg.get("tool_call_id") or "")
+            out.append({"role": "tool", "content": _text(msg, index), "tool_call_id": call_id})
         else:
             raise ChatFormatError(f"messages[{index}].role {role!r} is not system, user, assistant or tool")
-        i += 1
-    return out + encode(tokenizer, f"{IM_START}assistant\n")
+    return out, exact
 
 
-def _assistant(tokenizer: Any, msg: Mapping[str, Any], index: int, exact: list[int] | None) -> list[int]:
-    header = encode(tokenizer, f"{IM_START}assistant\n")
-    if exact is not None:
-        closed = bool(exact) and exact[-1] in _closing_ids(tokenizer)
-        return header + exact + encode(tokenizer, "\n" if closed else f"{IM_END}\n")
+def _split(text: str, n: int) -> list[str]:
+    pieces: list[str] = []
+    at = 0
+    for i in range(n):
+        found = text.find(_PLACEHOLDER.format(i), at)
+        if found < 0:
+            raise ChatFormatError("the chat template dropped an earlier assistant message")
+        pieces.append(text[at:found])
+        at = found + len(_PLACEHOLDER.format(i))
+    return [*pieces, text[at:]]
+
+
+def _written(msg: Mapping[str, Any], index: int, fmt: ToolFormat) -> str:
+    """An assistant message the policy did not generate: its text and its tool calls in ``fmt``."""
     parts = [_text(msg, index)]
     for call in msg.get("tool_calls") or []:
         fn = call.get("function") or {}
         try:
-            args = msgspec.json.decode(fn.get("arguments") or "{}")
-        except msgspec.DecodeError:
+            args = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
             raise ChatFormatError(f"messages[{index}].tool_calls: arguments are not valid JSON") from None
-        parts.append(format_tool_call(str(fn.get("name", "")), args))
-    return header + encode(tokenizer, "\n".join(p for p in parts if p) + f"{IM_END}\n")
+        parts.append(fmt.write(ToolCall(str(fn.get("name", "")), args)))
+    return "\n".join(p for p in parts if p)
 
 
-def _closing_ids(tokenizer: Any) -> set[int]:
-    return {tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)}
-
-
-def stop_ids(tokenizer: Any) -> list[int]:
-    """Stop after ``</tool_call>`` (one call per turn, as the harness trains) or end of message."""
-    return sorted(_closing_ids(tokenizer) | {tokenizer.convert_tokens_to_ids(TOOL_CALL_CLOSE)})
+def stop_ids(tokenizer: Any, tool_format: str = "auto") -> list[int]:
+    """Stop at the end of the message, or after one tool call where the format marks its end."""
+    return chat_format(tokenizer, tool_format).stop_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,28 +176,25 @@ class Reply:
         return msg
 
 
-def parse_reply(text: str) -> Reply:
-    """Split generated text into content and OpenAI ``tool_calls`` (Hermes ``<tool_call>`` blocks)."""
-    for special in (IM_END, ENDOFTEXT):
+def parse_reply(text: str, fmt: ToolFormat | None = None) -> Reply:
+    """Split generated text into content and OpenAI ``tool_calls`` (``fmt``: the policy's tool-call
+    format, Hermes ``<tool_call>`` blocks by default)."""
+    fmt = fmt or FORMATS["hermes"]
+    for special in _SPECIAL_TEXT:
         text = text.replace(special, "")
-    start = text.find(TOOL_CALL_OPEN)
-    if start < 0:
+    parsed = fmt.parse_all(text)
+    if isinstance(parsed, list):
+        start = min((text.find(m) for m in fmt.markers if m in text), default=0)
+        content = "" if fmt.name == "llama3_json" else text[:start].strip()  # llama: the call is all
+        tool_calls = [
+            {
+                "id": "".join(secrets.choice(_ID_CHARS) for _ in range(9)),  # Mistral's id shape
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments_json},
+            }
+            for c in parsed
+        ]
+        return Reply(content or None, tool_calls, "ok", parsed[0])
+    if parsed.kind == "no_tool_call":
         return Reply(text.strip(), [], "none", None)
-    calls: list[ToolCall] = []
-    at = start
-    while at >= 0:
-        end = text.find(TOOL_CALL_CLOSE, at)
-        parsed = parse_tool_call(text[at : end + len(TOOL_CALL_CLOSE)] if end >= 0 else text[at:])
-        if not isinstance(parsed, ToolCall):
-            return Reply(text.strip(), [], "parse_error", None)
-        calls.append(parsed)
-        at = text.find(TOOL_CALL_OPEN, end)
-    tool_calls = [
-        {
-            "id": f"call_{secrets.token_hex(8)}",
-            "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments_json},
-        }
-        for c in calls
-    ]
-    return Reply(text[:start].strip() or None, tool_calls, "ok", calls[0])
+    return Reply(text.strip(), [], "parse_error", None)

@@ -28,10 +28,10 @@ import msgspec
 import structlog
 
 from agent_harness.engine import GenRequest, InferenceEngine
-from agent_harness.prompt import ENDOFTEXT, IM_END, encode, observation_tokens, prompt_tokens, truncate_middle
+from agent_harness.prompt import Conversation, Frame, encode, truncate_middle
 from agent_harness.settings import HarnessSettings
 from agent_harness.task_sandbox import create_options, episode_timeout, exec_options
-from agent_harness.tools import TOOL_CALL_CLOSE, ParseError, ToolCall, ToolRegistry, parse_tool_call
+from agent_harness.tools import ParseError, ToolCall, ToolRegistry, parse_tool_call
 from sandboxd.errors import SandboxCapacity
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.sandbox import Created, ExecResult
@@ -94,19 +94,24 @@ async def run_episode(
     before_turn: Callable[[], Awaitable[None]] | None = None,
     source: TrajSource = "online",
     registry: ToolRegistry | None = None,
+    tool_format: str = "auto",
 ) -> Trajectory:
-    """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise."""
+    """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise.
+
+    ``tool_format`` names how the policy writes tool calls (``agent_harness.formats``; ``auto``:
+    from its chat template). A template that cannot render episodes exactly raises
+    ``ChatTemplateError`` before anything runs."""
     registry = registry or ToolRegistry()
     started = time.time()
-    tokenizer = engine.tokenizer
-    ep = _Episode(seq=prompt_tokens(tokenizer, sample.task.instruction, registry))
+    conv = Conversation(engine.tokenizer, registry, tool_format)
+    ep = _Episode(seq=conv.prompt(sample.task.instruction))
     ep.exec_opts = exec_options(sample.task)
     prompt_len = len(ep.seq)
     with anyio.move_on_after(episode_timeout(sample.task, settings.episode_timeout_s)) as scope:
         try:
             await _start_sandbox(sample, sandbox, settings, ep)
-            prompt_len = await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
-            await _turns(sample, engine, sandbox, settings, registry, before_turn, ep)
+            prompt_len = await _replay_prefix(sample, sandbox, settings, registry, conv, ep)
+            await _turns(sample, engine, sandbox, settings, registry, before_turn, conv, ep)
         except _SandboxFailed as exc:
             ep.status, ep.abort_reason = "aborted", str(exc)
     if scope.cancelled_caught:
@@ -202,16 +207,21 @@ async def _replay_prefix(
     sandbox: SandboxAPI,
     settings: HarnessSettings,
     registry: ToolRegistry,
-    tokenizer: Any,
+    conv: Conversation,
     ep: _Episode,
 ) -> int:
-    """Run ``sample.prefix_calls`` (chunk-level resampling) and fold them into the prompt: they
-    are context for the policy, not its actions, so they carry no loss."""
+    """Run ``sample.prefix_calls`` (chunk-level resampling; Hermes text, written again in the
+    policy's own format) and fold them into the prompt: they are context for the policy, not its
+    actions, so they carry no loss."""
+    tok = conv.tokenizer
     for text in sample.prefix_calls:
         call = parse_tool_call(text)
         _, raw_text, _ = await _act(call, sandbox, settings, registry, ep)
-        body, _ = truncate_middle(tokenizer, raw_text, settings.max_observation_tokens)
-        ep.seq += encode(tokenizer, text) + observation_tokens(tokenizer, body, action_closed=False)
+        action = encode(tok, conv.write_call(call) if isinstance(call, ToolCall) else text)
+        frame = conv.frame(action)
+        body, shown = truncate_middle(tok, raw_text, settings.max_observation_tokens)
+        ep.seq += action + conv.observation(frame, body, shown)
+        conv.commit(frame)
     return len(ep.seq)
 
 
@@ -222,11 +232,11 @@ async def _turns(
     settings: HarnessSettings,
     registry: ToolRegistry,
     before_turn: Callable[[], Awaitable[None]] | None,
+    conv: Conversation,
     ep: _Episode,
 ) -> None:
-    tok = engine.tokenizer
-    closing = {tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)}
-    stop_ids = sorted(closing | {tok.convert_tokens_to_ids(TOOL_CALL_CLOSE)})
+    tok = conv.tokenizer
+    stop_ids = conv.stop_ids
     for index in range(sample.task.max_turns):
         budget = settings.max_total_tokens - len(ep.seq)
         if budget < 1:
@@ -243,7 +253,7 @@ async def _turns(
         gen_ms = (time.perf_counter() - t0) * 1000
         ep.seq += gen.tokens
         text = tok.decode(gen.tokens, skip_special_tokens=False)
-        call = parse_tool_call(text)
+        call = conv.format.parse(text)
         base: dict[str, Any] = {
             "index": index,
             "action_tokens": pack_tokens(gen.tokens),
@@ -263,11 +273,11 @@ async def _turns(
         except _SandboxFailed as exc:  # keep the action: the sequence stays exact when aborted
             ep.chunks.append(Chunk(**base, tool_status="error", obs_text=str(exc)))
             raise
-        closed = bool(gen.tokens) and gen.tokens[-1] in closing
+        frame = conv.frame(gen.tokens)
         obs: list[int] = []
         obs_text = raw_text
         if not done:
-            obs, obs_text = _fit_observation(tok, raw_text, closed, len(ep.seq), settings)
+            obs, obs_text = _fit_observation(conv, frame, raw_text, len(ep.seq), settings)
             if not obs:
                 done = True
                 ep.abort_reason = _budget_reason(ep, settings)
@@ -284,23 +294,30 @@ async def _turns(
             ep.status = "truncated" if ep.abort_reason else "completed"
             return
         ep.seq += obs
+        conv.commit(frame)
     ep.status = "truncated"
 
 
 def _fit_observation(
-    tokenizer: Any, text: str, closed: bool, used: int, settings: HarnessSettings
+    conv: Conversation, frame: Frame, text: str, used: int, settings: HarnessSettings
 ) -> tuple[list[int], str]:
     """Observation tokens (framing + body cut to head and tail) that leave ``min_turn_tokens``
-    free; ``[]`` when not even a short cut body fits."""
-    framing = len(observation_tokens(tokenizer, [], action_closed=closed))
-    room = settings.max_total_tokens - used - settings.min_turn_tokens - framing
-    limit = min(settings.max_observation_tokens, room)
-    if limit < _MIN_BODY_TOKENS:
-        return [], text
-    body, shown = truncate_middle(tokenizer, text, limit)
-    if len(body) > limit:  # the cut marker itself did not fit
-        return [], text
-    return observation_tokens(tokenizer, body, action_closed=closed), shown
+    free; ``[]`` when not even a short cut body fits. A template that escapes results may make the
+    rendered body longer than the cut one: the cut is then tightened by the difference."""
+    framing = len(conv.observation(frame, [], ""))
+    room = settings.max_total_tokens - used - settings.min_turn_tokens
+    limit = min(settings.max_observation_tokens, room - framing)
+    for _ in range(3):
+        if limit < _MIN_BODY_TOKENS:
+            return [], text
+        body, shown = truncate_middle(conv.tokenizer, text, limit)
+        if len(body) > limit:  # the cut marker itself did not fit
+            return [], text
+        obs = conv.observation(frame, body, shown)
+        if len(obs) <= room:
+            return obs, shown
+        limit -= len(obs) - room
+    return [], text
 
 
 _MIN_BODY_TOKENS = 8

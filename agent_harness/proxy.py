@@ -1,7 +1,7 @@
 """An OpenAI-compatible model proxy that turns an external agent's calls into trajectories.
 
 ``POST /v1/chat/completions`` (non-streaming, with ``tools``; tool calls come back in OpenAI's
-``tool_calls`` shape, parsed from the policy's Hermes ``<tool_call>`` output) and ``GET /v1/models``
+``tool_calls`` shape, parsed from the policy's output in its tool-call format) and ``GET /v1/models``
 are served in front of any ``InferenceEngine``. Every call is recorded as a chunk of the
 conversation's trajectory: the action tokens, their behaviour log-probabilities and the policy
 version that generated them; what the client sent between two calls (tool results, new user turns)
@@ -34,7 +34,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from agent_harness.chat import ChatFormatError, assistant_key, parse_reply, render, stop_ids
+from agent_harness.chat import ChatFormatError, assistant_key, chat_format, parse_reply, render, stop_ids
 from agent_harness.engine import GenRequest, InferenceEngine
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory, TrajStatus
@@ -197,7 +197,7 @@ class ModelProxy:
         [gen] = await self.engine.generate([request])
         gen_ms = (time.perf_counter() - t0) * 1000
         version = gen.version if gen.version is not None else self.engine.version
-        reply = parse_reply(tok.decode(gen.tokens, skip_special_tokens=False))
+        reply = parse_reply(tok.decode(gen.tokens, skip_special_tokens=False), chat_format(tok).format)
         session.seq = list(fed) + gen.tokens
         ordinal = sum(1 for m in body["messages"] if isinstance(m, dict) and m.get("role") == "assistant")
         session.generated[assistant_key(reply.message(), ordinal)] = list(gen.tokens)

@@ -1,4 +1,5 @@
-"""Local torch inference for any Hugging Face causal-LM checkpoint (CPU by default).
+"""Local torch inference for any Hugging Face causal-LM checkpoint, on any device and dtype
+(``[policy] device`` and ``dtype``; CPU and float32 by default).
 
 Behaviour log-probabilities: for a request with temperature ``T > 0`` each sampled token ``y_t`` is
 drawn from ``softmax(logits_t / T)`` and its recorded log-probability is
@@ -6,8 +7,11 @@ drawn from ``softmax(logits_t / T)`` and its recorded log-probability is
 ratio against ``π_θ`` at the same temperature is 1 on-policy. With ``T == 0`` decoding is greedy
 and the recorded value is ``log_softmax(logits_t)[y_t]`` (the untempered distribution).
 
-One call of ``generate`` runs its requests as one left-padded batch with a KV cache. Generation and
-weight loading are serialised by a lock and run in a worker thread, never on the event loop.
+One call of ``generate`` runs its requests as one left-padded batch with a KV cache: the prompts go
+through the model once, then each step feeds only the newest token of every row. Logits are taken in
+float32 whatever the weights' dtype, so behaviour log-probabilities are computed the same way as the
+learner's. Generation and weight loading are serialised by a lock and run in a worker thread,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import anyio
 import anyio.to_thread
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from agent_harness.engine import FinishReason, Generation, GenRequest
+from agent_harness.model import DType, PolicySettings, load_model
 
 
 @dataclass
@@ -41,16 +46,18 @@ class TorchEngine:
         checkpoint_dir: Path,
         *,
         device: str = "cpu",
+        dtype: DType = "float32",
+        attn_implementation: str = "",
         seed: int | None = None,
         num_threads: int | None = 1,
         version: int = 0,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.device = torch.device(device)
+        load = PolicySettings(device=device, dtype=dtype, attn_implementation=attn_implementation)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(checkpoint_dir)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
-        self.model.to(self.device).eval()  # type: ignore[arg-type]
+        self.model: Any = load_model(checkpoint_dir, load)
+        self.device = next(self.model.parameters()).device
         self.version = version
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._rng = torch.Generator(device=self.device)
@@ -59,6 +66,17 @@ class TorchEngine:
         else:
             self._rng.manual_seed(seed)
         self._lock = anyio.Lock()
+
+    @classmethod
+    def for_policy(cls, checkpoint_dir: Path, policy: PolicySettings, **options: Any) -> TorchEngine:
+        """The engine for ``checkpoint_dir`` with ``[policy]``'s device, dtype and attention."""
+        return cls(
+            checkpoint_dir,
+            device=policy.device,
+            dtype=policy.dtype,
+            attn_implementation=policy.attn_implementation,
+            **options,
+        )
 
     async def generate(self, requests: list[GenRequest]) -> list[Generation]:
         if not requests:

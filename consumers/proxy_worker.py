@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from agent_harness.batcher import Batcher
+from agent_harness.model import PolicySettings
 from agent_harness.proxy import ModelProxy, ProxySettings, serve
 from consumers.rollout import WeightSync, make_engine
 from consumers.settings import RolloutSettings
@@ -37,11 +38,13 @@ async def run(
     *,
     run: str,
     policy_dir: Path,
+    policy_settings: PolicySettings | None = None,
     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the proxy of run ``run`` until cancelled, on the engine ``rollout`` names for the
-    policy at ``policy_dir``; ``task_status`` receives its base URL."""
-    inner = await anyio.to_thread.run_sync(make_engine, rollout, policy_dir)
+    policy at ``policy_dir`` (loaded as ``policy_settings`` says); ``task_status`` receives its
+    base URL."""
+    inner = await anyio.to_thread.run_sync(make_engine, rollout, policy_dir, policy_settings)
     engine = Batcher(inner, max_batch=8, max_wait_s=rollout.harness.batch_max_wait_ms / 1000)
     sync = WeightSync(js, run, engine)
     proxy = ModelProxy(engine, Publisher(js), run, settings)

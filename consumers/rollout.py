@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
+from agent_harness.model import PolicySettings
 from agent_harness.tools import ToolsFor, default_tools
 from consumers.metrics import EPISODES
 from consumers.settings import RolloutSettings
@@ -37,16 +38,18 @@ from streams.topology import ROLLOUT, subject
 log = structlog.get_logger(__name__)
 
 
-def make_engine(settings: RolloutSettings, policy_dir: Path) -> InferenceEngine:
-    """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (CPU/GPU)
-    or an sglang server."""
+def make_engine(
+    settings: RolloutSettings, policy_dir: Path, policy_settings: PolicySettings | None = None
+) -> InferenceEngine:
+    """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (on
+    ``[policy]``'s device, in its dtype) or an sglang server."""
     if settings.engine == "sglang":
         from agent_harness.sglang_engine import SGLangEngine
 
         return SGLangEngine(settings.sglang_url, policy_dir)
     from agent_harness.torch_engine import TorchEngine
 
-    return TorchEngine(policy_dir)
+    return TorchEngine.for_policy(policy_dir, policy_settings or PolicySettings())
 
 
 class WeightSync:
@@ -85,13 +88,16 @@ async def run(
     policy_dir: Path,
     engine: InferenceEngine | None = None,
     tools_for: ToolsFor = default_tools,
+    policy_settings: PolicySettings | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run episodes of run ``run`` from the shared ``rollout`` consumer until cancelled, each with
     the tools ``tools_for`` gives its task. ``engine`` replaces the one ``make_engine`` makes for
-    the policy at ``policy_dir``."""
+    the policy at ``policy_dir`` (loaded as ``policy_settings`` says, which also names its tool
+    format)."""
+    policy_settings = policy_settings or PolicySettings()
     if engine is None:
-        engine = await anyio.to_thread.run_sync(make_engine, settings, policy_dir)
+        engine = await anyio.to_thread.run_sync(make_engine, settings, policy_dir, policy_settings)
     batcher = Batcher(
         engine,
         max_batch=settings.concurrency,
@@ -125,6 +131,7 @@ async def run(
                     settings=settings.harness,
                     before_turn=sync.refresh,
                     registry=tools_for(sample.task),
+                    tool_format=policy_settings.tool_format,
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
                 await pub.publish(subject("raw", run), traj, msg_id=f"raw:{traj.traj_id}")

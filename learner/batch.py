@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One padded batch; every tensor is on the CPU."""
+    """One padded batch; every tensor is on the CPU until ``to`` moves it to the model's device."""
 
     input_ids: torch.Tensor  # [B, T] int64, right-padded with pad_id
     attention_mask: torch.Tensor  # [B, T] int64
@@ -55,6 +56,16 @@ class Batch:
     @property
     def num_chunks(self) -> int:
         return int(self.chunk_returns.shape[1])
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch with every tensor on ``device`` (the learner's model's)."""
+        if self.input_ids.device == device:
+            return self
+        moved: dict[str, Any] = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            for name, value in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+        }
+        return Batch(**moved)
 
     def rows(self, start: int, stop: int) -> Batch:
         """The micro-batch of samples ``start:stop`` (trimmed to its own longest sequence)."""

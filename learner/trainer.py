@@ -2,7 +2,9 @@
 atomic checkpoints. Blocking only; the learner worker calls it through ``anyio.to_thread``.
 
 The model runs in eval mode (no dropout) so that ``π_θ`` is the same function the inference engine
-samples from and on-policy ratios are exactly 1; gradients flow as usual.
+samples from and on-policy ratios are exactly 1; gradients flow as usual. It loads with ``[policy]``'s
+dtype, device and attention (``agent_harness.model.load_model``, as the torch engine does); with
+gradient checkpointing it runs in train mode (which checkpointing needs) with every dropout at 0.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM
 
+from agent_harness.model import PolicySettings, load_model
 from learner.batch import Batch, build_batch
 from learner.checkpoint import (
     CheckpointState,
@@ -52,14 +54,20 @@ class StepResult:
 
 
 class Trainer:
-    """AdamW on a causal LM loaded from a Hugging Face checkpoint directory (float32, CPU)."""
+    """AdamW on a causal LM loaded from a Hugging Face checkpoint directory (``policy`` says the
+    dtype, device and attention; float32 on the CPU by default)."""
 
-    def __init__(self, checkpoint_dir: Path, settings: LearnerSettings) -> None:
+    def __init__(
+        self, checkpoint_dir: Path, settings: LearnerSettings, policy: PolicySettings | None = None
+    ) -> None:
         torch.manual_seed(settings.seed)
         self.settings = settings
+        self.policy = policy or PolicySettings()
         self.source_dir = Path(checkpoint_dir)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(self.source_dir, dtype=torch.float32)
-        self.model.train(False)  # eval mode: no dropout
+        self.model: Any = load_model(self.source_dir, self.policy)  # eval mode: no dropout
+        self.device = next(self.model.parameters()).device
+        if self.policy.gradient_checkpointing:
+            _checkpoint_activations(self.model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
@@ -126,8 +134,10 @@ class Trainer:
         bounds = [round(i * batch.size / n_micro) for i in range(n_micro + 1)]
         out: list[LossTerms] = []
         for start, stop in itertools.pairwise(bounds):
-            micro = batch.rows(start, stop)
-            logits = self.model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+            micro = batch.rows(start, stop).to(self.device)
+            logits = self.model(
+                input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False
+            ).logits
             terms = loss_fn(token_logprobs(logits, micro.input_ids), micro, self.settings)
             torch.autograd.backward(terms.loss / n_micro)
             out.append(terms)
@@ -180,13 +190,19 @@ class Trainer:
         return self.save_checkpoint(checkpoint_path(root, self.step), extra=extra)
 
     @classmethod
-    def resume(cls, checkpoint_root: Path, base_checkpoint: Path, settings: LearnerSettings) -> Trainer:
+    def resume(
+        cls,
+        checkpoint_root: Path,
+        base_checkpoint: Path,
+        settings: LearnerSettings,
+        policy: PolicySettings | None = None,
+    ) -> Trainer:
         """The trainer of the latest complete checkpoint under ``checkpoint_root``, or a fresh one
         from ``base_checkpoint`` at version 0, step 0."""
         latest = latest_checkpoint(checkpoint_root)
         if latest is None:
-            return cls(base_checkpoint, settings)
-        trainer = cls(latest, settings)
+            return cls(base_checkpoint, settings, policy)
+        trainer = cls(latest, settings, policy)
         load_optimizer_state(latest, trainer.optimizer)
         for group in trainer.optimizer.param_groups:  # the configured rate wins over the saved one
             group["lr"] = settings.lr
@@ -195,3 +211,18 @@ class Trainer:
         trainer._version, trainer.step = state.version, state.step
         trainer.resumed_extra = state.extra
         return trainer
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """Gradient checkpointing, which transformers applies in train mode only: train mode with every
+    dropout probability at 0, so the function stays the one the engine samples from."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -36,6 +36,7 @@ import torch
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.model import PolicySettings
 from learner.checkpoint import CheckpointState, checkpoint_path, latest_checkpoint, write_checkpoint
 from learner.settings import LearnerSettings
 from learner.trainer import Trainer
@@ -109,10 +110,11 @@ def imitate(
     lr: float,
     final_lr_fraction: float = 1.0,
     on_step: OnStep | None = None,
+    policy_settings: PolicySettings | None = None,
 ) -> tuple[Path, list[float]]:
     """SFT from ``base`` on ``samples`` (``sft_steps`` at ``lr``), installed under ``checkpoint_root``
     as version 1 with a fresh optimiser at the online ``settings.lr``; the checkpoint and losses."""
-    trainer = Trainer(base, msgspec.structs.replace(settings, lr=lr, loss="sft"))
+    trainer = Trainer(base, msgspec.structs.replace(settings, lr=lr, loss="sft"), policy_settings)
     losses = sft_steps(
         trainer,
         samples,
@@ -136,6 +138,7 @@ def warm_start(
     lr: float = 3e-3,
     lake_run: str | None = None,
     on_step: OnStep | None = None,
+    policy_settings: PolicySettings | None = None,
 ) -> Path | None:
     """Warm-start the policy at ``policy_dir`` from the expert successes in the lake at
     ``lake_root`` (of ``lake_run``, default any run), as the first checkpoint under ``checkpoint_root``.
@@ -156,7 +159,15 @@ def warm_start(
         return None
     log.info("warm_start_sft", demonstrations=len(samples), steps=steps, batch=batch, lr=lr)
     path, _ = imitate(
-        policy_dir, samples, checkpoint_root, settings, steps=steps, batch=batch, lr=lr, on_step=on_step
+        policy_dir,
+        samples,
+        checkpoint_root,
+        settings,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        on_step=on_step,
+        policy_settings=policy_settings,
     )
     return path
 
@@ -278,6 +289,7 @@ async def prepare_warm_start(
     lake_root: Path,
     checkpoint_root: Path,
     lake_wait_s: float = LAKE_WAIT_S,
+    policy_settings: PolicySettings | None = None,
 ) -> Path | None:
     """The learner's first act (before ``Trainer.resume``): when run ``run`` has no checkpoint under
     ``checkpoint_root`` and ``settings.warm_start_steps`` > 0, seed the lake at ``lake_root`` with
@@ -311,6 +323,7 @@ async def prepare_warm_start(
         lr=settings.warm_start_lr,
         lake_run=run,
         on_step=cancellable_progress(settings.warm_start_steps),
+        policy_settings=policy_settings,
     )
     path = await anyio.to_thread.run_sync(job)
     seconds = round(time.monotonic() - started, 1)

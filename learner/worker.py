@@ -32,6 +32,7 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
+from agent_harness.model import PolicySettings
 from learner.assemble import GroupBatcher
 from learner.settings import LearnerSettings, LossName
 from learner.staleness import admit, staleness
@@ -268,14 +269,17 @@ async def run(
     checkpoint_root: Path,
     group_size: int,
     stats: LearnerStats | None = None,
+    policy_settings: PolicySettings | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Train run ``run`` from the shared ``learner`` consumer until cancelled: resume from the last
     checkpoint under ``checkpoint_root`` (or the base policy at ``policy_dir``), assemble batches of
     whole groups of ``group_size`` (``producer.group_size``). ``stats``, when given, accumulates
-    where the time went."""
+    where the time went. ``policy_settings`` says how the model loads (dtype, device, attention)."""
     stats = stats if stats is not None else LearnerStats()
-    trainer = await anyio.to_thread.run_sync(Trainer.resume, checkpoint_root, policy_dir, settings)
+    trainer = await anyio.to_thread.run_sync(
+        Trainer.resume, checkpoint_root, policy_dir, settings, policy_settings
+    )
     learner = Learner(trainer, settings, js, run, checkpoint_root)
     await learner.sync_version()
     await learner.republish_resumed()

@@ -2,10 +2,11 @@
 
 Each part declares its own settings next to its code (``producers.settings``, ``consumers.settings``,
 ``consumers.lake.settings``, ``learner.settings``, ``sandboxd.settings``, ``agent_harness.settings``,
-``agent_harness.proxy``); this module declares only the ops sections (broker, metrics, process
-counts), composes them, and derives the run's paths. Decoded once (file, then ``--set
-section.key=value`` flags); ``ops.pipeline`` hands each worker its own section. Workers never read
-``os.environ``. Unknown keys are errors that name the key.
+``agent_harness.proxy``, ``agent_harness.model`` for ``[policy]``); this module declares only the ops
+sections (broker, metrics, process counts), composes them, and derives the run's paths. Decoded once
+(file, then ``--set section.key=value`` flags); ``ops.pipeline`` hands each worker its own section.
+Workers never read ``os.environ``. Unknown keys are errors that name the key; a policy that cannot
+load (path, device, chat template) is one too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent_harness.model import PolicySettings, check_policy
 from agent_harness.proxy import ProxySettings
 from consumers.lake.settings import LakeSettings
 from consumers.settings import RewardSettings, RolloutSettings
@@ -75,6 +77,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         ),
     ] = 1
     nats: NatsSettings = NatsSettings()
+    policy: PolicySettings = PolicySettings()
     producer: ProducerSettings = ProducerSettings()
     rollout: RolloutSettings = RolloutSettings()
     reward: RewardSettings = RewardSettings()
@@ -97,6 +100,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     @property
     def policy_dir(self) -> Path:
+        """``policy.path`` (relative to the working directory), or the embedded tiny model's home."""
+        if self.policy.path:
+            return Path(self.policy.path).expanduser().resolve()
         return self.state / "policy" / "base"
 
     @property
@@ -162,9 +168,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         node[keys[-1]] = value
         source = f"{source} + --set"
     try:
-        return msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _explain(exc, source) from None
+    problem = check_policy(config.policy, config.policy_dir)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return config
 
 
 def to_toml(config: Config) -> str:

@@ -77,6 +77,7 @@ def starter(
             policy_dir=cfg.policy_dir,
             engine=engine,
             tools_for=tools_for,
+            policy_settings=cfg.policy,
             task_status=task_status,
         )
     if name == "reward":
@@ -98,7 +99,13 @@ def starter(
         from consumers import proxy_worker
 
         return lambda task_status: proxy_worker.run(
-            cfg.proxy, cfg.rollout, js, run=cfg.run, policy_dir=cfg.policy_dir, task_status=task_status
+            cfg.proxy,
+            cfg.rollout,
+            js,
+            run=cfg.run,
+            policy_dir=cfg.policy_dir,
+            policy_settings=cfg.policy,
+            task_status=task_status,
         )
     if name == "eval":  # on its own broker and sandboxd: it only reads checkpoints and writes the lake
         from ops.evaluation import worker as eval_worker
@@ -136,6 +143,7 @@ async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: 
         policy_dir=cfg.policy_dir,
         lake_root=cfg.lake_root,
         checkpoint_root=cfg.checkpoint_root,
+        policy_settings=cfg.policy,
     )
     await worker.run(
         cfg.learner,
@@ -144,5 +152,6 @@ async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: 
         policy_dir=cfg.policy_dir,
         checkpoint_root=cfg.checkpoint_root,
         group_size=cfg.producer.group_size,
+        policy_settings=cfg.policy,
         task_status=task_status,
     )

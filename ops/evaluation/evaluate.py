@@ -68,7 +68,9 @@ def new_eval_id(cfg: Config, label: str) -> str:
 def _engine(policy: Policy, cfg: Config, concurrency: int) -> Batcher:
     from agent_harness.torch_engine import TorchEngine
 
-    inner = TorchEngine(policy.directory, version=policy.version, num_threads=cfg.torch_threads or None)
+    inner = TorchEngine.for_policy(
+        policy.directory, cfg.policy, version=policy.version, num_threads=cfg.torch_threads or None
+    )
     harness = cfg.rollout.harness
     return Batcher(inner, max_batch=concurrency, max_wait_s=harness.batch_max_wait_ms / 1000)
 
@@ -98,6 +100,7 @@ async def evaluate_one(
         concurrency=concurrency,
         pass_threshold=pass_threshold,
         verify_timeout_s=cfg.reward.verify_timeout_s,
+        tool_format=cfg.policy.tool_format,
     )
     engine = None
     if agent == "policy":

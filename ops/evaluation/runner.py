@@ -49,6 +49,7 @@ class Plan:
     concurrency: int
     pass_threshold: float = 1.0
     verify_timeout_s: float = 60.0
+    tool_format: str = "auto"  # the policy's tool-call format ([policy] tool_format)
 
 
 async def oracle_episode(
@@ -163,7 +164,14 @@ async def attempt(
     else:
         assert engine is not None
         registry = tools_for(task)
-        traj = await run_episode(sample, engine=engine, sandbox=sandbox, settings=harness, registry=registry)
+        traj = await run_episode(
+            sample,
+            engine=engine,
+            sandbox=sandbox,
+            settings=harness,
+            registry=registry,
+            tool_format=plan.tool_format,
+        )
         traj = msgspec.structs.replace(traj, task=task)  # as the rollout worker does: the verifier reads it
     scored = await score(traj, sandbox, plan.verify_timeout_s, tools_for=tools_for)
     return record_of(plan, scored, index, time.monotonic() - started, note)

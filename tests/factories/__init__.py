@@ -12,6 +12,7 @@ from __future__ import annotations
 from tests.factories.policies import (
     RecordingEngine,
     assert_exact_accounting,
+    make_arch_policy,
     make_policy,
     make_tiny_policy,
     reference_logprobs,
@@ -85,6 +86,7 @@ __all__ = [
     "group_member",
     "lake_trajectory",
     "login",
+    "make_arch_policy",
     "make_chunk",
     "make_policy",
     "make_scored",

@@ -51,6 +51,15 @@ def make_tiny_policy(path: Path) -> Path:
     return create_tiny_policy(path, corpus(seed=0), seed=0)
 
 
+def make_arch_policy(path: Path, arch: str) -> Path:
+    """A tiny offline checkpoint of architecture ``arch`` (``agent_harness.architectures``) with a
+    tokenizer trained on the files family's corpus."""
+    from agent_harness.architectures import create_policy
+    from producers.families.files import corpus
+
+    return create_policy(path, arch, corpus(seed=0, episodes=60), seed=0)
+
+
 class RecordingEngine:
     """Wraps an engine and records every (prompt fed, tokens generated) pair."""
 
