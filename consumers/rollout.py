@@ -61,13 +61,14 @@ class WeightSync:
         latest = await policy.latest(self.js, self.run)
         if latest is None or latest.version <= self.engine.version:
             return
-        async with self._lock:
-            if latest.version <= self.engine.version:
+        async with self._lock:  # one fetch at a time, always of the newest version (one pass)
+            found = await policy.fetch_newest(self.js, self.run, newer_than=self.engine.version)
+            if found is None:
                 return
-            data = await policy.fetch_weights(self.js, latest)
-            await self.engine.load_weights(data, latest.version)
+            record, data = found
+            await self.engine.load_weights(data, record.version)
             self.loads += 1
-            log.info("weights_loaded", policy_version=latest.version)
+            log.info("weights_loaded", policy_version=record.version)
 
 
 async def _heartbeat(delivery: Delivery[Any], every_s: float) -> None:
