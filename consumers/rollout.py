@@ -38,12 +38,24 @@ log = structlog.get_logger(__name__)
 
 
 def make_engine(settings: RolloutSettings, policy_dir: Path) -> InferenceEngine:
-    """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (CPU/GPU)
-    or an sglang server."""
+    """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (CPU/GPU),
+    an sglang server, or OpenAI-compatible completions servers (weights through
+    ``settings.weights_dir``)."""
+    weights_dir = Path(settings.weights_dir) if settings.weights_dir else None
     if settings.engine == "sglang":
         from agent_harness.sglang_engine import SGLangEngine
 
-        return SGLangEngine(settings.sglang_url, policy_dir)
+        return SGLangEngine(settings.sglang_url, policy_dir, weights_dir=weights_dir)
+    if settings.engine == "openai":
+        from agent_harness.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(
+            settings.openai_urls,
+            policy_dir,
+            model=settings.openai_model,
+            weights_dir=weights_dir,
+            reload_path=settings.reload_path,
+        )
     from agent_harness.torch_engine import TorchEngine
 
     return TorchEngine(policy_dir)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent_harness.proxy import ProxySettings
+from agent_harness.server import ServeSettings
 from consumers.lake.settings import LakeSettings
 from consumers.settings import RewardSettings, RolloutSettings
 from learner.settings import LearnerSettings
@@ -57,6 +58,14 @@ class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, _meta("OpenAI-compatible model proxies (proxy.port; one per host).", ge=0, le=1)
     ] = 0
     eval: Annotated[int, _meta("Background evaluators (`[eval] every` > 0 starts one).", ge=0, le=1)] = 0
+    serve: Annotated[
+        int,
+        _meta(
+            "`rollstream serve` inference servers (server k on serve.port + k); with "
+            "rollout.engine = openai and no rollout.openai_urls the rollout workers use them.",
+            ge=0,
+        ),
+    ] = 0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -83,6 +92,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     sandboxd: SandboxdSettings = SandboxdSettings()
     metrics: MetricsSettings = MetricsSettings()
     proxy: ProxySettings = ProxySettings()
+    serve: ServeSettings = ServeSettings()
     eval: EvalSettings = EvalSettings()
     processes: ProcessCounts = ProcessCounts()
 
@@ -103,6 +113,27 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def checkpoint_root(self) -> Path:
         """The learner's checkpoints of this run."""
         return self.state / "checkpoints" / self.run
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where new policy versions are written for inference servers to load (shared disk)."""
+        return (
+            Path(self.rollout.weights_dir).resolve()
+            if self.rollout.weights_dir
+            else self.state / "weights" / self.run
+        )
+
+    @property
+    def serve_urls(self) -> list[str]:
+        """The API base URLs of the `rollstream serve` processes `just up` starts."""
+        return [f"http://{self.serve.host}:{self.serve.port + k}/v1" for k in range(self.processes.serve)]
+
+    @property
+    def rollout_settings(self) -> RolloutSettings:
+        """``[rollout]`` with the run's facts filled in: the weights directory, and the serve
+        processes' URLs when engine = openai names no server."""
+        urls = self.rollout.openai_urls or self.serve_urls
+        return msgspec.structs.replace(self.rollout, weights_dir=str(self.weights_dir), openai_urls=urls)
 
     @property
     def nats_url(self) -> str:

@@ -50,7 +50,7 @@ def starter(
         from producers.families import tools_for
 
         return lambda task_status: rollout.run(
-            cfg.rollout,
+            cfg.rollout_settings,
             js,
             nc,
             run=cfg.run,
@@ -78,7 +78,12 @@ def starter(
         from consumers import proxy_worker
 
         return lambda task_status: proxy_worker.run(
-            cfg.proxy, cfg.rollout, js, run=cfg.run, policy_dir=cfg.policy_dir, task_status=task_status
+            cfg.proxy,
+            cfg.rollout_settings,
+            js,
+            run=cfg.run,
+            policy_dir=cfg.policy_dir,
+            task_status=task_status,
         )
     if name == "eval":  # on its own broker and sandboxd: it only reads checkpoints and writes the lake
         from ops.evaluation import worker as eval_worker
