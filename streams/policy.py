@@ -102,7 +102,14 @@ async def fetch_weights(js: JetStreamContext, record: PolicyVersion) -> bytes:
 
 FETCH_BASE_S = 10.0
 FETCH_BYTES_PER_S = 20e6  # a floor on object-store throughput, to size a fetch's deadline
-GONE = (ObjectNotFoundError, ObjectDeletedError, NotFoundError, TimeoutError, WeightsCorrupt)
+GONE: tuple[type[Exception], ...] = (
+    ObjectNotFoundError,
+    ObjectDeletedError,
+    NotFoundError,
+    TimeoutError,
+    WeightsCorrupt,
+    *TRANSIENT,
+)
 
 
 class FetchFailed(RuntimeError):
@@ -137,7 +144,7 @@ async def fetch_newest(
             return None
         try:
             return record, await _fetch_once(js, record)
-        except (*GONE, *TRANSIENT) as exc:
+        except GONE as exc:
             last = exc
             await anyio.sleep(min(0.2 * 2**attempt, 2.0))
     raise FetchFailed(f"weights of run {run} unreadable after {attempts} attempts: {last!r}") from last
