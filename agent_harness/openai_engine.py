@@ -47,6 +47,7 @@ from transformers import AutoTokenizer
 
 from agent_harness import disk_weights
 from agent_harness.engine import Generation, GenRequest
+from agent_harness.lora import is_adapter
 
 TOKEN_ID_PREFIX = "token_id:"
 
@@ -182,7 +183,10 @@ class OpenAIEngine:
         self._stamped = version
 
     def _write(self, data: bytes, version: int) -> Path:
-        return disk_weights.write_version(self.weights_dir, version, data, source_dir=self.tokenizer_dir)
+        name = disk_weights.ADAPTER_FILE if is_adapter(data) else disk_weights.WEIGHTS_FILE
+        return disk_weights.write_version(
+            self.weights_dir, version, data, source_dir=self.tokenizer_dir, file_name=name
+        )
 
     async def _post(self, server: _Server, path: str, payload: dict[str, Any], *, api: bool) -> Any:
         url = (server.url if api else server.root) + path

@@ -56,9 +56,10 @@ def make_engine(settings: RolloutSettings, policy_dir: Path) -> InferenceEngine:
             weights_dir=weights_dir,
             reload_path=settings.reload_path,
         )
+    from agent_harness.lora import AdapterEngine
     from agent_harness.torch_engine import TorchEngine
 
-    return TorchEngine(policy_dir)
+    return AdapterEngine(TorchEngine(policy_dir), policy_dir)  # takes LoRA adapters as well
 
 
 class WeightSync:

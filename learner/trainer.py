@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
+from agent_harness.lora import adapter_bytes, peft_model
+from agent_harness.settings import LoraSettings
 from learner.batch import Batch, build_batch
 from learner.checkpoint import (
     CheckpointState,
@@ -54,14 +57,26 @@ class StepResult:
 class Trainer:
     """AdamW on a causal LM loaded from a Hugging Face checkpoint directory (float32, CPU)."""
 
-    def __init__(self, checkpoint_dir: Path, settings: LearnerSettings) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        settings: LearnerSettings,
+        *,
+        lora: LoraSettings | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
+        """``lora``: train adapters on the frozen model at ``checkpoint_dir`` (or resume the adapter
+        checkpoint there, on the base policy at ``base_dir``)."""
         torch.manual_seed(settings.seed)
         self.settings = settings
         self.source_dir = Path(checkpoint_dir)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(self.source_dir, dtype=torch.float32)
+        self.lora = lora
+        self.model: Any = _load_model(self.source_dir, lora, base_dir)
         self.model.train(False)  # eval mode: no dropout
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
         )
         pad = self.model.config.pad_token_id
         self.pad_id: int = int(pad) if pad is not None else 0
@@ -144,12 +159,14 @@ class Trainer:
     # -- weights and checkpoints ----------------------------------------------------------------
 
     def weights_bytes(self) -> bytes:
-        """The full state dict as safetensors bytes.
+        """The full state dict as safetensors bytes (with LoRA: the adapters only, ``agent_harness.lora``).
 
         Tied tensors (``lm_head.weight`` sharing ``embed_tokens.weight``) are written under both
         names as separate copies, so ``model.load_state_dict(safetensors.torch.load(b), strict=False)``
         restores any model of the same class, tied or not.
         """
+        if self.lora is not None:
+            return adapter_bytes(self.model, self.lora.scale)
         seen: set[int] = set()
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in self.model.state_dict().items():
@@ -180,13 +197,20 @@ class Trainer:
         return self.save_checkpoint(checkpoint_path(root, self.step), extra=extra)
 
     @classmethod
-    def resume(cls, checkpoint_root: Path, base_checkpoint: Path, settings: LearnerSettings) -> Trainer:
+    def resume(
+        cls,
+        checkpoint_root: Path,
+        base_checkpoint: Path,
+        settings: LearnerSettings,
+        *,
+        lora: LoraSettings | None = None,
+    ) -> Trainer:
         """The trainer of the latest complete checkpoint under ``checkpoint_root``, or a fresh one
         from ``base_checkpoint`` at version 0, step 0."""
         latest = latest_checkpoint(checkpoint_root)
         if latest is None:
-            return cls(base_checkpoint, settings)
-        trainer = cls(latest, settings)
+            return cls(base_checkpoint, settings, lora=lora)
+        trainer = cls(latest, settings, lora=lora, base_dir=base_checkpoint)
         load_optimizer_state(latest, trainer.optimizer)
         for group in trainer.optimizer.param_groups:  # the configured rate wins over the saved one
             group["lr"] = settings.lr
@@ -195,3 +219,18 @@ class Trainer:
         trainer._version, trainer.step = state.version, state.step
         trainer.resumed_extra = state.extra
         return trainer
+
+
+def _load_model(directory: Path, lora: LoraSettings | None, base_dir: Path | None) -> Any:
+    """The model at ``directory``; with ``lora``, wrapped in adapters (fresh, or the adapter
+    checkpoint at ``directory`` over the base at ``base_dir``)."""
+    if lora is None:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if (directory / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir or directory, dtype=torch.float32)
+        with warnings.catch_warnings():  # peft 0.21 reads a transformers attribute deprecated in 5.x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(base, directory, is_trainable=True)
+    return peft_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), lora)

@@ -32,6 +32,7 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
+from agent_harness.settings import LoraSettings
 from learner.assemble import GroupBatcher
 from learner.settings import LearnerSettings, LossName
 from learner.staleness import admit, staleness
@@ -263,6 +264,7 @@ async def run(
     checkpoint_root: Path,
     group_size: int,
     stats: LearnerStats | None = None,
+    lora: LoraSettings | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Train run ``run`` from the shared ``learner`` consumer until cancelled: resume from the last
@@ -270,7 +272,8 @@ async def run(
     whole groups of ``group_size`` (``producer.group_size``). ``stats``, when given, accumulates
     where the time went."""
     stats = stats if stats is not None else LearnerStats()
-    trainer = await anyio.to_thread.run_sync(Trainer.resume, checkpoint_root, policy_dir, settings)
+    resume = functools.partial(Trainer.resume, checkpoint_root, policy_dir, settings, lora=lora)
+    trainer = await anyio.to_thread.run_sync(resume)
     learner = Learner(trainer, settings, js, run, checkpoint_root)
     await learner.sync_version()
     await learner.republish_resumed()

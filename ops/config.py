@@ -18,6 +18,7 @@ import msgspec
 
 from agent_harness.proxy import ProxySettings
 from agent_harness.server import ServeSettings
+from agent_harness.settings import PolicySettings
 from consumers.lake.settings import LakeSettings
 from consumers.settings import RewardSettings, RolloutSettings
 from learner.settings import LearnerSettings
@@ -84,6 +85,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         ),
     ] = 1
     nats: NatsSettings = NatsSettings()
+    policy: PolicySettings = PolicySettings()
     producer: ProducerSettings = ProducerSettings()
     rollout: RolloutSettings = RolloutSettings()
     reward: RewardSettings = RewardSettings()
@@ -95,6 +97,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     serve: ServeSettings = ServeSettings()
     eval: EvalSettings = EvalSettings()
     processes: ProcessCounts = ProcessCounts()
+
+    def __post_init__(self) -> None:
+        if self.policy.lora is not None and self.learner.warm_start_steps > 0:
+            raise msgspec.ValidationError(
+                "policy.lora trains adapters on the base policy, but the warm start trains every "
+                "weight: set learner.warm_start_steps = 0 with policy.lora."
+            )
 
     @property
     def state(self) -> Path:

@@ -127,5 +127,6 @@ async def _learner(cfg: Config, js: JetStreamContext, nc: NATS, *, task_status: 
         policy_dir=cfg.policy_dir,
         checkpoint_root=cfg.checkpoint_root,
         group_size=cfg.producer.group_size,
+        lora=cfg.policy.lora,
         task_status=task_status,
     )

@@ -21,10 +21,12 @@ log = structlog.get_logger(__name__)
 def build_server(cfg: Config) -> object:
     """The torch engine for the configured policy, behind a batcher, inside a ``PolicyServer``."""
     from agent_harness.batcher import Batcher
+    from agent_harness.lora import AdapterEngine
     from agent_harness.server import PolicyServer
     from agent_harness.torch_engine import TorchEngine
 
-    inner = TorchEngine(cfg.policy_dir, num_threads=cfg.torch_threads or None)
+    torch_engine = TorchEngine(cfg.policy_dir, num_threads=cfg.torch_threads or None)
+    inner = AdapterEngine(torch_engine, cfg.policy_dir)  # reloads may name LoRA adapters
     engine = Batcher(inner, max_batch=cfg.serve.max_batch, max_wait_s=cfg.serve.batch_max_wait_ms / 1000)
     cfg.weights_dir.mkdir(parents=True, exist_ok=True)
     return PolicyServer(engine, cfg.serve, weights_root=cfg.weights_dir)
