@@ -78,6 +78,10 @@ bench-async:
 bench-lake:
     {{py}} -m ops.bench.lake
 
+# Engine benchmark: weight publish+fetch+apply per version (full vs LoRA), openai engine via rollstream serve vs in-process torch at concurrency 8
+bench-engines:
+    {{py}} -m ops.bench.engines
+
 # Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~20 min)
 demo *args:
     {{py}} -m ops.demo "$@"

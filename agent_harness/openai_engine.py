@@ -15,8 +15,10 @@ sampled token ids and their log-probabilities works:
 
 Request: ``{"model", "prompt": [[ids...], ...], "max_tokens", "temperature", "logprobs": 1,
 "return_tokens_as_token_ids": true, "stop_token_ids", "stop", "skip_special_tokens": false,
-"include_stop_str_in_output": true}``. Token ids come from ``choices[i].token_ids`` when the server
-sends them (rollstream serve; vLLM with ``return_token_ids``), else from the ``token_id:`` strings.
+"include_stop_str_in_output": true, "ignore_eos": true}`` (the end-of-sequence token stops a
+generation only when the caller lists it, as with the in-process engine). Token ids come from
+``choices[i].token_ids`` when the server sends them (rollstream serve; vLLM with
+``return_token_ids``), else from the ``token_id:`` strings.
 
 Several servers: each episode (``GenRequest.session``) goes to one server, chosen by a hash of the
 session (prefix-cache friendly, as ROLL routes an environment to one server); an unreachable
@@ -211,6 +213,7 @@ def _payload(model: str, batch: list[GenRequest]) -> dict[str, Any]:
         "return_tokens_as_token_ids": True,
         "skip_special_tokens": False,
         "include_stop_str_in_output": True,
+        "ignore_eos": True,  # stop only where the caller says (stop_token_ids), as every engine does
     }
     if first.stop_token_ids:
         payload["stop_token_ids"] = list(first.stop_token_ids)

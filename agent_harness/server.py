@@ -51,8 +51,16 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ] = 64
     max_batch: Annotated[int, msgspec.Meta(ge=1, description="Prompts generated together in one batch.")] = 16
     batch_max_wait_ms: Annotated[
-        float, msgspec.Meta(ge=0, description="Longest a request waits for others to share its batch.")
-    ] = 5.0
+        float,
+        msgspec.Meta(
+            ge=0,
+            description=(
+                "Longest a request waits for others to share its batch. 0: clients (the openai engine) "
+                "already send their batch in one request; requests arriving while a batch runs still "
+                "share the next one."
+            ),
+        ),
+    ] = 0.0
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -13,6 +13,7 @@ that fails while a newer version exists moves on to that one instead of retrying
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -22,6 +23,7 @@ import stamina
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from schemas.codec import encode, policy_decoder
 from schemas.policy import PolicyVersion
@@ -90,14 +92,20 @@ async def fetch_weights(js: JetStreamContext, record: PolicyVersion) -> bytes:
     """Read the weights of ``record`` and check them against its sha256."""
 
     async def get() -> bytes:
-        obs = await js.object_store(WEIGHTS_BUCKET)
-        result = await obs.get(record.object_name)
-        return bytes(result.data or b"")
+        return await _read_object(await js.object_store(WEIGHTS_BUCKET), record.object_name)
 
     data = await retrying(get, attempt_timeout_s=120.0)
     if hashlib.sha256(data).hexdigest() != record.sha256:
         raise WeightsCorrupt(f"weights {record.object_name} do not match sha256 {record.sha256[:12]}")
     return data
+
+
+async def _read_object(obs: ObjectStore, name: str) -> bytes:
+    """An object's bytes, gathered in a buffer: nats-py's ``get`` without ``writeinto`` appends
+    each chunk to a ``bytes`` (quadratic: an 80 MB object took minutes)."""
+    buffer = io.BytesIO()
+    await obs.get(name, writeinto=buffer)
+    return buffer.getvalue()
 
 
 FETCH_BASE_S = 10.0
@@ -121,8 +129,7 @@ async def _fetch_once(js: JetStreamContext, record: PolicyVersion) -> bytes:
     obs = await js.object_store(WEIGHTS_BUCKET)
     info = await obs.get_info(record.object_name)
     with anyio.fail_after(FETCH_BASE_S + (info.size or 0) / FETCH_BYTES_PER_S):
-        result = await obs.get(record.object_name)
-    data = bytes(result.data or b"")
+        data = await _read_object(obs, record.object_name)
     if hashlib.sha256(data).hexdigest() != record.sha256:
         raise WeightsCorrupt(f"weights {record.object_name} do not match sha256 {record.sha256[:12]}")
     return data
