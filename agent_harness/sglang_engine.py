@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from agent_harness import disk_weights
 from agent_harness.engine import Generation, GenRequest
+from agent_harness.lora import is_adapter
 
 
 class SGLangError(RuntimeError):
@@ -76,6 +77,8 @@ class SGLangEngine:
 
     async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
         """Write a checkpoint directory for ``version`` and ask the server to load it."""
+        if is_adapter(safetensors_bytes):
+            raise SGLangError("LoRA adapters are not supported with engine = sglang; use torch or openai")
         target = await anyio.to_thread.run_sync(self._write_checkpoint, version, safetensors_bytes)
         await self.update_weights_from_disk(target, version)
 

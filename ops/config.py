@@ -99,6 +99,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     processes: ProcessCounts = ProcessCounts()
 
     def __post_init__(self) -> None:
+        if self.rollout.engine == "openai" and not self.rollout.openai_urls and self.processes.serve == 0:
+            raise msgspec.ValidationError(
+                "rollout.engine = openai needs servers: list them in rollout.openai_urls, or set "
+                "processes.serve = N for `just up` to start N rollstream serve processes."
+            )
         if self.policy.lora is not None and self.learner.warm_start_steps > 0:
             raise msgspec.ValidationError(
                 "policy.lora trains adapters on the base policy, but the warm start trains every "

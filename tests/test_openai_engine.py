@@ -17,6 +17,7 @@ from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.openai_engine import OpenAIEngine, OpenAIEngineError
 from agent_harness.server import PolicyServer, ServeSettings
 from agent_harness.torch_engine import TorchEngine
+from ops.config import ConfigError, load_config
 
 SETTINGS = ServeSettings(port=0)
 
@@ -178,3 +179,11 @@ async def test_the_server_refuses_what_it_cannot_serve(servers: Servers, tiny_po
         assert body["policy_version"] == 0 and len(body["choices"][0]["logprobs"]["token_logprobs"]) <= 3
         models = await http.get("/models")
         assert models.json()["data"][0]["id"] == SETTINGS.model
+
+
+def test_engine_openai_without_servers_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match="openai_urls"):
+        load_config(None, ['rollout.engine="openai"'])
+    cfg = load_config(None, ['rollout.engine="openai"', "processes.serve=2", "serve.port=9100"])
+    assert cfg.rollout_settings.openai_urls == ["http://127.0.0.1:9100/v1", "http://127.0.0.1:9101/v1"]
+    assert cfg.rollout_settings.weights_dir == str(cfg.state / "weights" / cfg.run)
