@@ -213,4 +213,12 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 
 def to_toml(config: Config) -> str:
-    return msgspec.toml.encode(config).decode()
+    """``config`` as TOML; keys whose value is unset (None, e.g. ``policy.lora``) are left out, as
+    TOML has no null and decoding an absent key gives the same default back."""
+    return msgspec.toml.encode(_without_none(msgspec.to_builtins(config))).decode()
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from ops.config import Config
 
+if TYPE_CHECKING:
+    from agent_harness.server import PolicyServer
+
 log = structlog.get_logger(__name__)
 
 
-def build_server(cfg: Config) -> object:
+def build_server(cfg: Config) -> PolicyServer:
     """The torch engine for the configured policy, behind a batcher, inside a ``PolicyServer``."""
     from agent_harness.batcher import Batcher
     from agent_harness.lora import AdapterEngine
@@ -34,11 +38,10 @@ def build_server(cfg: Config) -> object:
 
 async def run_server(cfg: Config, index: int) -> None:
     """Serve until SIGINT/SIGTERM."""
-    from agent_harness.server import PolicyServer, serve
+    from agent_harness.server import serve
 
     structlog.contextvars.bind_contextvars(run=cfg.run, worker="serve", index=index, pid=os.getpid())
     server = await anyio.to_thread.run_sync(build_server, cfg)
-    assert isinstance(server, PolicyServer)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             await tg.start(

@@ -18,7 +18,7 @@ from agent_harness.settings import LoraSettings
 from agent_harness.torch_engine import TorchEngine
 from learner.settings import LearnerSettings
 from learner.trainer import Trainer
-from ops.config import ConfigError, load_config
+from ops.config import ConfigError, load_config, to_toml
 from tests.factories import chunk, sample
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
@@ -115,3 +115,11 @@ def test_an_sft_step_moves_the_adapters_and_leaves_the_base_frozen(tiny_policy: 
     assert not result.skipped and trainer.step == 1
     assert trainer.weights_bytes() != before
     assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
+
+
+def test_the_configuration_round_trips_through_toml_with_and_without_lora(tmp_path: Path) -> None:
+    for sets in ([], ["policy.lora={r = 4, alpha = 8}", "learner.warm_start_steps=0"]):
+        cfg = load_config(None, sets)
+        path = tmp_path / "config.toml"
+        path.write_text(to_toml(cfg))
+        assert load_config(path) == cfg

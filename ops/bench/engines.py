@@ -207,19 +207,21 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64)  # the harness default per turn
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sections", default="sync,overhead", help="Which sections to run.")
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory(prefix="rs-bench-engines-") as tmp:
         work = Path(tmp)
         tiny = create_tiny_policy(work / "policy" / "base", corpus(seed=0), seed=0)
-        policies = {
-            "tiny (Qwen2 0.5M)": tiny,
-            "medium (Qwen2 6 layers)": medium_policy(tiny, work / "medium"),
-        }
-        rows = anyio.run(run_sync, policies, args.versions, work)
-        console.print(sync_table(rows))
-        best = anyio.run(run_overhead, work, args.concurrency, args.turns, args.new_tokens, args.rounds)
-        console.print(overhead_table(best, args.concurrency))
+        if "sync" in args.sections:
+            policies = {
+                "tiny (Qwen2 0.5M)": tiny,
+                "medium (Qwen2 6 layers)": medium_policy(tiny, work / "medium"),
+            }
+            console.print(sync_table(anyio.run(run_sync, policies, args.versions, work)))
+        if "overhead" in args.sections:
+            best = anyio.run(run_overhead, work, args.concurrency, args.turns, args.new_tokens, args.rounds)
+            console.print(overhead_table(best, args.concurrency))
 
 
 def sync_table(rows: list[SyncRow]) -> Table:
