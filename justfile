@@ -78,9 +78,14 @@ bench-async:
 bench-lake:
     {{py}} -m ops.bench.lake
 
-# Model benchmark: per architecture and dtype, generation tokens/s (batched, KV cache), learner samples/s
+# Model benchmark (issue 13): per architecture and dtype, generation tokens/s (batched, KV cache) and learner samples/s; then the engine sections (weight publish+fetch per version, full vs LoRA; openai engine via rollstream serve vs in-process torch at concurrency 8)
 bench-models *args:
     {{py}} -m ops.bench.models {{args}}
+    {{py}} -m ops.bench.engines
+
+# Only the engine sections of bench-models
+bench-engines:
+    {{py}} -m ops.bench.engines
 
 # Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~20 min)
 demo *args:

@@ -13,7 +13,9 @@ class GenRequest:
     """Continue ``prompt_tokens`` by at most ``max_new_tokens`` tokens.
 
     Generation stops after (and includes) the first token in ``stop_token_ids`` or the first token
-    whose decoded continuation contains one of ``stop_strings``.
+    whose decoded continuation contains one of ``stop_strings``. ``session`` names the episode (or
+    conversation) the request belongs to: engines with several servers send one session's requests
+    to one server, whose prefix cache then holds the episode's context.
     """
 
     prompt_tokens: list[int]
@@ -21,6 +23,7 @@ class GenRequest:
     temperature: float = 1.0
     stop_token_ids: list[int] | None = None
     stop_strings: list[str] | None = None
+    session: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,7 +246,11 @@ async def _turns(
             await before_turn()
         version = engine.version
         request = GenRequest(
-            list(ep.seq), min(settings.max_new_tokens_per_turn, budget), settings.temperature, stop_ids
+            list(ep.seq),
+            min(settings.max_new_tokens_per_turn, budget),
+            settings.temperature,
+            stop_ids,
+            session=sample.msg_id,
         )
         t0 = time.perf_counter()
         [gen] = await engine.generate([request])

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent_harness.settings import LoraSettings
+
 DType = Literal["float32", "bfloat16", "float16"]
 ToolFormatName = Literal["auto", "hermes", "llama3_json", "mistral"]
 
@@ -56,6 +58,16 @@ class PolicySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "([TOOL_CALLS]); auto = detected from the chat template."
         ),
     ] = "auto"
+    lora: Annotated[
+        LoraSettings | None,
+        msgspec.Meta(
+            description=(
+                "Train LoRA adapters ({r, alpha, target_modules}) on the frozen base policy instead of "
+                "every weight; only the adapters travel to the engines, which merge them. Needs "
+                "learner.warm_start_steps = 0 (the warm start trains full weights)."
+            )
+        ),
+    ] = None
 
 
 def resolve_device(name: str) -> Any:

@@ -58,3 +58,17 @@ class HarnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             "e.g. while the reward group verifies earlier episodes) before it is aborted.",
         ),
     ] = 120.0
+
+
+class LoraSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[policy] lora``: train low-rank adapters instead of every weight; only they travel."""
+
+    r: Annotated[int, msgspec.Meta(ge=1, description="Rank of the adapters.")] = 8
+    alpha: Annotated[int, msgspec.Meta(ge=1, description="Scale numerator: updates weigh alpha / r.")] = 16
+    target_modules: Annotated[
+        list[str], msgspec.Meta(min_length=1, description="Linear layers (by name) that get adapters.")
+    ] = msgspec.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r

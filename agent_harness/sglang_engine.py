@@ -18,7 +18,6 @@ the last entry of ``output_token_logprobs`` (``no_stop_trim`` is sent to keep it
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,9 @@ import anyio.to_thread
 import httpx
 from transformers import AutoTokenizer
 
+from agent_harness import disk_weights
 from agent_harness.engine import Generation, GenRequest
-
-_CHECKPOINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-)
+from agent_harness.lora import is_adapter
 
 
 class SGLangError(RuntimeError):
@@ -84,8 +77,9 @@ class SGLangEngine:
 
     async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
         """Write a checkpoint directory for ``version`` and ask the server to load it."""
-        target = self.weights_dir / f"v{version:06d}"
-        await anyio.to_thread.run_sync(self._write_checkpoint, target, safetensors_bytes)
+        if is_adapter(safetensors_bytes):
+            raise SGLangError("LoRA adapters are not supported with engine = sglang; use torch or openai")
+        target = await anyio.to_thread.run_sync(self._write_checkpoint, version, safetensors_bytes)
         await self.update_weights_from_disk(target, version)
 
     async def update_weights_from_disk(self, model_path: Path, version: int) -> None:
@@ -95,16 +89,8 @@ class SGLangEngine:
             raise SGLangError(f"weight update to {model_path} failed: {body!r}")
         self.version = version
 
-    def _write_checkpoint(self, target: Path, data: bytes) -> None:
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name in _CHECKPOINT_FILES:
-            if (self.tokenizer_dir / name).exists():
-                shutil.copy2(self.tokenizer_dir / name, tmp / name)
-        (tmp / "model.safetensors").write_bytes(data)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+    def _write_checkpoint(self, version: int, data: bytes) -> Path:
+        return disk_weights.write_version(self.weights_dir, version, data, source_dir=self.tokenizer_dir)
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         try:

@@ -42,14 +42,28 @@ def make_engine(
     settings: RolloutSettings, policy_dir: Path, policy_settings: PolicySettings | None = None
 ) -> InferenceEngine:
     """The engine ``settings.engine`` names, for the policy at ``policy_dir``: local torch (on
-    ``[policy]``'s device, in its dtype) or an sglang server."""
+    ``[policy]``'s device, in its dtype), an sglang server, or OpenAI-compatible completions
+    servers (weights through ``settings.weights_dir``)."""
+    weights_dir = Path(settings.weights_dir) if settings.weights_dir else None
     if settings.engine == "sglang":
         from agent_harness.sglang_engine import SGLangEngine
 
-        return SGLangEngine(settings.sglang_url, policy_dir)
+        return SGLangEngine(settings.sglang_url, policy_dir, weights_dir=weights_dir)
+    if settings.engine == "openai":
+        from agent_harness.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(
+            settings.openai_urls,
+            policy_dir,
+            model=settings.openai_model,
+            weights_dir=weights_dir,
+            reload_path=settings.reload_path,
+        )
+    from agent_harness.lora import AdapterEngine
     from agent_harness.torch_engine import TorchEngine
 
-    return TorchEngine.for_policy(policy_dir, policy_settings or PolicySettings())
+    # takes LoRA adapters as well
+    return AdapterEngine(TorchEngine.for_policy(policy_dir, policy_settings or PolicySettings()), policy_dir)
 
 
 class WeightSync:
@@ -64,13 +78,14 @@ class WeightSync:
         latest = await policy.latest(self.js, self.run)
         if latest is None or latest.version <= self.engine.version:
             return
-        async with self._lock:
-            if latest.version <= self.engine.version:
+        async with self._lock:  # one fetch at a time, always of the newest version (one pass)
+            found = await policy.fetch_newest(self.js, self.run, newer_than=self.engine.version)
+            if found is None:
                 return
-            data = await policy.fetch_weights(self.js, latest)
-            await self.engine.load_weights(data, latest.version)
+            record, data = found
+            await self.engine.load_weights(data, record.version)
             self.loads += 1
-            log.info("weights_loaded", policy_version=latest.version)
+            log.info("weights_loaded", policy_version=record.version)
 
 
 async def _heartbeat(delivery: Delivery[Any], every_s: float) -> None:

@@ -17,8 +17,46 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     concurrency: Annotated[
         int, msgspec.Meta(ge=1, description="Episodes one rollout process runs at once.")
     ] = 4
-    engine: Annotated[Literal["torch", "sglang"], msgspec.Meta(description="Inference engine.")] = "torch"
+    engine: Annotated[
+        Literal["torch", "sglang", "openai"],
+        msgspec.Meta(
+            description=(
+                "Inference engine: torch (in process), sglang (an sglang server's native /generate) or "
+                "openai (OpenAI-compatible completions servers returning token ids and logprobs: "
+                "rollstream serve, vLLM)."
+            )
+        ),
+    ] = "torch"
     sglang_url: Annotated[str, msgspec.Meta(description="sglang server URL when engine = sglang.")] = ""
+    openai_urls: Annotated[
+        list[str],
+        msgspec.Meta(
+            description=(
+                "Base URLs (http://host:port/v1) of the completions servers when engine = openai; an "
+                "episode sticks to one of them. Empty under `just up` with processes.serve > 0: the "
+                "rollstream serve processes it starts."
+            )
+        ),
+    ] = []
+    openai_model: Annotated[str, msgspec.Meta(description="`model` sent to the openai servers.")] = ""
+    reload_path: Annotated[
+        str,
+        msgspec.Meta(
+            description=(
+                "Weight-reload endpoint of the openai servers (POST {model_path, weight_version} at the "
+                "server root): sglang's and rollstream serve's /update_weights_from_disk."
+            )
+        ),
+    ] = "/update_weights_from_disk"
+    weights_dir: Annotated[
+        str,
+        msgspec.Meta(
+            description=(
+                "A directory the rollout workers and the inference servers both see, where new policy "
+                "versions are written for the servers to load (empty: <state_dir>/weights/<run>)."
+            )
+        ),
+    ] = ""
     heartbeat_s: Annotated[
         float, msgspec.Meta(gt=0, description="Seconds between in_progress heartbeats of a long episode.")
     ] = 20.0

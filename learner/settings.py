@@ -126,8 +126,26 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         bool, msgspec.Meta(description="SFT imitates only trajectories with reward > 0.")
     ] = True
     publish_every: Annotated[
-        int, msgspec.Meta(ge=1, description="Publish weights every this many steps.")
+        int,
+        msgspec.Meta(
+            ge=0,
+            description=(
+                "Publish a new policy version once this many optimiser steps passed since the last "
+                "one (0: steps never trigger a publication; use publish_every_s)."
+            ),
+        ),
     ] = 1
+    publish_every_s: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description=(
+                "Publish a new policy version once this many seconds passed since the last one and at "
+                "least one step was taken (0: time never triggers a publication). Either trigger "
+                "publishes; publish_every = 0 with publish_every_s = S publishes at most every S s."
+            ),
+        ),
+    ] = 0.0
     checkpoint_every: Annotated[
         int, msgspec.Meta(ge=1, description="Write a checkpoint every this many steps.")
     ] = 10
@@ -170,6 +188,11 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ] = 0.3
 
     def __post_init__(self) -> None:
+        if self.publish_every == 0 and self.publish_every_s == 0:
+            raise msgspec.ValidationError(
+                "learner.publish_every and learner.publish_every_s are both 0, so no version would "
+                "ever be published; set one of them (steps or seconds)."
+            )
         if self.mismatch_ratio_low >= self.mismatch_ratio_high:
             raise msgspec.ValidationError(
                 "learner.mismatch_ratio_low must be below learner.mismatch_ratio_high; "

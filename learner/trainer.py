@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from agent_harness.lora import adapter_bytes, peft_model
 from agent_harness.model import PolicySettings, load_model
 from learner.batch import Batch, build_batch
 from learner.checkpoint import (
@@ -58,18 +60,28 @@ class Trainer:
     dtype, device and attention; float32 on the CPU by default)."""
 
     def __init__(
-        self, checkpoint_dir: Path, settings: LearnerSettings, policy: PolicySettings | None = None
+        self,
+        checkpoint_dir: Path,
+        settings: LearnerSettings,
+        policy: PolicySettings | None = None,
+        *,
+        base_dir: Path | None = None,
     ) -> None:
+        """``policy.lora``: train adapters on the frozen model at ``checkpoint_dir`` (or resume the
+        adapter checkpoint there, on the base policy at ``base_dir``)."""
         torch.manual_seed(settings.seed)
         self.settings = settings
         self.policy = policy or PolicySettings()
         self.source_dir = Path(checkpoint_dir)
-        self.model: Any = load_model(self.source_dir, self.policy)  # eval mode: no dropout
+        self.lora = self.policy.lora
+        self.model: Any = _load_model(self.source_dir, self.policy, base_dir)  # eval mode: no dropout
         self.device = next(self.model.parameters()).device
         if self.policy.gradient_checkpointing:
             _checkpoint_activations(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
         )
         pad = self.model.config.pad_token_id
         self.pad_id: int = int(pad) if pad is not None else 0
@@ -154,12 +166,14 @@ class Trainer:
     # -- weights and checkpoints ----------------------------------------------------------------
 
     def weights_bytes(self) -> bytes:
-        """The full state dict as safetensors bytes.
+        """The full state dict as safetensors bytes (with LoRA: the adapters only, ``agent_harness.lora``).
 
         Tied tensors (``lm_head.weight`` sharing ``embed_tokens.weight``) are written under both
         names as separate copies, so ``model.load_state_dict(safetensors.torch.load(b), strict=False)``
         restores any model of the same class, tied or not.
         """
+        if self.lora is not None:
+            return adapter_bytes(self.model, self.lora.scale)
         seen: set[int] = set()
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in self.model.state_dict().items():
@@ -202,7 +216,7 @@ class Trainer:
         latest = latest_checkpoint(checkpoint_root)
         if latest is None:
             return cls(base_checkpoint, settings, policy)
-        trainer = cls(latest, settings, policy)
+        trainer = cls(latest, settings, policy, base_dir=base_checkpoint)
         load_optimizer_state(latest, trainer.optimizer)
         for group in trainer.optimizer.param_groups:  # the configured rate wins over the saved one
             group["lr"] = settings.lr
@@ -226,3 +240,19 @@ def _checkpoint_activations(model: Any) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def _load_model(directory: Path, policy: PolicySettings, base_dir: Path | None) -> Any:
+    """The model at ``directory`` (``policy``'s dtype, device, attention; eval mode); with
+    ``policy.lora``, wrapped in adapters (fresh, or the adapter checkpoint at ``directory`` over
+    the base at ``base_dir``)."""
+    if policy.lora is None:
+        return load_model(directory, policy)
+    if (directory / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(base_dir or directory, policy)
+        with warnings.catch_warnings():  # peft 0.21 reads a transformers attribute deprecated in 5.x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(base, directory, is_trainable=True)
+    return peft_model(load_model(directory, policy), policy.lora)

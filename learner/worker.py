@@ -87,10 +87,21 @@ class Learner:
         self.checkpointed_step = trainer.step
         self.published_step = trainer.step
         self.filtered_groups = 0  # uninformative groups dropped since the last step's stats
+        self.published_at = time.monotonic()
 
     @property
     def version(self) -> int:
         return self.trainer.version
+
+    def publish_due(self) -> bool:
+        """Whether the steps or the seconds since the last publication call for a new version
+        (``publish_every`` / ``publish_every_s``; never without a new step)."""
+        steps = self.trainer.step - self.published_step
+        if steps <= 0:
+            return False
+        every, every_s = self.settings.publish_every, self.settings.publish_every_s
+        by_steps = every > 0 and steps >= every
+        return by_steps or (every_s > 0 and time.monotonic() - self.published_at >= every_s)
 
     async def sync_version(self) -> None:
         """Versions continue after a restart: N = max(checkpoint version, announced version)."""
@@ -277,9 +288,8 @@ async def run(
     whole groups of ``group_size`` (``producer.group_size``). ``stats``, when given, accumulates
     where the time went. ``policy_settings`` says how the model loads (dtype, device, attention)."""
     stats = stats if stats is not None else LearnerStats()
-    trainer = await anyio.to_thread.run_sync(
-        Trainer.resume, checkpoint_root, policy_dir, settings, policy_settings
-    )
+    resume = functools.partial(Trainer.resume, checkpoint_root, policy_dir, settings, policy_settings)
+    trainer = await anyio.to_thread.run_sync(resume)
     learner = Learner(trainer, settings, js, run, checkpoint_root)
     await learner.sync_version()
     await learner.republish_resumed()
@@ -323,10 +333,10 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
     trainer, settings = learner.trainer, learner.settings
     # "due" counts steps since the last publication/checkpoint: one batch may take two steps (SFT
     # replay and the rest), so a step number that is a multiple of k can be skipped over.
-    publish = stepped and trainer.step - learner.published_step >= settings.publish_every
+    publish = stepped and learner.publish_due()
     if publish:
         trainer.next_version()
-        learner.published_step = trainer.step
+        learner.published_step, learner.published_at = trainer.step, time.monotonic()
     if publish or (stepped and trainer.step - learner.checkpointed_step >= settings.checkpoint_every):
         await learner.checkpoint_and_ack()
     else:

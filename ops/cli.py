@@ -197,6 +197,33 @@ def worker(
 
 
 @app.command()
+def serve(
+    config_path: ConfigOpt = None,
+    overrides: SetOpt = None,
+    index: Annotated[int, typer.Option(help="Server k of several: listens on serve.port + k.")] = 0,
+) -> None:
+    """An OpenAI-compatible completions server over the torch engine (token ids and logprobs out,
+    weights reloaded through /update_weights_from_disk); the target of rollout.engine = openai."""
+    import anyio
+
+    from ops.logs import configure_logging
+    from ops.serve import run_server
+    from ops.worker import set_torch_threads
+
+    cfg = config(config_path, overrides)
+    configure_logging(cfg.log_level)
+    set_torch_threads(cfg.torch_threads)
+    if not (cfg.policy_dir / "config.json").exists():
+        raise fail(f"no policy at {cfg.policy_dir}: run `rollstream init-policy` first.")
+    try:
+        anyio.run(run_server, cfg, index)
+    except OSError as exc:
+        raise fail(
+            f"cannot listen on {cfg.serve.host}:{cfg.serve.port + index}: {exc.strerror or exc}"
+        ) from None
+
+
+@app.command()
 def report(
     config_path: ConfigOpt = None,
     overrides: SetOpt = None,

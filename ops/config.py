@@ -19,6 +19,7 @@ import msgspec
 
 from agent_harness.model import PolicySettings, check_policy
 from agent_harness.proxy import ProxySettings
+from agent_harness.server import ServeSettings
 from consumers.lake.settings import LakeSettings
 from consumers.settings import RewardSettings, RolloutSettings
 from learner.settings import LearnerSettings
@@ -59,6 +60,14 @@ class ProcessCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, _meta("OpenAI-compatible model proxies (proxy.port; one per host).", ge=0, le=1)
     ] = 0
     eval: Annotated[int, _meta("Background evaluators (`[eval] every` > 0 starts one).", ge=0, le=1)] = 0
+    serve: Annotated[
+        int,
+        _meta(
+            "`rollstream serve` inference servers (server k on serve.port + k); with "
+            "rollout.engine = openai and no rollout.openai_urls the rollout workers use them.",
+            ge=0,
+        ),
+    ] = 0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,8 +95,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     sandboxd: SandboxdSettings = SandboxdSettings()
     metrics: MetricsSettings = MetricsSettings()
     proxy: ProxySettings = ProxySettings()
+    serve: ServeSettings = ServeSettings()
     eval: EvalSettings = EvalSettings()
     processes: ProcessCounts = ProcessCounts()
+
+    def __post_init__(self) -> None:
+        if self.rollout.engine == "openai" and not self.rollout.openai_urls and self.processes.serve == 0:
+            raise msgspec.ValidationError(
+                "rollout.engine = openai needs servers: list them in rollout.openai_urls, or set "
+                "processes.serve = N for `just up` to start N rollstream serve processes."
+            )
+        if self.policy.lora is not None and self.learner.warm_start_steps > 0:
+            raise msgspec.ValidationError(
+                "policy.lora trains adapters on the base policy, but the warm start trains every "
+                "weight: set learner.warm_start_steps = 0 with policy.lora."
+            )
 
     @property
     def state(self) -> Path:
@@ -109,6 +131,27 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def checkpoint_root(self) -> Path:
         """The learner's checkpoints of this run."""
         return self.state / "checkpoints" / self.run
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where new policy versions are written for inference servers to load (shared disk)."""
+        return (
+            Path(self.rollout.weights_dir).resolve()
+            if self.rollout.weights_dir
+            else self.state / "weights" / self.run
+        )
+
+    @property
+    def serve_urls(self) -> list[str]:
+        """The API base URLs of the `rollstream serve` processes `just up` starts."""
+        return [f"http://{self.serve.host}:{self.serve.port + k}/v1" for k in range(self.processes.serve)]
+
+    @property
+    def rollout_settings(self) -> RolloutSettings:
+        """``[rollout]`` with the run's facts filled in: the weights directory, and the serve
+        processes' URLs when engine = openai names no server."""
+        urls = self.rollout.openai_urls or self.serve_urls
+        return msgspec.structs.replace(self.rollout, weights_dir=str(self.weights_dir), openai_urls=urls)
 
     @property
     def nats_url(self) -> str:
@@ -178,4 +221,12 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 
 def to_toml(config: Config) -> str:
-    return msgspec.toml.encode(config).decode()
+    """``config`` as TOML; keys whose value is unset (None, e.g. ``policy.lora``) are left out, as
+    TOML has no null and decoding an absent key gives the same default back."""
+    return msgspec.toml.encode(_without_none(msgspec.to_builtins(config))).decode()
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value

@@ -70,7 +70,7 @@ def starter(
         from producers.families import tools_for
 
         return lambda task_status: rollout.run(
-            cfg.rollout,
+            cfg.rollout_settings,
             js,
             nc,
             run=cfg.run,
@@ -100,7 +100,7 @@ def starter(
 
         return lambda task_status: proxy_worker.run(
             cfg.proxy,
-            cfg.rollout,
+            cfg.rollout_settings,
             js,
             run=cfg.run,
             policy_dir=cfg.policy_dir,

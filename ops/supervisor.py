@@ -29,7 +29,9 @@ from streams.server import NatsServer, NatsServerError, port_in_use
 from streams.topology import ensure
 
 log = structlog.get_logger(__name__)
-START_ORDER = ("sandboxd", "lake", "learner", "reward", "rollout", "producer", "proxy", "eval")
+START_ORDER = ("sandboxd", "lake", "learner", "reward", "serve", "rollout", "producer", "proxy", "eval")
+# Processes that are no broker worker: `rollstream serve` (an inference server, no NATS connection).
+SERVERS = ("serve",)
 
 
 class PreflightError(RuntimeError):
@@ -111,18 +113,13 @@ class Supervisor:
     def spawn(self, name: str, index: int, restarts: int = 0) -> Child:
         log_path = self.logs / f"{name}-{index}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+        command = (
+            ["serve", "--index", str(index)]
+            if name in SERVERS
+            else ["worker", name, "--metrics-port", str(self.metrics_port(name, index))]
+        )
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ops.cli",
-                "worker",
-                name,
-                "--config",
-                str(self.config_path),
-                "--metrics-port",
-                str(self.metrics_port(name, index)),
-            ],
+            [sys.executable, "-m", "ops.cli", *command, "--config", str(self.config_path)],
             stdout=open(log_path, "ab"),
             stderr=subprocess.STDOUT,
             env=env,
