@@ -31,9 +31,16 @@ from agent_harness.engine import GenRequest, InferenceEngine
 from agent_harness.prompt import ENDOFTEXT, IM_END, encode, observation_tokens, prompt_tokens, truncate_middle
 from agent_harness.settings import HarnessSettings
 from agent_harness.task_sandbox import create_options, episode_timeout, exec_options
-from agent_harness.tools import TOOL_CALL_CLOSE, ParseError, ToolCall, ToolRegistry, parse_tool_call
+from agent_harness.tools import (
+    TOOL_CALL_CLOSE,
+    ParseError,
+    ToolCall,
+    ToolRegistry,
+    format_tool_call,
+    parse_tool_call,
+)
 from sandboxd.errors import SandboxCapacity
-from schemas.arrays import pack_logprobs, pack_tokens
+from schemas.arrays import pack_logprobs, pack_tokens, unpack_tokens
 from schemas.sandbox import Created, ExecResult
 from schemas.task import Task, TaskSample
 from schemas.trajectory import Chunk, ToolStatus, Trajectory, TrajSource, TrajStatus
@@ -74,6 +81,38 @@ class _SandboxFailed(Exception):
     """A sandbox operation failed (the infrastructure, not the policy): the episode is aborted."""
 
 
+class Journal(Protocol):
+    """Where an episode makes itself durable as it goes (``consumers.durable``): sandboxes it
+    creates live ``lease_s`` unless their owner keeps them alive, and every chunk is recorded
+    once its tool call returned."""
+
+    @property
+    def lease_s(self) -> float: ...
+
+    async def sandbox_created(self, created: Created) -> None: ...
+
+    async def chunk_made(
+        self, chunk: Chunk, *, prompt: list[int], final: TrajStatus | None, abort_reason: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a redelivered task's episode goes on: its recorded prompt and chunks (the exact token
+    prefix, each chunk with its original policy version), and the live sandbox to reattach to
+    ("" when it is gone: the recorded tool calls are replayed into a fresh one). ``final`` is set
+    when the recorded chunks already ended the episode."""
+
+    prompt: list[int]
+    chunks: list[Chunk]
+    sandbox_id: str = ""
+    sandbox_owner: str = ""
+    final: TrajStatus | None = None
+    abort_reason: str = ""
+    started_at: float = 0.0
+    resumed: int = 1
+
+
 @dataclass
 class _Episode:
     seq: list[int]
@@ -83,6 +122,18 @@ class _Episode:
     sandbox_id: str = ""
     sandbox_owner: str = ""
     exec_opts: dict[str, Any] = field(default_factory=dict)  # the task's cwd, if not /work
+    prompt_len: int = 0
+    journal: Journal | None = None
+
+    async def record(self, final: bool) -> None:
+        """Make the last chunk durable (the journal's), with the episode's status if it ended it."""
+        if self.journal is not None:
+            await self.journal.chunk_made(
+                self.chunks[-1],
+                prompt=self.seq[: self.prompt_len] if self.chunks[-1].index == 0 else [],
+                final=self.status if final else None,
+                abort_reason=self.abort_reason if final else "",
+            )
 
 
 async def run_episode(
@@ -94,26 +145,44 @@ async def run_episode(
     before_turn: Callable[[], Awaitable[None]] | None = None,
     source: TrajSource = "online",
     registry: ToolRegistry | None = None,
+    journal: Journal | None = None,
+    resume: Resume | None = None,
 ) -> Trajectory:
-    """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise."""
+    """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise.
+    With ``resume`` it goes on from recorded chunks (``Resume``); ``journal`` records it as it goes."""
     registry = registry or ToolRegistry()
-    started = time.time()
+    started = resume.started_at if resume is not None and resume.started_at else time.time()
     tokenizer = engine.tokenizer
-    ep = _Episode(seq=prompt_tokens(tokenizer, sample.task.instruction, registry))
+    ep = _Episode(seq=prompt_tokens(tokenizer, sample.task.instruction, registry), journal=journal)
     ep.exec_opts = exec_options(sample.task)
-    prompt_len = len(ep.seq)
+    ep.prompt_len = len(ep.seq)
     with anyio.move_on_after(episode_timeout(sample.task, settings.episode_timeout_s)) as scope:
         try:
-            await _start_sandbox(sample, sandbox, settings, ep)
-            prompt_len = await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
+            if resume is None:
+                await _start_sandbox(sample, sandbox, settings, ep)
+                ep.prompt_len = await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
+            elif await _resume(sample, sandbox, settings, registry, resume, ep, tokenizer):
+                return _trajectory(sample, ep, engine.version, started, source, resume)
             await _turns(sample, engine, sandbox, settings, registry, before_turn, ep)
         except _SandboxFailed as exc:
             ep.status, ep.abort_reason = "aborted", str(exc)
     if scope.cancelled_caught:
         ep.status, ep.abort_reason = "truncated", "episode_timeout"
+    return _trajectory(sample, ep, engine.version, started, source, resume)
+
+
+def _trajectory(
+    sample: TaskSample,
+    ep: _Episode,
+    version: int,
+    started: float,
+    source: TrajSource,
+    resume: Resume | None,
+) -> Trajectory:
+    prompt_len = ep.prompt_len
     if ep.chunks and ep.chunks[-1].obs_tokens:  # nothing was generated after it
         ep.chunks[-1] = msgspec.structs.replace(ep.chunks[-1], obs_tokens=b"")
-    versions = [c.policy_version for c in ep.chunks] or [engine.version]
+    versions = [c.policy_version for c in ep.chunks] or [version]
     traj = Trajectory(
         traj_id=sample.msg_id,
         run=sample.run,
@@ -132,13 +201,14 @@ async def run_episode(
         started_at=started,
         finished_at=time.time(),
         source=source,
+        resumed=resume.resumed if resume is not None else 0,
     )
     log.debug("episode", traj_id=traj.traj_id, status=traj.status, chunks=len(traj.chunks))
     return traj
 
 
 async def _create_waiting(
-    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings
+    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings, ttl_s: float
 ) -> Created:
     """Create a sandbox; while sandboxd is at capacity (its sandboxes wait for verification), wait
     with backoff up to ``sandbox_wait_s``: back-pressure on the rollout, not an aborted episode."""
@@ -146,9 +216,7 @@ async def _create_waiting(
     pause = 0.1
     while True:
         try:
-            return await sandbox.create(
-                task.environment, labels=labels, ttl_s=settings.sandbox_ttl_s, **create_options(task)
-            )
+            return await sandbox.create(task.environment, labels=labels, ttl_s=ttl_s, **create_options(task))
         except SandboxCapacity as exc:
             if time.monotonic() + pause > deadline:
                 raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
@@ -162,8 +230,13 @@ async def _start_sandbox(
     sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, ep: _Episode
 ) -> None:
     labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
-    created = await _create_waiting(sandbox, sample.task, labels, settings)
+    ttl_s = (
+        ep.journal.lease_s if ep.journal is not None and ep.journal.lease_s > 0 else settings.sandbox_ttl_s
+    )
+    created = await _create_waiting(sandbox, sample.task, labels, settings, ttl_s)
     ep.sandbox_id, ep.sandbox_owner = created.sandbox_id, created.owner
+    if ep.journal is not None:
+        await ep.journal.sandbox_created(created)
     for command in sample.task.setup:
         result = await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s, ep.exec_opts)
         if result.exit_code != 0 or result.timed_out:
@@ -199,6 +272,52 @@ async def _replay_prefix(
     return len(ep.seq)
 
 
+async def _resume(
+    sample: TaskSample,
+    sandbox: SandboxAPI,
+    settings: HarnessSettings,
+    registry: ToolRegistry,
+    resume: Resume,
+    ep: _Episode,
+    tokenizer: Any,
+) -> bool:
+    """Restore the episode ``resume`` recorded: its exact token sequence and chunks, and a sandbox
+    in the state they left (the live one, else a fresh one with setup, resampling prefix and every
+    recorded tool call replayed, their outputs ignored). True if the recorded chunks ended it."""
+    ep.chunks = list(resume.chunks)
+    ep.seq = list(resume.prompt)
+    for chunk in resume.chunks:
+        ep.seq += unpack_tokens(chunk.action_tokens).tolist() + unpack_tokens(chunk.obs_tokens).tolist()
+    ep.prompt_len = len(resume.prompt)
+    ep.sandbox_id, ep.sandbox_owner = resume.sandbox_id, resume.sandbox_owner
+    if resume.final is not None:
+        ep.status, ep.abort_reason = resume.final, resume.abort_reason
+        return True
+    if not resume.sandbox_id:
+        seq, prompt_len = ep.seq, ep.prompt_len
+        ep.seq = []
+        await _start_sandbox(sample, sandbox, settings, ep)
+        await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
+        ep.seq, ep.prompt_len = seq, prompt_len
+        for chunk in resume.chunks:
+            if chunk.tool_name and chunk.tool_status != "parse_error":
+                await _act(_recorded_call(chunk), sandbox, settings, registry, ep)
+    log.info("episode_resumed", chunks=len(ep.chunks), reattached=bool(resume.sandbox_id))
+    return False
+
+
+def _recorded_call(chunk: Chunk) -> ToolCall | ParseError:
+    """The tool call a recorded chunk made, as the registry executes it."""
+    try:
+        arguments = _json.decode(chunk.tool_args or "{}")
+    except msgspec.DecodeError as exc:
+        return ParseError("bad_json", str(exc))
+    return parse_tool_call(format_tool_call(chunk.tool_name, arguments))
+
+
+_json = msgspec.json.Decoder()
+
+
 async def _turns(
     sample: TaskSample,
     engine: InferenceEngine,
@@ -211,7 +330,7 @@ async def _turns(
     tok = engine.tokenizer
     closing = {tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)}
     stop_ids = sorted(closing | {tok.convert_tokens_to_ids(TOOL_CALL_CLOSE)})
-    for index in range(sample.task.max_turns):
+    for index in range(len(ep.chunks), sample.task.max_turns):
         budget = settings.max_total_tokens - len(ep.seq)
         if budget < 1:
             ep.status, ep.abort_reason = "truncated", _budget_reason(ep, settings)
@@ -238,6 +357,7 @@ async def _turns(
         if isinstance(call, ParseError) and call.kind == "no_tool_call" and gen.finish_reason == "stop":
             ep.chunks.append(Chunk(**base, tool_status="none"))  # a final answer
             ep.status = "completed"
+            await ep.record(final=True)
             return
         if isinstance(call, ToolCall):
             base |= {"tool_name": call.name, "tool_args": call.arguments_json}
@@ -246,6 +366,8 @@ async def _turns(
             status, raw_text, done = await _act(call, sandbox, settings, registry, ep)
         except _SandboxFailed as exc:  # keep the action: the sequence stays exact when aborted
             ep.chunks.append(Chunk(**base, tool_status="error", obs_text=str(exc)))
+            ep.status, ep.abort_reason = "aborted", str(exc)
+            await ep.record(final=True)
             raise
         closed = bool(gen.tokens) and gen.tokens[-1] in closing
         obs: list[int] = []
@@ -266,6 +388,8 @@ async def _turns(
         )
         if done:
             ep.status = "truncated" if ep.abort_reason else "completed"
+        await ep.record(final=done)
+        if done:
             return
         ep.seq += obs
     ep.status = "truncated"

@@ -93,8 +93,21 @@ async def _status(cfg: Config, console: Console) -> None:
             f"(newest {row['newest']}); train log: {drops['dropped']} of {drops['total']} samples dropped, "
             f"max trained staleness {drops['max_trained_staleness']} (bound {cfg.learner.max_staleness})"
         )
+        live = query(cfg.lake_root, EPISODES_SQL).to_pylist()[0]
+        console.print(
+            f"episodes: {live['partial']} partial (durable chunks, not yet scored), "
+            f"{live['resumed']} resumed after a rollout crash"
+        )
     except QueryError as exc:
         console.print(f"lake: {exc}")
+
+
+# Episodes in flight: chunks streamed (chunks_live) but no trajectory row yet; and resumed ones.
+EPISODES_SQL = (
+    "SELECT (SELECT count(DISTINCT traj_id) FROM chunks_live c "
+    "WHERE NOT EXISTS (SELECT 1 FROM trajectories t WHERE t.traj_id = c.traj_id)) AS partial, "
+    "(SELECT count(*) FROM trajectories WHERE coalesce(resumed, 0) > 0) AS resumed"
+)
 
 
 def _as_ops(cfg: Config) -> Config:
