@@ -102,7 +102,8 @@ class Deployment:
         return next((w["pid"] for w in info.get("workers", []) if w["name"] == name), None)
 
     def sql(self, sql: str) -> list[dict[str, Any]]:
-        return query(self.state / "lake", sql).to_pylist()
+        rows: list[dict[str, Any]] = query(self.state / "lake", sql).to_pylist()
+        return rows
 
     def lake(self) -> Callable[[str], list[dict[str, Any]]]:
         """A query function over one connection to the lake as it is now (for many queries)."""
@@ -164,7 +165,7 @@ def kill_in_turn(dep: Deployment, kills: int, interval_s: float) -> dict[str, in
     done = dict.fromkeys(VICTIMS, 0)
     for k in range(kills):
         name = VICTIMS[k % len(VICTIMS)]
-        wait_for(f"{name} running", lambda name=name: _alive(dep, name), 120, 0.2)  # type: ignore[misc]
+        wait_for(f"{name} running", lambda name=name: _alive(dep, name), 120, 0.2)
         pid = dep.pid_of(name)
         if pid is not None:
             try:
