@@ -22,18 +22,21 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from consumers.durable import read_chunks
+from consumers.durable import EpisodeJournal, Leases, read_chunks
 from consumers.reward import score
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxForbidden, SandboxNotFound
+from schemas.arrays import pack_logprobs, pack_tokens, unpack_tokens
 from schemas.codec import raw_traj_decoder
-from schemas.episode import ChunkRecord, chunk_record_decoder
+from schemas.episode import ChunkRecord, chunk_record_decoder, episode_sandbox_decoder
+from schemas.sandbox import Created
 from schemas.task import Task, TaskSample
-from schemas.trajectory import Trajectory
+from schemas.trajectory import Chunk, Trajectory
 from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.tasks import publish_samples
-from streams.topology import ack_wait_for, ensure, subject
+from streams.topology import EPISODES_BUCKET, LAKE_CHUNKS, ack_wait_for, ensure, episode_kv_key, subject
+from tests.factories import BROKER_RUN, Broker, assert_denied, login
 from tests.factories.rollout_proc import STEPS, step_command
 
 pytestmark = pytest.mark.docker
@@ -198,3 +201,46 @@ async def test_a_dead_workers_sandbox_closes_when_its_lease_lapses_and_the_episo
     assert traj.sandbox_id != old_sandbox  # rebuilt by replaying the recorded calls
     scored = await score(msgspec.structs.replace(traj, task=six_turn_task()), sandbox_client, 10.0)
     assert scored.valid and scored.reward == 1.0, scored.verifier_output
+
+
+async def test_only_the_rollout_role_journals_episodes_and_holds_their_sandbox_tokens(broker: Broker) -> None:
+    ops, rollout, lake, reward = [await login(broker, r) for r in ("ops", "rollout", "lake", "reward")]
+    await ensure(ops.js, BROKER_RUN)
+    sample = TaskSample(run=BROKER_RUN, task=six_turn_task())
+    leases = Leases(SandboxClient(rollout.nc), lease_s=5.0, every_s=1.0)
+    journal = EpisodeJournal(rollout.js, Publisher(rollout.js), leases, sample)
+    created = Created(
+        sandbox_id="sbx-t:0123456789ab", owner="sbx-t", image="i", startup_ms=1.0, token="secret"
+    )
+    await journal.sandbox_created(created)
+    first = Chunk(
+        index=0,
+        action_tokens=pack_tokens([5, 6]),
+        action_logprobs=pack_logprobs([0.0, 0.0]),
+        policy_version=7,
+    )
+    await journal.chunk_made(first, prompt=[1, 2, 3], final=None, abort_reason="")
+
+    [record] = await read_chunks(rollout.js, BROKER_RUN, sample.msg_id)  # what a resume reads back
+    assert record.chunk == first and unpack_tokens(record.prompt_tokens).tolist() == [1, 2, 3]
+    key = episode_kv_key(BROKER_RUN, sample.msg_id)
+    entry = await (await rollout.js.key_value(EPISODES_BUCKET)).get(key)
+    assert episode_sandbox_decoder.decode(entry.value).token == "secret"
+    sub = await lake.js.pull_subscribe_bind(
+        durable=LAKE_CHUNKS.durable(BROKER_RUN), stream=LAKE_CHUNKS.stream
+    )
+    [msg] = await sub.fetch(1, timeout=3)
+    assert chunk_record_decoder.decode(msg.data).chunk == first
+    await msg.ack_sync(timeout=3)
+    await journal.forget()
+    assert await rollout.permission_errors() == [] and await lake.permission_errors() == []
+
+    # No other role reads (or writes) the tokens.
+    stream = f"KV_{EPISODES_BUCKET}"
+    await assert_denied(reward, reward.deny_js.key_value(EPISODES_BUCKET), "Publish", "$JS.API.STREAM.INFO")
+    direct = f"$JS.API.DIRECT.GET.{stream}.$KV.{EPISODES_BUCKET}.{key}"
+    await assert_denied(reward, reward.nc.request(direct, b"", timeout=1), "Publish", direct)
+    forged = reward.deny_js.publish(f"$KV.{EPISODES_BUCKET}.{key}", b"forged")
+    await assert_denied(reward, forged, "Publish", f"$KV.{EPISODES_BUCKET}.")
+    for session in (ops, rollout, lake, reward):
+        await session.nc.close()
