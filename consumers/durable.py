@@ -56,6 +56,8 @@ class Leases:
         self.sandbox, self.lease_s, self.every_s = sandbox, lease_s, every_s
         self.held: set[str] = set()
         self.failures = 0
+        # A renewal and a hand-over of one sandbox must not cross (the lease would win over the TTL).
+        self._lock = anyio.Lock()
 
     def hold(self, sandbox_id: str) -> None:
         self.held.add(sandbox_id)
@@ -73,8 +75,10 @@ class Leases:
 
     async def hand_over(self, sandbox_id: str, ttl_s: float) -> None:
         """The episode is over: its sandbox waits for the verifier with the full TTL, unleased."""
-        self.held.discard(sandbox_id)
-        if sandbox_id:
+        async with self._lock:
+            self.held.discard(sandbox_id)
+            if not sandbox_id:
+                return
             try:
                 await self.sandbox.keepalive(sandbox_id, ttl_s)
             except SandboxError as exc:  # gone: the reward group replays into a fresh one
@@ -84,8 +88,9 @@ class Leases:
         while True:
             await anyio.sleep(self.every_s)
             for sandbox_id in list(self.held):
-                if sandbox_id in self.held and not await self.renew(sandbox_id):
-                    self.held.discard(sandbox_id)
+                async with self._lock:
+                    if sandbox_id in self.held and not await self.renew(sandbox_id):
+                        self.held.discard(sandbox_id)
 
 
 @dataclass
