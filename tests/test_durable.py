@@ -8,6 +8,7 @@ the kill lands mid-episode.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -18,12 +19,17 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from consumers import reward
 from consumers.durable import EpisodeJournal, Leases, read_chunks
 from consumers.reward import score
+from consumers.settings import RewardSettings
+from learner import worker as learner_worker
+from learner.settings import LearnerSettings
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxForbidden, SandboxNotFound
 from schemas.arrays import pack_logprobs, pack_tokens, unpack_tokens
@@ -31,12 +37,13 @@ from schemas.codec import raw_traj_decoder
 from schemas.episode import ChunkRecord, chunk_record_decoder, episode_sandbox_decoder
 from schemas.sandbox import Created
 from schemas.task import Task, TaskSample
+from schemas.train import TrainRecord
 from schemas.trajectory import Chunk, Trajectory
 from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.tasks import publish_samples
 from streams.topology import EPISODES_BUCKET, LAKE_CHUNKS, ack_wait_for, ensure, episode_kv_key, subject
-from tests.factories import BROKER_RUN, Broker, assert_denied, login
+from tests.factories import BROKER_RUN, Broker, assert_denied, login, read_train_log
 from tests.factories.rollout_proc import STEPS, step_command
 
 pytestmark = pytest.mark.docker
@@ -149,11 +156,13 @@ def assert_resumed_whole(traj: Trajectory, before: list[ChunkRecord], old: int, 
     assert (traj.min_version, traj.max_version) == (min(old, new), max(old, new))
 
 
-async def test_a_rollout_worker_killed_mid_episode_is_resumed_in_its_live_sandbox(
+async def test_a_rollout_worker_killed_mid_episode_is_resumed_in_its_live_sandbox_and_trained_once(
     nc: NATS,
     js: JetStreamContext,
     sandbox_client: SandboxClient,
     workers: Callable[[int], Worker],
+    tiny_policy: Path,
+    tmp_path: Path,
 ) -> None:
     await ensure(js, RUN, ack_wait_s={"rollout": ack_wait_for(HEARTBEAT_S)})
     pair = [workers(3), workers(4)]  # the other one resumes the episode within the lease
@@ -169,8 +178,41 @@ async def test_a_rollout_worker_killed_mid_episode_is_resumed_in_its_live_sandbo
     durable = await read_chunks(js, RUN, traj.traj_id)
     assert [r.chunk.index for r in durable] == list(range(STEPS + 1))
     assert durable[-1].final == "completed" and durable[-1].attempt == 2
-    scored = await score(msgspec.structs.replace(traj, task=six_turn_task()), sandbox_client, 10.0)
-    assert scored.valid and scored.reward == 1.0, scored.verifier_output
+    [record] = await score_and_train(js, nc, tiny_policy, tmp_path / "checkpoints")
+    assert (record.traj_id, record.fate, record.reward) == (traj.traj_id, "trained", 1.0)
+
+
+async def score_and_train(
+    js: JetStreamContext, nc: NATS, policy: Path, checkpoints: Path
+) -> list[TrainRecord]:
+    """Run the reward and learner workers until the learner accounted for a sample; every train
+    record of the run then (one per sample it took)."""
+    learner = functools.partial(
+        learner_worker.run,
+        LearnerSettings(batch_size=1, batch_timeout_s=1),
+        js,
+        run=RUN,
+        policy_dir=policy,
+        checkpoint_root=checkpoints,
+        group_size=1,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(reward.run, RewardSettings(verify_timeout_s=10), js, nc, run=RUN))
+        await tg.start(learner)
+        with anyio.fail_after(120):
+            while not await train_records(js):  # noqa: ASYNC110 - polling the broker
+                await anyio.sleep(1.0)
+        await anyio.sleep(2.0)  # a second account of the same episode would come now
+        tg.cancel_scope.cancel()
+    return await train_records(js)
+
+
+async def train_records(js: JetStreamContext) -> list[TrainRecord]:
+    """Every train record of the run so far (a fetch that finds none times out)."""
+    try:
+        return await read_train_log(js, RUN, 10, timeout_s=4)
+    except nats.errors.TimeoutError:
+        return []
 
 
 async def test_a_dead_workers_sandbox_closes_when_its_lease_lapses_and_the_episode_is_replayed(
