@@ -30,8 +30,8 @@ from agent_harness.loop import Resume
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxError
 from schemas.arrays import pack_tokens, unpack_tokens
-from schemas.codec import encode
-from schemas.episode import ChunkRecord, EpisodeSandbox, chunk_record_decoder, episode_sandbox_decoder
+from schemas.codec import chunk_record_decoder, encode, episode_sandbox_decoder
+from schemas.episode import ChunkRecord, EpisodeSandbox
 from schemas.sandbox import Created
 from schemas.task import TaskSample
 from schemas.trajectory import Chunk, TrajStatus

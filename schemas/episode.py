@@ -45,7 +45,3 @@ class EpisodeSandbox(msgspec.Struct, frozen=True, kw_only=True, tag="episode_sbx
     owner: str
     token: str  # secret: rs_episodes only
     resumed: int = 0
-
-
-chunk_record_decoder = msgspec.msgpack.Decoder(ChunkRecord)
-episode_sandbox_decoder = msgspec.msgpack.Decoder(EpisodeSandbox)

@@ -33,8 +33,8 @@ from learner.settings import LearnerSettings
 from sandboxd.client import SandboxClient
 from sandboxd.errors import SandboxForbidden, SandboxNotFound
 from schemas.arrays import pack_logprobs, pack_tokens, unpack_tokens
-from schemas.codec import raw_traj_decoder
-from schemas.episode import ChunkRecord, chunk_record_decoder, episode_sandbox_decoder
+from schemas.codec import chunk_record_decoder, episode_sandbox_decoder, raw_traj_decoder
+from schemas.episode import ChunkRecord
 from schemas.sandbox import Created
 from schemas.task import Task, TaskSample
 from schemas.train import TrainRecord

@@ -23,8 +23,7 @@ from consumers.lake.errors import LakeWriteError
 from consumers.lake.metrics import FLUSH_ROWS, FLUSH_SECONDS
 from consumers.lake.settings import LakeSettings
 from consumers.lake.writer import LakeWriter
-from schemas.codec import scored_decoder, tasks_decoder, train_decoder
-from schemas.episode import chunk_record_decoder
+from schemas.codec import chunk_record_decoder, scored_decoder, tasks_decoder, train_decoder
 from streams.bus import Consumer, Delivery
 from streams.metrics import DEAD_LETTERED, IN_FLIGHT, MESSAGES
 from streams.topology import LAKE_CHUNKS, LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
