@@ -94,3 +94,7 @@ demo *args:
 # Learning demonstration on a GEM game (GuessTheNumber-easy): random floor, noisy expert, SFT warm start, online IPA (~20 min)
 demo-gem *args:
     {{py}} -m ops.demo_gem "$@"
+
+# Chaos run: `rollstream up` while rollout, reward, lake and learner workers are SIGKILLed in turn, then drain and audit the lake
+chaos kills="20" interval="6":
+    {{py}} -m ops.chaos --kills {{kills}} --interval {{interval}}

@@ -41,7 +41,7 @@ from schemas.codec import raw_traj_decoder
 from schemas.task import Task
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams import tasks as registry
-from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.bus import Consumer, Delivery, Publisher, heartbeat, serve
 from streams.metrics import MESSAGES, track_dead_letters
 from streams.topology import REWARD, subject
 
@@ -257,16 +257,19 @@ async def run(
     sandbox = SandboxClient(nc)
 
     async def handle(d: Delivery[Trajectory]) -> None:
-        scored = await judge_raw(
-            d.record,
-            js,
-            run,
-            sandbox,
-            settings.verify_timeout_s,
-            tools_for=tools_for,
-            probe_settings=settings.probe,
-        )
-        await pub.publish(subject("scored", run), scored, msg_id=f"scored:{d.record.traj_id}")
+        async with anyio.create_task_group() as tg:  # the ack wait follows this heartbeat
+            tg.start_soon(heartbeat, d, settings.heartbeat_s)
+            scored = await judge_raw(
+                d.record,
+                js,
+                run,
+                sandbox,
+                settings.verify_timeout_s,
+                tools_for=tools_for,
+                probe_settings=settings.probe,
+            )
+            await pub.publish(subject("scored", run), scored, msg_id=f"scored:{d.record.traj_id}")
+            tg.cancel_scope.cancel()
         await d.ack()
         outcome = "invalid" if not scored.valid else "success" if scored.reward > 0 else "failure"
         REWARDS.labels(run=run, outcome=outcome).inc()

@@ -10,7 +10,6 @@ episode come from ``tools_for`` (its family's hook, passed in by whoever assembl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
@@ -24,6 +23,7 @@ from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
 from agent_harness.model import PolicySettings
 from agent_harness.tools import ToolsFor, default_tools
+from consumers.durable import EpisodeJournal, Leases, lease_for, load_resume
 from consumers.metrics import EPISODES
 from consumers.settings import RolloutSettings
 from sandboxd.client import SandboxClient
@@ -31,7 +31,7 @@ from schemas.codec import tasks_decoder
 from schemas.task import TaskSample
 from schemas.trajectory import Trajectory
 from streams import policy
-from streams.bus import Consumer, Delivery, Publisher, serve
+from streams.bus import Consumer, Delivery, Publisher, heartbeat, serve
 from streams.metrics import IN_FLIGHT, MESSAGES, POLICY_VERSION, track_dead_letters
 from streams.topology import ROLLOUT, subject
 
@@ -88,12 +88,6 @@ class WeightSync:
             log.info("weights_loaded", policy_version=record.version)
 
 
-async def _heartbeat(delivery: Delivery[Any], every_s: float) -> None:
-    while True:
-        await anyio.sleep(every_s)
-        await delivery.in_progress()
-
-
 async def run(
     settings: RolloutSettings,
     js: JetStreamContext,
@@ -122,22 +116,36 @@ async def run(
     pub = Publisher(js)
     sync = WeightSync(js, run, batcher)
     sandbox = SandboxClient(nc)
-    counts = {"episodes": 0}
-
+    leases = Leases(sandbox, lease_s=lease_for(settings.heartbeat_s), every_s=settings.heartbeat_s)
+    stats = RolloutStats()
     in_flight = IN_FLIGHT.labels(worker="rollout", run=run)
 
     async def handle(delivery: Delivery[TaskSample]) -> None:
-        sample = delivery.record
         in_flight.inc()
         try:
-            await episode(delivery, sample)
+            traj = await episode(delivery, delivery.record)
         finally:
             in_flight.dec()
+        stats.count(traj, run, batcher, sync)
 
-    async def episode(delivery: Delivery[TaskSample], sample: TaskSample) -> None:
+    async def episode(delivery: Delivery[TaskSample], sample: TaskSample) -> Trajectory:
         with structlog.contextvars.bound_contextvars(traj_id=sample.msg_id):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_heartbeat, delivery, settings.heartbeat_s)
+                tg.start_soon(heartbeat, delivery, settings.heartbeat_s)
+                resume = None
+                if delivery.deliveries > 1:  # an earlier delivery may have left durable chunks
+                    resume = await load_resume(js, sandbox, leases, sample)
+                journal = EpisodeJournal(
+                    js,
+                    pub,
+                    leases,
+                    sample,
+                    attempt=delivery.deliveries,
+                    resumed=resume.resumed if resume else 0,
+                )
+                if resume is not None:
+                    journal.sandbox_id, journal.sandbox_owner = resume.sandbox_id, resume.sandbox_owner
+                    journal.started_at = resume.started_at or journal.started_at
                 await sync.refresh()
                 traj: Trajectory = await run_episode(
                     sample,
@@ -147,26 +155,44 @@ async def run(
                     before_turn=sync.refresh,
                     registry=tools_for(sample.task),
                     tool_format=policy_settings.tool_format,
+                    journal=journal,
+                    resume=resume,
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
+                await leases.hand_over(traj.sandbox_id, settings.harness.sandbox_ttl_s)
                 await pub.publish(subject("raw", run), traj, msg_id=f"raw:{traj.traj_id}")
                 tg.cancel_scope.cancel()
             await delivery.ack()
-        EPISODES.labels(run=run, status=traj.status).inc()
-        MESSAGES.labels(worker="rollout", run=run).inc()
-        POLICY_VERSION.labels(worker="rollout", run=run).set(batcher.version)
-        counts["episodes"] += 1
-        if counts["episodes"] % 20 == 0:
-            log.info(
-                "rollout_progress",
-                episodes=counts["episodes"],
-                policy_version=batcher.version,
-                weight_loads=sync.loads,
-                mean_batch=round(batcher.stats.mean_batch, 2),
-            )
+            await journal.forget()
+        return traj
 
     task_status.started()
     log.info("rollout_started", concurrency=settings.concurrency, policy_version=batcher.version)
     async with anyio.create_task_group() as tg:
         tg.start_soon(track_dead_letters, consumer, "rollout", run)
+        tg.start_soon(leases.run)
         await serve(consumer, settings.concurrency, handle)
+
+
+class RolloutStats:
+    """Episodes this worker finished (and resumed), with a progress line every 20."""
+
+    def __init__(self) -> None:
+        self.episodes = 0
+        self.resumed = 0
+
+    def count(self, traj: Trajectory, run: str, batcher: Batcher, sync: WeightSync) -> None:
+        EPISODES.labels(run=run, status=traj.status).inc()
+        MESSAGES.labels(worker="rollout", run=run).inc()
+        POLICY_VERSION.labels(worker="rollout", run=run).set(batcher.version)
+        self.episodes += 1
+        self.resumed += traj.resumed > 0
+        if self.episodes % 20 == 0:
+            log.info(
+                "rollout_progress",
+                episodes=self.episodes,
+                resumed=self.resumed,
+                policy_version=batcher.version,
+                weight_loads=sync.loads,
+                mean_batch=round(batcher.stats.mean_batch, 2),
+            )

@@ -58,8 +58,13 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ),
     ] = ""
     heartbeat_s: Annotated[
-        float, msgspec.Meta(gt=0, description="Seconds between in_progress heartbeats of a long episode.")
-    ] = 20.0
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Seconds between in_progress heartbeats (and sandbox keepalives) of an episode; "
+            "a dead worker's task is redelivered after 2 of them, its sandboxes close after 3.",
+        ),
+    ] = 10.0
     harness: HarnessSettings = HarnessSettings()
 
 
@@ -72,4 +77,12 @@ class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     verify_timeout_s: Annotated[
         float, msgspec.Meta(gt=0, description="Limit of one verify command; a hang is an infra failure.")
     ] = 20.0
+    heartbeat_s: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Seconds between in_progress heartbeats while verifying; a dead worker's "
+            "trajectory is redelivered after 2 of them.",
+        ),
+    ] = 10.0
     probe: ProbeSettings = ProbeSettings()

@@ -202,13 +202,15 @@ def server_list(url: str) -> list[str]:
 
 async def ensure_replicated(cfg: Config, replicas: int = 3) -> None:
     """Create the run's streams, consumers, KV and object store with ``replicas`` copies, as ops."""
+    from ops.config import ack_waits
+
     login: dict[str, Any] = {}
     if cfg.nats.creds_dir:
         user, password = security.role_credentials(cfg.nats.creds_dir, "ops")
         login = {"user": user, "password": password, "inbox_prefix": security.inbox_prefix("ops")}
     nc = await nats.connect(servers=server_list(cfg.nats_url), connect_timeout=5, **login)
     try:
-        await ensure(nc.jetstream(timeout=10), cfg.run, replicas=replicas)
+        await ensure(nc.jetstream(timeout=10), cfg.run, replicas=replicas, ack_wait_s=ack_waits(cfg))
     finally:
         await nc.close()
 

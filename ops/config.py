@@ -26,6 +26,7 @@ from learner.settings import LearnerSettings
 from ops.evaluation.settings import EvalSettings
 from producers.settings import ProducerSettings
 from sandboxd.settings import SandboxdSettings
+from streams.topology import ack_wait_for
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def ack_waits(config: Config) -> dict[str, float]:
+    """The ack waits ``ensure`` gives the groups that heartbeat: two of their heartbeats."""
+    return {
+        "rollout": ack_wait_for(config.rollout.heartbeat_s),
+        "reward": ack_wait_for(config.reward.heartbeat_s),
+    }
 
 
 def _explain(exc: msgspec.ValidationError | msgspec.DecodeError, source: str) -> ConfigError:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streams.topology import (
+    EPISODES_KV,
+    LAKE_CHUNKS,
     LAKE_TASKS,
     LAKE_TRAIN,
     LAKE_TRAJ,
@@ -42,6 +44,7 @@ from streams.topology import (
     REWARD,
     ROLLOUT,
     TASKS_KV,
+    TRAJ,
     WEIGHTS_BUCKET,
     ConsumerSpec,
     check_run,
@@ -125,6 +128,20 @@ SANDBOX_CALLS = [
 VERIFY_CALLS = ["rs.sandbox.*.verify", "rs.sandbox.*.inspect"]
 
 
+def _episode_grants(r: str) -> list[str]:
+    """Durable episodes (consumers.durable), rollout only: publish chunks as they are made, keep
+    each episode's sandbox handle in KV rs_episodes (its run's keys), and read an episode's chunks
+    back on resume (STREAM.MSG.GET names the subject in its body, so any RS_TRAJ message is readable)."""
+    keys = f"$KV.{EPISODES_KV.bucket}.{r}.>"
+    return [
+        f"rs.traj.chunks.{r}.>",
+        f"{API}.STREAM.INFO.{EPISODES_KV.stream}",
+        keys,
+        f"{API}.DIRECT.GET.{EPISODES_KV.stream}.{keys}",
+        f"{API}.STREAM.MSG.GET.{TRAJ.name}",
+    ]
+
+
 def _registry_grants(role: str, run: str | None) -> list[str]:
     """The task registry: producers write their run's keys, the reward group reads them."""
     r = check_run(run) if run else "*"
@@ -169,6 +186,7 @@ def _stage_grants(role: str, run: str | None) -> Grants:
             *_kv_read(f"{r}.latest"),
             *_weights_read(),
             *SANDBOX_CALLS,
+            *_episode_grants(r),
         ]
         return Grants(pub, [inbox])
     if role == "reward":
@@ -193,6 +211,7 @@ def _stage_grants(role: str, run: str | None) -> Grants:
         return Grants(pub, [inbox])
     if role == "lake":
         pub = [*_pull(LAKE_TASKS, run), *_pull(LAKE_TRAJ, run), *_pull(LAKE_TRAIN, run), f"rs.dlq.lake.{r}"]
+        pub += _pull(LAKE_CHUNKS, run)
         return Grants(pub, [inbox])
     if role == "proxy":
         # The OpenAI-compatible proxy: generates like rollout, publishes finished sessions raw

@@ -73,6 +73,7 @@ async def _status(cfg: Config, console: Console) -> None:
     finally:
         await nc.close()
     console.print(lake_line(cfg.lake_root, cfg.learner.max_staleness))
+    console.print(episodes_line(cfg.lake_root))
 
 
 def lake_line(lake_root: Path, bound: int) -> str:
@@ -112,6 +113,28 @@ def _train_line(drops: dict[str, Any], bound: int) -> str:
         f"train log (online samples): {drops['dropped']} of {total} dropped{share}, "
         f"max trained staleness {'-' if newest is None else newest} (bound {bound}); "
         f"{drops['replayed']} replayed samples (exempt from the bound)"
+    )
+
+
+# Episodes in flight: chunks streamed (chunks_live) but no trajectory row yet; and resumed ones.
+EPISODES_SQL = (
+    "SELECT (SELECT count(DISTINCT traj_id) FROM chunks_live c "
+    "WHERE NOT EXISTS (SELECT 1 FROM trajectories t WHERE t.traj_id = c.traj_id)) AS partial, "
+    "(SELECT count(*) FROM trajectories WHERE coalesce(resumed, 0) > 0) AS resumed"
+)
+
+
+def episodes_line(lake_root: Path) -> str:
+    """Episodes in progress (durable chunks, no trajectory yet) and episodes resumed after a crash."""
+    from consumers.lake import QueryError, query
+
+    try:
+        live = query(lake_root, EPISODES_SQL).to_pylist()[0]
+    except QueryError as exc:
+        return f"episodes: {exc}"
+    return (
+        f"episodes: {live['partial']} partial (durable chunks, not yet scored), "
+        f"{live['resumed']} resumed after a rollout crash"
     )
 
 

@@ -23,7 +23,7 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 
-from ops.config import Config, to_toml
+from ops.config import Config, ack_waits, to_toml
 from ops.progress import Progress
 from streams.server import NatsServer, NatsServerError, port_in_use
 from streams.topology import ensure
@@ -230,7 +230,7 @@ class Supervisor:
 
         nc = await connect(self.cfg, "ops")
         try:
-            await ensure(nc.jetstream(timeout=10), self.cfg.run)
+            await ensure(nc.jetstream(timeout=10), self.cfg.run, ack_wait_s=ack_waits(self.cfg))
             self.reconcile()
             progress = Progress(self.cfg, nc, self)
             await progress.subscribe()

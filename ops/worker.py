@@ -16,7 +16,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 
-from ops.config import Config
+from ops.config import Config, ack_waits
 from ops.pipeline import starter
 from streams.topology import ensure
 
@@ -82,7 +82,7 @@ async def run_worker(name: str, cfg: Config, metrics_port: int = 0) -> None:
         if name != "sandboxd" and not cfg.nats.creds_dir:
             # Without per-role credentials (development, tests) a worker may create the topology
             # itself; with them only the ops role (the supervisor) may, and already has.
-            await ensure(js, cfg.run)
+            await ensure(js, cfg.run, ack_wait_s=ack_waits(cfg))
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, scope)

@@ -480,6 +480,7 @@ async def run(
                     )
                 )
                 tg.start_soon(daemon.pool.run)
+                tg.start_soon(reaper.expire_leases, daemon)
                 tg.start_soon(daemon.rootfs.run)
                 daemon.log.info("sandboxd.started", max_sandboxes=settings.max_sandboxes)
                 task_status.started(owner)

@@ -20,6 +20,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
+from sandboxd.commands import Sandbox
 from sandboxd.docker_ops import LABEL_EXPIRES, LABEL_OWNER, LABEL_SCOPE, DockerOps
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -130,3 +131,29 @@ async def run_reaper(
             await reap_once(ops, nc, registry, owner=owner, scope=scope, ping_timeout_s=ping_timeout_s)
         except Exception:
             log.exception("reaper.pass_failed", owner=owner)
+
+
+LEASE_CHECK_S = 1.0  # how often lapsed leases are looked for (an in-memory scan, no Docker call)
+
+
+class Leased(Protocol):
+    """What ``expire_leases`` needs from the daemon: its live sandboxes and how to close one."""
+
+    sandboxes: dict[str, Sandbox]
+
+    async def close_sandbox(self, sb: Sandbox) -> None: ...
+
+
+async def expire_leases(daemon: Leased, interval_s: float = LEASE_CHECK_S) -> None:
+    """Close every sandbox whose lease (its TTL, extended by keepalives) lapsed, within
+    ``interval_s``: a dead rollout worker's sandboxes go seconds after its last keepalive, not at
+    the next pass over the Docker engine."""
+    while True:
+        await anyio.sleep(interval_s)
+        now = time.time()
+        for sb in [sb for sb in daemon.sandboxes.values() if sb.expires < now]:
+            log.info("sandbox.lease_expired", sandbox_id=sb.sandbox_id, late_s=round(now - sb.expires, 1))
+            try:
+                await daemon.close_sandbox(sb)
+            except Exception:  # the reaper's next pass removes it
+                log.exception("sandbox.expire_failed", sandbox_id=sb.sandbox_id)

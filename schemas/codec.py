@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from schemas.dlq import DeadLetter
+from schemas.episode import ChunkRecord, EpisodeSandbox
 from schemas.policy import PolicyVersion
 from schemas.task import Task, TaskSample
 from schemas.train import StepStats, TrainRecord
@@ -31,6 +32,8 @@ raw_traj_decoder = msgspec.msgpack.Decoder(Trajectory)
 train_decoder = msgspec.msgpack.Decoder(TrainRecord | StepStats)
 policy_decoder = msgspec.msgpack.Decoder(PolicyVersion)
 dlq_decoder = msgspec.msgpack.Decoder(DeadLetter)
+chunk_record_decoder = msgspec.msgpack.Decoder(ChunkRecord)  # rs.traj.chunks.<run>.<episode>
+episode_sandbox_decoder = msgspec.msgpack.Decoder(EpisodeSandbox)  # KV rs_episodes
 
 _BAD_TAG = re.compile(r"^Invalid value '(?P<tag>[^']*)' - at `\$\.kind`$")
 

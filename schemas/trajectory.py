@@ -81,6 +81,8 @@ class Trajectory(msgspec.Struct, frozen=True, kw_only=True, tag="traj.v1", tag_f
     started_at: float = 0.0
     finished_at: float = 0.0
     source: TrajSource = "online"
+    # Times a redelivered task resumed this episode from its durable chunks (consumers.durable).
+    resumed: int = 0
     # The task it ran (set by the rollout worker) so that the verifier is self-contained.
     task: Task | None = None
 

@@ -208,6 +208,13 @@ class Delivery(Generic[T]):
         await self.msg.in_progress()
 
 
+async def heartbeat(delivery: Delivery[Any], every_s: float) -> None:
+    """Reset ``delivery``'s ack timer every ``every_s`` until cancelled (long work in progress)."""
+    while True:
+        await anyio.sleep(every_s)
+        await delivery.in_progress()
+
+
 @dataclass
 class ConsumerStats:
     """What this process's consumer did, for summary log lines and tests."""

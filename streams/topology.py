@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -26,6 +27,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 RUN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLICY_BUCKET = "rs_policy"
 TASKS_BUCKET = "rs_tasks"
+EPISODES_BUCKET = "rs_episodes"
 WEIGHTS_BUCKET = "rs_weights"
 MAX_MSG_BYTES = 8 * 1024 * 1024
 
@@ -76,11 +78,14 @@ DLQ = StreamSpec("RS_DLQ", ("rs.dlq.>",), duplicate_window_s=0.0)
 STREAMS: tuple[StreamSpec, ...] = (TASKS, TRAJ, TRAIN, DLQ)
 
 # Episodes take minutes: rollout and reward heartbeat with in_progress() well inside ack_wait.
+# ``ensure(ack_wait_s=...)`` sets their ack wait from the heartbeat (``ack_wait_for``), so a dead
+# worker's message is redelivered within ~2 heartbeats; the values here are for callers that give
+# none. Rollout tolerates more deliveries: a killed worker's episode resumes, it is not poison.
 ROLLOUT = ConsumerSpec(
-    "rollout", TASKS.name, "rs.tasks.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64
+    "rollout", TASKS.name, "rs.tasks.{run}", ack_wait_s=120.0, max_deliver=8, max_ack_pending=64
 )
 REWARD = ConsumerSpec(
-    "reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=3, max_ack_pending=64
+    "reward", TRAJ.name, "rs.traj.raw.{run}", ack_wait_s=120.0, max_deliver=5, max_ack_pending=64
 )
 LEARNER = ConsumerSpec(
     "learner", TRAJ.name, "rs.traj.scored.{run}", ack_wait_s=60.0, max_deliver=5, max_ack_pending=1024
@@ -92,7 +97,26 @@ LAKE_TRAJ = ConsumerSpec(
 LAKE_TRAIN = ConsumerSpec(
     "lake-train", TRAIN.name, "rs.train.log.{run}", ack_wait_s=60.0, max_ack_pending=4096
 )
-CONSUMERS: tuple[ConsumerSpec, ...] = (ROLLOUT, REWARD, LEARNER, LAKE_TASKS, LAKE_TRAJ, LAKE_TRAIN)
+# Chunks of episodes in flight (rs.traj.chunks.<run>.<episode key>), for the lake's chunks_live.
+LAKE_CHUNKS = ConsumerSpec(
+    "lake-chunks", TRAJ.name, "rs.traj.chunks.{run}.>", ack_wait_s=60.0, max_ack_pending=4096
+)
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ROLLOUT,
+    REWARD,
+    LEARNER,
+    LAKE_TASKS,
+    LAKE_TRAJ,
+    LAKE_TRAIN,
+    LAKE_CHUNKS,
+)
+HEARTBEATS_PER_ACK_WAIT = 2.0
+
+
+def ack_wait_for(heartbeat_s: float) -> float:
+    """The ack wait of a consumer whose holders heartbeat every ``heartbeat_s``: two heartbeats, so
+    a dead holder's message is redelivered within ~2 heartbeats while a live one never loses it."""
+    return HEARTBEATS_PER_ACK_WAIT * heartbeat_s
 
 
 @dataclass(frozen=True)
@@ -124,7 +148,11 @@ TASKS_KV = KvSpec(
     max_value_size=1 << 20,
     direct=True,
 )
-KV_BUCKETS: tuple[KvSpec, ...] = (POLICY_KV, TASKS_KV)
+# Episodes in flight (consumers.durable): traj -> its sandbox and capability token, so that the
+# worker a redelivered task lands on can reattach. Rollout role only; an entry outlives no episode
+# by more than a day.
+EPISODES_KV = KvSpec(EPISODES_BUCKET, history=1, ttl_s=24 * 3600, max_value_size=4096, direct=True)
+KV_BUCKETS: tuple[KvSpec, ...] = (POLICY_KV, TASKS_KV, EPISODES_KV)
 
 
 def subject(kind: str, run: str) -> str:
@@ -138,9 +166,26 @@ def subject(kind: str, run: str) -> str:
         return f"rs.traj.scored.{run}"
     if kind == "train":
         return f"rs.train.log.{run}"
+    if kind == "chunks":  # every episode of the run (each has its own subject, ``chunk_subject``)
+        return f"rs.traj.chunks.{run}.>"
     if kind.startswith("dlq."):
         return f"rs.dlq.{kind[4:]}.{run}"
     raise TopologyError(f"unknown subject kind {kind!r}")
+
+
+def episode_key(traj_id: str) -> str:
+    """A subject- and key-safe name of an episode (traj ids hold ':' and '.')."""
+    return hashlib.sha256(traj_id.encode()).hexdigest()[:40]
+
+
+def chunk_subject(run: str, traj_id: str) -> str:
+    """The subject an episode's chunks are published on as they are made."""
+    return f"rs.traj.chunks.{check_run(run)}.{episode_key(traj_id)}"
+
+
+def episode_kv_key(run: str, traj_id: str) -> str:
+    """The ``rs_episodes`` key of an episode in flight."""
+    return f"{check_run(run)}.{episode_key(traj_id)}"
 
 
 def policy_key(run: str) -> str:
@@ -170,13 +215,13 @@ def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
     )
 
 
-def consumer_config(spec: ConsumerSpec, run: str) -> ConsumerConfig:
+def consumer_config(spec: ConsumerSpec, run: str, ack_wait_s: float | None = None) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=spec.durable(run),
         filter_subject=spec.subject(run),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=spec.ack_wait_s,
+        ack_wait=ack_wait_s or spec.ack_wait_s,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
         max_waiting=512,
@@ -195,8 +240,12 @@ def _kv_config(spec: KvSpec, replicas: int) -> KeyValueConfig:
     )
 
 
-async def ensure(js: JetStreamContext, run: str, *, replicas: int = 1) -> None:
-    """Create or update every stream, this run's consumers, the KV buckets and the object store."""
+async def ensure(
+    js: JetStreamContext, run: str, *, replicas: int = 1, ack_wait_s: Mapping[str, float] | None = None
+) -> None:
+    """Create or update every stream, this run's consumers, the KV buckets and the object store.
+    ``ack_wait_s`` (group -> seconds) overrides the specs' ack waits (``ack_wait_for``)."""
+    waits = dict(ack_wait_s or {})
     check_run(run)
     for spec in STREAMS:
         config = _stream_config(spec, replicas)
@@ -209,7 +258,7 @@ async def ensure(js: JetStreamContext, run: str, *, replicas: int = 1) -> None:
             except BadRequestError:  # created concurrently by another process
                 await js.stream_info(spec.name)
     for cspec in CONSUMERS:
-        await js.add_consumer(cspec.stream, consumer_config(cspec, run))
+        await js.add_consumer(cspec.stream, consumer_config(cspec, run, waits.get(cspec.group)))
     for kv in KV_BUCKETS:
         try:
             await js.key_value(kv.bucket)

@@ -28,7 +28,7 @@ from consumers.lake import (
 )
 from consumers.lake.views import view_sql
 from ops.lake_cli import render_table
-from tests.factories import DAY, fill, make_scored, make_step, make_task, make_train
+from tests.factories import DAY, chunk_records, fill, make_scored, make_step, make_task, make_train
 
 VIEWS = list(SCHEMAS)
 
@@ -43,6 +43,9 @@ def lake(tmp_path: Path) -> Path:
     rng = random.Random(11)
     writer = LakeWriter(tmp_path, writer_id="w1")
     records = fill(writer, rng, n=6)
+    for scored in records:
+        for record in chunk_records(scored):
+            writer.add_chunk_record(record)
     verdicts = [
         FilterVerdict(traj_id=s.traj.traj_id, run="run1", stage="heuristic", verdict="pass", time=DAY)
         for s in records
@@ -57,6 +60,8 @@ def lake(tmp_path: Path) -> Path:
     writer.flush()
     redelivered = LakeWriter(tmp_path, writer_id="w2")
     for scored, verdict in zip(records, verdicts, strict=True):
+        for record in chunk_records(scored):
+            redelivered.add_chunk_record(record)
         redelivered.add_scored(scored)
         redelivered.add_train(make_train(scored))
         redelivered.add_filter(verdict)

@@ -46,6 +46,7 @@ TRAJECTORIES = pa.schema(
         ("verifier_output", pa.string()),
         ("prompt_tokens", TOKENS),
         ("task", pa.string()),  # JSON of Trajectory.task (the Task it ran), null when absent
+        ("resumed", pa.int64()),
     ]
 )
 
@@ -65,6 +66,27 @@ CHUNKS = pa.schema(
         ("gen_ms", pa.float64()),
         ("tool_ms", pa.float64()),
         ("num_action_tokens", pa.int32()),
+    ]
+)
+
+# Chunks of episodes as they are made (rs.traj.chunks.<run>.*, consumers.durable), before their
+# trajectory is scored: an episode in flight has rows here and none in trajectories.
+CHUNKS_LIVE = pa.schema(
+    [
+        ("traj_id", pa.string()),
+        ("run", pa.string()),
+        ("task_id", pa.string()),
+        ("sample_idx", pa.int64()),
+        ("chunk_index", pa.int32()),
+        ("policy_version", pa.int64()),
+        ("tool_name", pa.string()),
+        ("tool_status", pa.string()),
+        ("num_action_tokens", pa.int32()),
+        ("final", pa.string()),
+        ("sandbox_id", pa.string()),
+        ("attempt", pa.int64()),
+        ("resumed", pa.int64()),
+        ("time", pa.float64()),
     ]
 )
 
@@ -166,6 +188,7 @@ EVALS = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "trajectories": TRAJECTORIES,
     "chunks": CHUNKS,
+    "chunks_live": CHUNKS_LIVE,
     "train_log": TRAIN_LOG,
     "train_steps": TRAIN_STEPS,
     "tasks": TASKS,
@@ -173,7 +196,16 @@ SCHEMAS: dict[str, pa.Schema] = {
     "evals": EVALS,
 }
 # Chunks are made durable before trajectories, so a visible trajectory row always has its chunks.
-FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "filters", "evals")
+FLUSH_ORDER = (
+    "chunks_live",
+    "chunks",
+    "trajectories",
+    "tasks",
+    "train_log",
+    "train_steps",
+    "filters",
+    "evals",
+)
 
 # Which rows are copies of one record (redelivery, a rewritten part), and which copy a view keeps:
 # (PARTITION BY keys, ORDER BY of the copy kept first).
@@ -182,6 +214,7 @@ FLUSH_ORDER = ("chunks", "trajectories", "tasks", "train_log", "train_steps", "f
 DEDUPE: dict[str, tuple[str, str]] = {
     "trajectories": ("traj_id", "replay, scored_at, filename"),
     "chunks": ("traj_id, chunk_index", "filename"),
+    "chunks_live": ("traj_id, chunk_index", "time, filename"),
     "train_log": ("run, traj_id, step, fate, source", "time, filename"),
     "train_steps": ("run, step", "time DESC, filename DESC"),
     "tasks": ("run, task_id, sample_idx", "created_at, filename"),
@@ -195,6 +228,7 @@ DEDUPE: dict[str, tuple[str, str]] = {
 COMPACT_KEYS: dict[str, tuple[str, str]] = {
     "trajectories": ("traj_id, replay, replay_mode", "scored_at, filename"),
     "chunks": ("traj_id, chunk_index", "filename"),
+    "chunks_live": ("traj_id, chunk_index", "time, filename"),
     "train_log": ("run, traj_id, step, fate, source", "time, filename"),
     "train_steps": ("run, step, time", "filename"),
     "tasks": ("run, task_id, sample_idx, created_at", "filename"),

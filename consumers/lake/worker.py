@@ -1,4 +1,5 @@
-"""The lake worker (``rollstream worker lake``): tasks, scored trajectories and the train log into Parquet.
+"""The lake worker (``rollstream worker lake``): tasks, scored trajectories, the train log and the
+chunks of episodes in flight (``chunks_live``) into Parquet.
 
 Steps, as a checkpoint does: add (buffer) -> flush (temp file, fsync, rename) -> ack. A failed
 flush acks nothing, so the broker redelivers and the views hide the duplicates.
@@ -22,10 +23,10 @@ from consumers.lake.errors import LakeWriteError
 from consumers.lake.metrics import FLUSH_ROWS, FLUSH_SECONDS
 from consumers.lake.settings import LakeSettings
 from consumers.lake.writer import LakeWriter
-from schemas.codec import scored_decoder, tasks_decoder, train_decoder
+from schemas.codec import chunk_record_decoder, scored_decoder, tasks_decoder, train_decoder
 from streams.bus import Consumer, Delivery
 from streams.metrics import DEAD_LETTERED, IN_FLIGHT, MESSAGES
-from streams.topology import LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
+from streams.topology import LAKE_CHUNKS, LAKE_TASKS, LAKE_TRAIN, LAKE_TRAJ
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +45,7 @@ async def run(
     tasks = await Consumer(js, LAKE_TASKS, run, tasks_decoder, stage="lake").bind()
     traj = await Consumer(js, LAKE_TRAJ, run, scored_decoder, stage="lake").bind()
     train = await Consumer(js, LAKE_TRAIN, run, train_decoder, stage="lake").bind()
+    live = await Consumer(js, LAKE_CHUNKS, run, chunk_record_decoder, stage="lake").bind()
     unacked: list[Delivery[Any]] = []
     task_status.started()
     log.info("lake_started", root=str(root))
@@ -84,6 +86,7 @@ async def run(
             got = await take(tasks, writer.add_task)
             got += await take(traj, writer.add_scored)
             got += await take(train, writer.add_train)
+            got += await take(live, writer.add_chunk_record)
             due = time.monotonic() - last_flush >= settings.flush_interval_s
             if len(unacked) >= settings.max_batch or (due and unacked):
                 try:

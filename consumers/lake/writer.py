@@ -35,6 +35,7 @@ from consumers.lake.tables import (
     FilterVerdict,
 )
 from schemas.arrays import LOGPROB_DTYPE, TOKEN_DTYPE
+from schemas.episode import ChunkRecord
 from schemas.task import TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory
@@ -106,6 +107,7 @@ def trajectory_row(scored: ScoredTrajectory) -> dict[str, Any]:
         "verifier_output": scored.verifier_output,
         "prompt_tokens": _token_bytes("prompt_tokens", traj.prompt_tokens, 4),
         "task": None if traj.task is None else msgspec.json.encode(traj.task).decode(),
+        "resumed": traj.resumed,
     }
 
 
@@ -129,6 +131,27 @@ def chunk_rows(scored: ScoredTrajectory) -> Iterable[dict[str, Any]]:
             "tool_ms": chunk.tool_ms,
             "num_action_tokens": len(chunk.action_tokens) // 4,
         }
+
+
+def chunk_live_row(record: ChunkRecord) -> dict[str, Any]:
+    """One ``chunks_live`` row: a chunk of an episode in flight (its tokens wait for ``chunks``)."""
+    chunk = record.chunk
+    return {
+        "traj_id": record.traj_id,
+        "run": record.run,
+        "task_id": record.task_id,
+        "sample_idx": record.sample_idx,
+        "chunk_index": chunk.index,
+        "policy_version": chunk.policy_version,
+        "tool_name": chunk.tool_name,
+        "tool_status": chunk.tool_status,
+        "num_action_tokens": len(_token_bytes("action_tokens", chunk.action_tokens, 4)) // 4,
+        "final": record.final or "",
+        "sandbox_id": record.sandbox_id,
+        "attempt": record.attempt,
+        "resumed": record.resumed,
+        "time": record.time,
+    }
 
 
 def task_row(sample: TaskSample) -> dict[str, Any]:
@@ -216,6 +239,10 @@ class LakeWriter:
         self._buffers[("trajectories", traj.run, date)].append(traj_row)
         if chunks:
             self._buffers[("chunks", traj.run, date)].extend(chunks)
+
+    def add_chunk_record(self, record: ChunkRecord) -> None:
+        """Buffer one chunk of an episode in flight (``chunks_live`` row)."""
+        self._add("chunks_live", record.run, record.time or time.time(), [chunk_live_row(record)])
 
     def add_train(self, record: TrainRecord | StepStats) -> None:
         """Buffer one learner record: a ``train_log`` row or a ``train_steps`` row."""

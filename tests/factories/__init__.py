@@ -26,6 +26,7 @@ from tests.factories.records import (
     LEARNER_RUN,
     STALENESS_BOUND,
     chunk,
+    chunk_records,
     fill,
     group_member,
     lake_trajectory,
@@ -53,6 +54,7 @@ from tests.factories.roles import (
     login,
     serve_sandbox_create,
 )
+from tests.factories.rollout_proc import STEPS, step_command
 from tests.factories.sandboxes import (
     EXPERT_SETTINGS,
     containers_of,
@@ -74,12 +76,14 @@ __all__ = [
     "GUESS_RANDOM",
     "LEARNER_RUN",
     "STALENESS_BOUND",
+    "STEPS",
     "Broker",
     "RecordingEngine",
     "Session",
     "assert_denied",
     "assert_exact_accounting",
     "chunk",
+    "chunk_records",
     "containers_of",
     "expert_trajectory",
     "fill",
@@ -108,6 +112,7 @@ __all__ = [
     "sequence_of",
     "serve_sandbox_create",
     "settings_for_tests",
+    "step_command",
     "task_sample",
     "tiny_qwen2_config",
     "trajectory",

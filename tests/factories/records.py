@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from consumers.lake import LakeWriter
 from schemas.arrays import pack_logprobs, pack_tokens
 from schemas.codec import train_decoder
+from schemas.episode import ChunkRecord
 from schemas.task import Task, TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import Chunk, ScoredTrajectory, ToolStatus, Trajectory
@@ -339,6 +340,24 @@ def make_step(step: int = 1, **fields: Any) -> StepStats:
         "time": DAY,
     }
     return StepStats(step=step, **(defaults | fields))
+
+
+def chunk_records(scored: ScoredTrajectory) -> list[ChunkRecord]:
+    """The ``ChunkRecord`` of each chunk of ``scored``, as its rollout worker published them."""
+    traj = scored.traj
+    return [
+        ChunkRecord(
+            traj_id=traj.traj_id,
+            run=traj.run,
+            task_id=traj.task_id,
+            sample_idx=traj.sample_idx,
+            chunk=chunk,
+            final=traj.status if chunk.index == len(traj.chunks) - 1 else None,
+            sandbox_id=traj.sandbox_id,
+            time=traj.started_at + chunk.index,
+        )
+        for chunk in traj.chunks
+    ]
 
 
 def fill(writer: LakeWriter, rng: random.Random, n: int = 4) -> list[ScoredTrajectory]:
