@@ -1,0 +1,90 @@
+"""Failures surface: a real worker that hits a real permission violation under `rollstream up` shows
+it in `rollstream status` while it runs, exits with that message after a few repeats (the
+supervisor restarts it and counts), and `up` names it in one line when it stops."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ops.health import FATAL_REPEATS, ErrorTally, error_key
+from ops.security import write_server_config
+from streams.permissions import USES
+from streams.server import NatsServer, free_port
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+CLI = [sys.executable, "-m", "ops.cli"]
+RUN = "healthy"
+DENIED = re.compile(
+    r"rollout: permissions violation for \$JS\.API\.CONSUMER\.MSG\.NEXT\.RS_TASKS\.rollout-healthy \(×\d+\)",
+    re.IGNORECASE,  # nats-py lower-cases the server's error text
+)
+
+
+def test_a_broker_permission_violation_is_one_fatal_key_however_often_it_comes() -> None:
+    tally = ErrorTally()
+    event = {"event": "nats_error", "error": 'nats: permissions violation for publish to "rs.sandbox.create"'}
+    for _ in range(FATAL_REPEATS):
+        tally.observe(None, "error", dict(event))
+    tally.observe(
+        None, "warning", {"event": "handler_failed", "error": "no reply on rs.sandbox.ab12cd34ef.exec in 60s"}
+    )
+    assert tally.counts["permissions violation for rs.sandbox.create"] == FATAL_REPEATS
+    assert tally.failing == f"permissions violation for rs.sandbox.create (×{FATAL_REPEATS})"
+    assert error_key({"event": "x", "error": "timeout after 12.5 s"}) == ("x: timeout after N s", False)
+
+
+def test_a_worker_denied_its_consumer_shows_up_in_status_exits_and_is_summarised(tmp_path: Path) -> None:
+    # The rollout role without the right to pull from its own consumer: every fetch is denied.
+    rollout = USES["rollout"]
+    narrowed = {
+        **USES,
+        "rollout": replace(rollout, request=tuple(s for s in rollout.request if "MSG.NEXT" not in s)),
+    }
+    creds, conf, state = tmp_path / "creds", tmp_path / "nats.conf", tmp_path / "state"
+    write_server_config(conf, creds, run=RUN, table=narrowed)
+    port = free_port()
+    server = NatsServer(
+        store_dir=tmp_path / "js", port=port, config_file=conf, log_file=tmp_path / "nats.log"
+    )
+    server.start()
+    settings = [
+        f'state_dir="{state}"',
+        f'nats.url="nats://127.0.0.1:{port}"',
+        f'nats.creds_dir="{creds}"',
+        f"run={RUN}",
+        "metrics.base_port=0",
+        *(f"processes.{name}=0" for name in ("sandboxd", "lake", "learner", "reward", "producer")),
+    ]
+    sets = [x for s in settings for x in ("--set", s)]
+    up = subprocess.Popen(
+        [*CLI, "up", "--quiet", "--duration", "300", *sets], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        status = ""
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not ("restarted" in status and DENIED.search(status)):
+            time.sleep(2)
+            status = subprocess.run(
+                [*CLI, "status", *sets], capture_output=True, text=True, timeout=60
+            ).stdout
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        server.stop()
+    assert DENIED.search(status), status
+    assert "restarted" in status, status
+    log = (state / "logs" / "rollout-0.log").read_text()
+    exit_line = r"error: rollout: permissions violation for \S+MSG\.NEXT\S+ \(×3\)"
+    assert re.search(exit_line, log, re.IGNORECASE), log[-2000:]
+    summary = [line for line in err.splitlines() if line.startswith("errors:")]
+    assert len(summary) == 1 and DENIED.search(summary[0]) and "restarted" in summary[0], err[-2000:]
