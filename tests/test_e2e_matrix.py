@@ -137,6 +137,7 @@ def assert_clean(dep: Deployment) -> None:
     done = dep.stop()
     assert done.returncode == 0, done.stderr[-3000:]
     assert dep.violations() == []
+    assert not VIOLATION.search(done.stderr), done.stderr[-3000:]  # nor in up's last line (ops.health)
     report = dep.cli("report", "--out", str(dep.state / "report"))
     assert report.returncode == 0, report.stderr[-3000:]
     assert (dep.state / "report" / "summary.txt").exists()
