@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import MutableMapping
@@ -57,12 +58,17 @@ def error_key(event_dict: MutableMapping[str, Any]) -> tuple[str, bool]:
     if denied:
         return f"permissions violation for {denied.group(1)}", True
     if not error and event_dict.get("exc_info"):
-        import sys
-
-        exc = sys.exc_info()[1]
+        exc = _leaf(sys.exc_info()[1])  # log.exception runs inside the except block
         error = f"{type(exc).__name__}: {exc}" if exc is not None else ""
     detail = _NOISE.sub("N", error)[:100]
     return (f"{event}: {detail}" if detail else event), False
+
+
+def _leaf(exc: BaseException | None) -> BaseException | None:
+    """The first exception inside (nested) exception groups: what actually went wrong."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class ErrorTally:

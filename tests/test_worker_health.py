@@ -88,3 +88,14 @@ def test_a_worker_denied_its_consumer_shows_up_in_status_exits_and_is_summarised
     assert re.search(exit_line, log, re.IGNORECASE), log[-2000:]
     summary = [line for line in err.splitlines() if line.startswith("errors:")]
     assert len(summary) == 1 and DENIED.search(summary[0]) and "restarted" in summary[0], err[-2000:]
+
+
+def test_an_exception_logged_from_a_task_group_is_counted_by_what_went_wrong() -> None:
+    tally = ErrorTally()
+    for _ in range(2):
+        try:
+            raise ExceptionGroup("unhandled errors in a TaskGroup", [TimeoutError("weights v12 not fetched")])
+        except ExceptionGroup:
+            tally.observe(None, "exception", {"event": "handler_failed", "exc_info": True})
+    assert tally.counts == {"handler_failed: TimeoutError: weights vN not fetched": 2}
+    assert tally.failing == ""  # transient: shown, not fatal
