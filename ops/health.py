@@ -100,6 +100,23 @@ async def nats_error(exc: Exception) -> None:
     log.error("nats_error", error=str(exc))
 
 
+async def publish(nc: NATS, run: str, worker: str, tally: ErrorTally) -> None:
+    """Send the tally once (a report lost to a broker outage is sent again with the next change)."""
+    health = WorkerHealth(
+        worker=worker,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        errors=dict(tally.counts),
+        fatal=tally.failing,
+        time=time.time(),
+    )
+    try:
+        await nc.publish(health_subject(run), health_encoder.encode(health))
+        await nc.flush(timeout=2)
+    except Exception as exc:  # noqa: BLE001 - nats raises several kinds while it reconnects
+        log.info("health_report_failed", error=type(exc).__name__)
+
+
 async def report(nc: NATS, run: str, worker: str, tally: ErrorTally, *, every_s: float = 1.0) -> None:
     """Publish the tally whenever it changed; raise ``WorkerFailed`` once it is failing."""
     sent = 0
@@ -108,19 +125,7 @@ async def report(nc: NATS, run: str, worker: str, tally: ErrorTally, *, every_s:
         if tally.version == sent:
             continue
         sent = tally.version
-        health = WorkerHealth(
-            worker=worker,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            errors=dict(tally.counts),
-            fatal=tally.failing,
-            time=time.time(),
-        )
-        try:
-            await nc.publish(health_subject(run), health_encoder.encode(health))
-            await nc.flush(timeout=2)
-        except Exception as exc:  # noqa: BLE001 - a report lost to a broker outage is sent again later
-            log.info("health_report_failed", error=type(exc).__name__)
+        await publish(nc, run, worker, tally)
         if tally.failing:
             log.error("worker_failing", reason=tally.failing)
             raise WorkerFailed(f"{worker}: {tally.failing}")

@@ -17,7 +17,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from ops.config import Config
-from ops.health import ErrorTally, WorkerFailed, nats_error, report
+from ops.health import ErrorTally, WorkerFailed, nats_error, publish, report
 from ops.pipeline import starter
 from streams.topology import ensure
 
@@ -83,13 +83,25 @@ async def run_worker(name: str, cfg: Config, metrics_port: int = 0, tally: Error
         await _serve(name, cfg, nc, tally)
     except BaseExceptionGroup as group:
         failed, _ = group.split(WorkerFailed)
-        if failed is None:
-            raise
-        raise _first(failed) from None
+        if failed is not None:
+            raise _first(failed) from None
+        await _crashed(name, cfg, nc, tally)
+        raise
+    except Exception:
+        await _crashed(name, cfg, nc, tally)
+        raise
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.close()
         log.info("worker_stopped")
+
+
+async def _crashed(name: str, cfg: Config, nc: NATS, tally: ErrorTally | None) -> None:
+    """An exception ends the worker: log it (so the tally counts it) and send the last report."""
+    log.exception("worker_crashed")
+    if tally is not None:
+        with anyio.move_on_after(3, shield=True):
+            await publish(nc, cfg.run, name, tally)
 
 
 def _first(group: BaseExceptionGroup[WorkerFailed]) -> WorkerFailed:

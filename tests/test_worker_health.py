@@ -12,10 +12,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
+from nats.aio.client import Client as NATS
 
 from ops.health import FATAL_REPEATS, ErrorTally, error_key
 from ops.security import write_server_config
+from schemas.health import health_decoder
 from streams.permissions import USES
 from streams.server import NatsServer, free_port
 
@@ -99,3 +102,23 @@ def test_an_exception_logged_from_a_task_group_is_counted_by_what_went_wrong() -
             tally.observe(None, "exception", {"event": "handler_failed", "exc_info": True})
     assert tally.counts == {"handler_failed: TimeoutError: weights vN not fetched": 2}
     assert tally.failing == ""  # transient: shown, not fatal
+
+
+async def test_a_worker_that_crashes_sends_its_last_report_with_the_cause(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    reports = await nc.subscribe("rs.ops.health.crashing")
+    settings = [
+        f'state_dir="{tmp_path}"',
+        "run=crashing",
+        'producer.source="jsonl"',
+        f'producer.path="{tmp_path}/none.jsonl"',
+    ]
+    sets = [x for s in settings for x in ("--set", s)]
+    worker = await anyio.run_process(
+        [*CLI, "worker", "producer", "--nats", nats_server.url, *sets], check=False
+    )
+    assert worker.returncode != 0
+    health = health_decoder.decode((await reports.next_msg(timeout=5)).data)
+    assert health.worker == "producer"
+    assert [key for key in health.errors if key.startswith("worker_crashed: TaskFileError")], health.errors
