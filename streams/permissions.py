@@ -114,7 +114,11 @@ USES: dict[str, Uses] = {
         publish=("rs.tasks.{run}", f"$KV.{POLICY_BUCKET}.{{run}}.producer_cursor", REGISTRY_KEYS, HEALTH),
         request=(
             *kv_read("{run}.producer_cursor"),
-            f"{API}.CONSUMER.INFO.{ROLLOUT.stream}.{{durable[rollout]}}",
+            # version-aware admission (main, issue 17) counts the samples in every stage
+            *(
+                f"{API}.CONSUMER.INFO.{spec.stream}.{{durable[{spec.group}]}}"
+                for spec in (ROLLOUT, REWARD, LEARNER)
+            ),
             REGISTRY_INFO,
             *SANDBOX_CALLS,
         ),

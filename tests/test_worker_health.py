@@ -5,6 +5,7 @@ supervisor restarts it and counts), and `up` names it in one line when it stops.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def test_a_broker_permission_violation_is_one_fatal_key_however_often_it_comes()
     assert error_key({"event": "x", "error": "timeout after 12.5 s"}) == ("x: timeout after N s", False)
 
 
-def test_a_worker_denied_its_consumer_shows_up_in_status_exits_and_is_summarised(tmp_path: Path) -> None:
+def test_a_worker_denied_its_consumer_shows_up_in_status_exits_and_is_summarised(
+    tmp_path: Path, tiny_policy: Path
+) -> None:
     # The rollout role without the right to pull from its own consumer: every fetch is denied.
     rollout = USES["rollout"]
     narrowed = {
@@ -53,6 +56,7 @@ def test_a_worker_denied_its_consumer_shows_up_in_status_exits_and_is_summarised
     }
     creds, conf, state = tmp_path / "creds", tmp_path / "nats.conf", tmp_path / "state"
     write_server_config(conf, creds, run=RUN, table=narrowed)
+    shutil.copytree(tiny_policy, state / "policy" / "base")  # preflight would make the same one
     port = free_port()
     server = NatsServer(
         store_dir=tmp_path / "js", port=port, config_file=conf, log_file=tmp_path / "nats.log"
