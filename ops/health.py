@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 FATAL_REPEATS = 3  # a non-transient error seen this often ends the worker
 SHOWN_AFTER = 2  # an error is shown once it repeats (a single warning is the log's business)
 COUNTED_LEVELS = ("warning", "error", "exception", "critical")
+MAX_KEYS = 64  # distinct kinds kept per process; later new kinds are counted as "<event>: (other)"
+NOT_COUNTED = ("worker_failing",)  # restates a counted error
 _DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.IGNORECASE)
 _NOISE = re.compile(r"\b[0-9a-f]{8,}\b|\d+(?:\.\d+)?")
 
@@ -80,6 +82,8 @@ class ErrorTally:
         self.version = 0  # bumped on every change: the reporter publishes when it moves
 
     def record(self, key: str, *, fatal: bool = False) -> None:
+        if key not in self.counts and len(self.counts) >= MAX_KEYS:
+            key = f"{key.split(':')[0]}: (other)"
         self.counts[key] += 1
         self.version += 1
         if fatal and self.counts[key] >= FATAL_REPEATS and not self.failing:
@@ -89,7 +93,7 @@ class ErrorTally:
         self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         """structlog processor: count warnings and errors, pass every event on unchanged."""
-        if method in COUNTED_LEVELS:
+        if method in COUNTED_LEVELS and event_dict.get("event") not in NOT_COUNTED:
             key, fatal = error_key(event_dict)
             self.record(key, fatal=fatal)
         return event_dict
