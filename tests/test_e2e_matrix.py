@@ -25,6 +25,7 @@ from streams.server import free_port
 from tests.task_fixtures import TASKS, make_swe_fixture
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
+ETA = 1
 CLI = [sys.executable, "-m", "ops.cli"]
 VIOLATION = re.compile(r"permissions? violation|(publish|subscription) violation", re.IGNORECASE)
 JSONL_TASK = {
@@ -182,13 +183,17 @@ def builtin(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Path) -> Iter
         "learner.warm_start_steps=4",
         "learner.seed_episodes=8",
         "learner.warm_start_batch=4",
+        f"learner.max_staleness={ETA}",
+        "learner.failure_reward=-0.1",
     )
     try:
         dep.wait_broker()
         dep.notes["proxy"] = str(proxy_session(f"http://127.0.0.1:{proxy_port}/v1"))
         dep.notes["scale"] = dep.cli("scale", "reward=2").stdout
         online = "SELECT count(*) AS n FROM trajectories WHERE source = 'online'"
-        dep.wait_rows(online, 6, 180)
+        dep.wait_rows(online, 8, 180)
+        versions = "SELECT count(DISTINCT policy_version) AS n FROM trajectories WHERE source = 'online'"
+        dep.wait_rows(versions, 2, 90)
         chosen = "SELECT traj_id FROM trajectories WHERE source = 'online' AND num_chunks >= 1 LIMIT 2"
         replay = dep.cli("replay", "--sql", chosen, "--mode", "sft")
         dep.notes["replay"] = replay.stdout + replay.stderr[-2000:]
@@ -206,9 +211,34 @@ def builtin(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Path) -> Iter
         dep.stop()
 
 
-def test_builtin_deployment_lands_online_trajectories_and_trains(builtin: Deployment) -> None:
-    assert builtin.count("SELECT count(*) AS n FROM trajectories WHERE source = 'online'") >= 6
-    assert builtin.count("SELECT count(*) AS n FROM train_log WHERE fate = 'trained'") >= 1
+def test_online_trajectories_land_with_more_than_one_policy_version(builtin: Deployment) -> None:
+    online = "FROM trajectories WHERE source = 'online'"
+    n = builtin.count(f"SELECT count(*) AS n {online}")
+    assert n >= 8
+    assert builtin.count(f"SELECT count(DISTINCT policy_version) AS n {online}") >= 2
+    assert builtin.count(f"SELECT count(*) AS n FROM chunks WHERE traj_id IN (SELECT traj_id {online})") >= n
+
+
+def test_no_online_sample_is_trained_past_the_staleness_bound(builtin: Deployment) -> None:
+    audit = query(
+        builtin.state / "lake",
+        "SELECT count(*) FILTER (staleness > max_staleness) AS violations, count(*) AS trained, "
+        "max(max_staleness) AS bound FROM train_log WHERE fate = 'trained' AND source = 'online'",
+    ).to_pylist()[0]
+    assert audit["trained"] > 0
+    assert audit["bound"] == ETA
+    assert audit["violations"] == 0
+
+
+def test_dropped_samples_are_recorded_with_their_reason(builtin: Deployment) -> None:
+    rows = query(
+        builtin.state / "lake",
+        "SELECT reason, staleness, max_staleness FROM train_log WHERE fate = 'dropped'",
+    ).to_pylist()
+    for row in rows:
+        assert row["reason"], row
+        if row["reason"].startswith("stale"):
+            assert row["staleness"] > row["max_staleness"]
 
 
 def test_one_request_through_the_proxy_lands_as_a_proxy_trajectory(builtin: Deployment) -> None:
