@@ -17,8 +17,12 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from ops.health import FATAL_REPEATS, ErrorTally, error_key
+from ops.config import load_config
+from ops.health import FATAL_REPEATS, ErrorTally, error_key, publish
+from ops.progress import Progress
 from ops.security import write_server_config
+from ops.status import problems
+from ops.supervisor import Supervisor
 from schemas.health import health_decoder
 from streams.permissions import USES
 from streams.server import NatsServer, free_port
@@ -126,3 +130,22 @@ async def test_a_worker_that_crashes_sends_its_last_report_with_the_cause(
     health = health_decoder.decode((await reports.next_msg(timeout=5)).data)
     assert health.worker == "producer"
     assert [key for key in health.errors if key.startswith("worker_crashed: TaskFileError")], health.errors
+
+
+async def test_the_live_view_and_status_show_a_report_as_soon_as_it_arrives(nc: NATS, tmp_path: Path) -> None:
+    cfg = load_config(None, [f'state_dir="{tmp_path / "state"}"', f"run={RUN}"])
+    cfg.state.mkdir(parents=True)
+    supervisor = Supervisor(cfg)
+    await supervisor.health.subscribe(nc, RUN)
+    tally = ErrorTally()
+    for _ in range(37):
+        tally.record("permissions violation for rs.sandbox.create")
+    await publish(nc, RUN, "producer", tally)
+    expected = "producer: permissions violation for rs.sandbox.create (×37)"
+    progress = Progress(cfg, nc, supervisor)
+    for _ in range(100):  # the report crosses the broker: within 5 s, in practice milliseconds
+        if expected in progress.line():
+            break
+        await anyio.sleep(0.05)
+    assert f"failing: {expected}" in progress.line()
+    assert problems(cfg) == [expected]  # what `rollstream status` prints, from <state>/health.json
