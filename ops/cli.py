@@ -43,7 +43,7 @@ SetOpt = Annotated[
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, for logs
     return typer.Exit(2)
 
 
@@ -181,6 +181,7 @@ def worker(
     """Run one worker process (what `just up` starts; use it to add workers on other hosts)."""
     import anyio
 
+    from ops.health import ErrorTally, WorkerFailed
     from ops.logs import configure_logging
     from ops.pipeline import WORKERS
     from ops.worker import run_worker
@@ -189,11 +190,14 @@ def worker(
         raise fail(f"unknown worker {name!r}; choose one of {', '.join(WORKERS)}")
     extra = [f'nats.url="{nats_url}"'] if nats_url else []
     cfg = config(config_path, [*(overrides or []), *extra])
-    configure_logging(cfg.log_level)
+    tally = ErrorTally()
+    configure_logging(cfg.log_level, observers=[tally.observe])
     try:
-        anyio.run(run_worker, name, cfg, metrics_port)
+        anyio.run(run_worker, name, cfg, metrics_port, tally)
     except OSError as exc:
         raise fail(f"cannot reach the broker at {cfg.nats_url}: {exc}") from None
+    except WorkerFailed as exc:
+        raise fail(f"{exc} (see {name}'s log)") from None
 
 
 @app.command()

@@ -77,9 +77,15 @@ def _progress() -> Progress:
 
 
 def _with_broker(cfg: Config, work: Callable[[Any, Any], Awaitable[T]]) -> T:
-    """Connect as the ops role, make sure the run's topology exists, run ``work(nc, js)``."""
+    """Connect as the ops role (with the deployment's credentials, as `status` does), make sure the
+    run's topology exists, run ``work(nc, js)``."""
+    from ops.supervisor import with_credentials
     from ops.worker import connect
     from streams.topology import ensure
+
+    deployed = with_credentials(cfg)
+    if deployed.nats.creds_dir and Path(deployed.nats.creds_dir).exists():
+        cfg = deployed  # `rollstream up` wrote them: the embedded broker refuses anonymous clients
 
     async def main() -> T:
         nc = await connect(cfg, "ops", max_reconnect_attempts=2)

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import structlog
 
 
-def configure_logging(level: str = "info", *, json_file: Path | None = None) -> None:
-    """Configure structlog and stdlib logging. JSON when not on a terminal or when writing a file."""
+def configure_logging(
+    level: str = "info",
+    *,
+    json_file: Path | None = None,
+    observers: Sequence[structlog.types.Processor] = (),
+) -> None:
+    """Configure structlog and stdlib logging. JSON when not on a terminal or when writing a file.
+
+    ``observers`` see every event that passes the level filter (a worker's error tally)."""
     stream: TextIO = open(json_file, "a", buffering=1) if json_file else sys.stderr
     as_json = json_file is not None or not stream.isatty()
     renderer: structlog.types.Processor = (
@@ -21,6 +29,7 @@ def configure_logging(level: str = "info", *, json_file: Path | None = None) -> 
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            *observers,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

@@ -100,6 +100,8 @@ class Progress:
         t.add_row("loss", f"{self.last_loss:.4f}" if self.last_loss is not None else "-")
         procs = ", ".join(f"{n}×{self.sup.count(n)}" for n in self.sup.desired)
         t.add_row("processes", procs)
+        for line in self.sup.problems():
+            t.add_row("[bold red]failing[/]", line)
         t.add_row("logs", str(self.sup.logs))
         return t
 
@@ -120,7 +122,13 @@ class Progress:
             f"expert_seeds={self.seeded} "
             f"policy_version={self.policy_version} versions={len(self.versions)} success={success:.0%} "
             f"trained={self.trained} dropped={sum(self.dropped.values())}"
+            + "".join(f"\n  failing: {line}" for line in self.sup.problems())
         )
 
     def summary(self) -> None:
-        self.console.print(self.line())
+        """The last progress line, and one line naming the errors workers kept hitting, if any."""
+        self.console.print(self.line().split("\n")[0])
+        problems = self.sup.problems()
+        if problems:
+            line = "[bold red]errors:[/] " + " | ".join(problems)
+            self.console.print(line, highlight=False, soft_wrap=True)

@@ -6,20 +6,10 @@ config (also 0600): nats-server accepts plain passwords, and bcrypt hashes would
 while the config file must stay private anyway. There is no ``no_auth_user``, so anonymous
 connections are refused.
 
-Least privilege, in subjects:
-
-- Only ``ops`` (the supervisor, status and scale CLI) may call JetStream admin APIs; it runs
-  ``streams.topology.ensure()``. Workers only use the durable consumers ``ensure()`` created.
-- A consumer role may pull from and ack its own durable consumers only
-  (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>``, ``$JS.ACK.<stream>.<durable>.>``), read their
-  info, and dead-letter to ``rs.dlq.<its stage>.<run>``.
-- Each role publishes records to the one subject its stage feeds, reads KV ``rs_policy`` keys it
-  needs through direct gets, and only the learner writes ``<run>.latest`` and the weights objects.
-- The task registry (KV ``rs_tasks``, keys ``<run>.<hash>``): the producer (and ops, which runs
-  ``rollstream resample``) writes it, the reward group reads it by subject (direct gets), and
-  nobody else touches it: the rollout role cannot change the task a trajectory is verified with.
-- Replies come back on a private inbox prefix per role (``_INBOX.<role>``, see ``inbox_prefix``),
-  so no role can subscribe to another's replies; sandboxd answers with ``allow_responses``.
+What each role may do is generated from one table, ``streams.permissions.USES`` (which subjects
+each worker kind publishes, requests and subscribes to; its docstring says why each role needs
+what it has). Replies come back on a private inbox prefix per role (``_INBOX.<role>``), so no role
+can subscribe to another's replies; sandboxd answers with ``allow_responses``.
 
 Run as ``python -m ops.security <conf> <creds_dir> [--run RUN]`` to write both.
 """
@@ -30,220 +20,26 @@ import argparse
 import json
 import os
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
-from streams.topology import (
-    EPISODES_KV,
-    LAKE_CHUNKS,
-    LAKE_TASKS,
-    LAKE_TRAIN,
-    LAKE_TRAJ,
-    LEARNER,
-    POLICY_BUCKET,
-    REWARD,
-    ROLLOUT,
-    TASKS_KV,
-    TRAJ,
-    WEIGHTS_BUCKET,
-    ConsumerSpec,
-    check_run,
-)
+from streams.permissions import ROLES, USES, Grants, Uses, grants, inbox_prefix
 
-ROLES = ("producer", "rollout", "reward", "learner", "lake", "sandboxd", "proxy", "ops", "eval")
-API = "$JS.API"
-KV_STREAM = f"KV_{POLICY_BUCKET}"
-OBJ_STREAM = f"OBJ_{WEIGHTS_BUCKET}"
 MAX_PAYLOAD = "8MB"
 ROUTE_USER = "route"  # cluster routes; not a client role
+__all__ = ["ROLES", "Grants", "SecurityError", "inbox_prefix", "role_credentials", "role_grants"]
 
 
 class SecurityError(RuntimeError):
     """Credentials or the server config cannot be written or read."""
 
 
-def inbox_prefix(role: str) -> str:
-    """The reply-inbox prefix a role must connect with (``nats.connect(inbox_prefix=...)``)."""
-    return f"_INBOX.{role}"
-
-
-@dataclass
-class Grants:
-    """Subjects one role may publish to and subscribe to."""
-
-    publish: list[str] = field(default_factory=list)
-    subscribe: list[str] = field(default_factory=list)
-    allow_responses: bool = False
-
-
-# -- what each role needs --------------------------------------------------------------------------
-
-
-def _pull(spec: ConsumerSpec, run: str | None) -> list[str]:
-    """Pull from, ack, and read the info of one durable consumer (any run's if ``run`` is None)."""
-    durable = spec.durable(run) if run else "*"
-    return [
-        f"{API}.CONSUMER.MSG.NEXT.{spec.stream}.{durable}",
-        f"{API}.CONSUMER.INFO.{spec.stream}.{durable}",
-        f"$JS.ACK.{spec.stream}.{durable}.>",
-    ]
-
-
-def _kv_read(key: str) -> list[str]:
-    # The bucket is created without allow_direct, so nats-py reads through STREAM.MSG.GET, whose
-    # request body (not subject) names the key: any key of rs_policy is readable, none writable.
-    # With KeyValueConfig(direct=True) in topology the MSG.GET grant could go.
-    return [
-        f"{API}.STREAM.INFO.{KV_STREAM}",
-        f"{API}.STREAM.MSG.GET.{KV_STREAM}",
-        f"{API}.DIRECT.GET.{KV_STREAM}.$KV.{POLICY_BUCKET}.{key}",
-    ]
-
-
-def _weights_read() -> list[str]:
-    # get_info reads the meta message by subject; the chunks arrive through an ordered push
-    # consumer (ephemeral, created unnamed) with flow control; nats-py finds its stream by subject
-    # through STREAM.NAMES (read-only, lists stream names).
-    return [
-        f"{API}.STREAM.INFO.{OBJ_STREAM}",
-        f"{API}.STREAM.NAMES",
-        f"{API}.STREAM.MSG.GET.{OBJ_STREAM}",
-        f"{API}.CONSUMER.CREATE.{OBJ_STREAM}",
-        f"$JS.FC.{OBJ_STREAM}.>",
-    ]
-
-
-def _weights_write() -> list[str]:
-    return [*_weights_read(), f"{API}.STREAM.PURGE.{OBJ_STREAM}", f"$O.{WEIGHTS_BUCKET}.>"]
-
-
-# Sandbox operations by subject (rs.sandbox.<owner>.<op>; sandboxd refuses a request whose kind is
-# not its subject's op). Everyone who runs agents may create and act with the tokens they hold;
-# only the roles whose output is the reward may verify and inspect (which need no token: this is
-# their grant).
-SANDBOX_CALLS = [
-    "rs.sandbox.create",
-    *(f"rs.sandbox.*.{op}" for op in ("exec", "close", "keepalive", "write", "read", "session")),
-]
-VERIFY_CALLS = ["rs.sandbox.*.verify", "rs.sandbox.*.inspect"]
-
-
-def _episode_grants(r: str) -> list[str]:
-    """Durable episodes (consumers.durable), rollout only: publish chunks as they are made, keep
-    each episode's sandbox handle in KV rs_episodes (its run's keys), and read an episode's chunks
-    back on resume (STREAM.MSG.GET names the subject in its body, so any RS_TRAJ message is readable)."""
-    keys = f"$KV.{EPISODES_KV.bucket}.{r}.>"
-    return [
-        f"rs.traj.chunks.{r}.>",
-        f"{API}.STREAM.INFO.{EPISODES_KV.stream}",
-        keys,
-        f"{API}.DIRECT.GET.{EPISODES_KV.stream}.{keys}",
-        f"{API}.STREAM.MSG.GET.{TRAJ.name}",
-    ]
-
-
-def _registry_grants(role: str, run: str | None) -> list[str]:
-    """The task registry: producers write their run's keys, the reward group reads them."""
-    r = check_run(run) if run else "*"
-    keys = f"$KV.{TASKS_KV.bucket}.{r}.>"
-    info = f"{API}.STREAM.INFO.{TASKS_KV.stream}"
-    if role == "producer":
-        return [info, keys]
-    if role == "reward":
-        return [info, f"{API}.DIRECT.GET.{TASKS_KV.stream}.{keys}"]
-    return []
-
-
-def role_grants(role: str, run: str | None) -> Grants:
-    """The subjects ``role`` needs for ``run`` (None: any run, with per-stream consumer wildcards)."""
-    grants = _stage_grants(role, run)
-    grants.publish += _registry_grants(role, run)
-    return grants
-
-
-def _stage_grants(role: str, run: str | None) -> Grants:
-    """What ``role`` needs for its stage of the pipeline (streams, consumers, policy, sandboxes)."""
-    r = check_run(run) if run else "*"
-    inbox = f"{inbox_prefix(role)}.>"
-    if role == "producer":
-        cursor = f"{r}.producer_cursor"
-        pub = [
-            f"rs.tasks.{r}",
-            f"$KV.{POLICY_BUCKET}.{cursor}",
-            *_kv_read(cursor),
-            # version-aware admission counts the samples in every stage of the pipeline
-            *(
-                f"{API}.CONSUMER.INFO.{spec.stream}.{spec.durable(run) if run else '*'}"
-                for spec in (ROLLOUT, REWARD, LEARNER)
-            ),
-        ]
-        return Grants(pub, [inbox])
-    if role == "rollout":
-        pub = [
-            *_pull(ROLLOUT, run),
-            f"rs.traj.raw.{r}",
-            f"rs.dlq.rollout.{r}",
-            *_kv_read(f"{r}.latest"),
-            *_weights_read(),
-            *SANDBOX_CALLS,
-            *_episode_grants(r),
-        ]
-        return Grants(pub, [inbox])
-    if role == "reward":
-        return Grants(
-            [*_pull(REWARD, run), f"rs.traj.scored.{r}", f"rs.dlq.reward.{r}", *SANDBOX_CALLS, *VERIFY_CALLS],
-            [inbox],
-        )
-    if role == "learner":
-        # The warm start (learner.warmstart) seeds the lake first: scripted-expert episodes in
-        # sandboxes, published scored, as the reward stage would.
-        pub = [
-            *_pull(LEARNER, run),
-            f"rs.train.log.{r}",
-            f"rs.dlq.learner.{r}",
-            *_kv_read(f"{r}.latest"),
-            f"$KV.{POLICY_BUCKET}.{r}.latest",
-            *_weights_write(),
-            f"rs.traj.scored.{r}",
-            *SANDBOX_CALLS,
-            *VERIFY_CALLS,
-        ]
-        return Grants(pub, [inbox])
-    if role == "lake":
-        pub = [*_pull(LAKE_TASKS, run), *_pull(LAKE_TRAJ, run), *_pull(LAKE_TRAIN, run), f"rs.dlq.lake.{r}"]
-        pub += _pull(LAKE_CHUNKS, run)
-        return Grants(pub, [inbox])
-    if role == "proxy":
-        # The OpenAI-compatible proxy: generates like rollout, publishes finished sessions raw
-        # (or scored, when the client reports a reward).
-        pub = [f"rs.traj.raw.{r}", f"rs.traj.scored.{r}", *_kv_read(f"{r}.latest"), *_weights_read()]
-        return Grants(pub, [inbox])
-    if role == "sandboxd":
-        # Serves create in queue group sandboxd and its own rs.sandbox.<owner>.<op>; the reaper
-        # pings other owners. Replies go to the requesters' inboxes via allow_responses.
-        return Grants(
-            ["rs.sandbox.*.ping"],
-            ["rs.sandbox.create sandboxd", "rs.sandbox.*.*", inbox],
-            allow_responses=True,
-        )
-    if role == "eval":
-        # The background evaluator reads checkpoints from disk and runs its own broker and sandboxd:
-        # on the run's broker it needs nothing but its inbox.
-        return Grants([], [inbox])
-    if role == "ops":
-        # The supervisor, status and scale CLI: JetStream admin (ensure), every rollstream subject,
-        # the KV bucket and the object store; it answers rs.ops.scale.<run> requests.
-        pub = [
-            f"{API}.>",
-            "rs.>",
-            f"$KV.{POLICY_BUCKET}.>",
-            f"$KV.{TASKS_KV.bucket}.>",
-            f"$O.{WEIGHTS_BUCKET}.>",
-            "$JS.ACK.>",
-            "$JS.FC.>",
-        ]
-        return Grants(pub, ["rs.>", inbox], allow_responses=True)
-    raise SecurityError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+def role_grants(role: str, run: str | None, table: Mapping[str, Uses] = USES) -> Grants:
+    """The subjects ``role`` needs for ``run`` (None: any run), from ``streams.permissions.USES``."""
+    try:
+        return grants(role, run, table)
+    except KeyError:
+        raise SecurityError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}") from None
 
 
 # -- credentials -----------------------------------------------------------------------------------
@@ -325,21 +121,30 @@ def _user_block(user: str, password: str, grants: Grants) -> str:
     return "\n".join(lines)
 
 
-def authorization_block(creds: dict[str, tuple[str, str]], *, run: str | None = None) -> str:
+def authorization_block(
+    creds: dict[str, tuple[str, str]], *, run: str | None = None, table: Mapping[str, Uses] = USES
+) -> str:
     """The ``authorization { users: [...] }`` block: every role's user and its grants.
 
     A cluster must carry the same block on every server (permissions are checked where a client
     connects), so ``ops.cluster`` writes this text verbatim into each server's config."""
-    users = "\n".join(_user_block(*creds[role], role_grants(role, run)) for role in ROLES)
+    users = "\n".join(_user_block(*creds[role], role_grants(role, run, table)) for role in ROLES)
     return f"authorization {{\n  users: [\n{users}\n  ]\n}}\n"
 
 
-def server_config(creds: dict[str, tuple[str, str]], *, run: str | None = None, extra: str = "") -> str:
-    """The nats-server config text for these credentials (JetStream itself is enabled by flag)."""
+def server_config(
+    creds: dict[str, tuple[str, str]],
+    *,
+    run: str | None = None,
+    extra: str = "",
+    table: Mapping[str, Uses] = USES,
+) -> str:
+    """The nats-server config text for these credentials (JetStream itself is enabled by flag);
+    ``table`` replaces ``streams.permissions.USES`` (tests narrow a role to provoke a violation)."""
     return (
         "# Written by rollstream ops.security; holds plain passwords: keep it 0600.\n"
         f"max_payload: {MAX_PAYLOAD}\n"
-        f"{authorization_block(creds, run=run)}"
+        f"{authorization_block(creds, run=run, table=table)}"
         f"{extra}\n"
     )
 
@@ -364,7 +169,14 @@ def write_private(path: Path, text: str) -> None:
     _write_private(path, text.encode())
 
 
-def write_server_config(path: Path, creds_dir: Path, *, extra: str = "", run: str | None = None) -> None:
+def write_server_config(
+    path: Path,
+    creds_dir: Path,
+    *,
+    extra: str = "",
+    run: str | None = None,
+    table: Mapping[str, Uses] = USES,
+) -> None:
     """Write the server config to ``path`` (0600), creating any missing credentials in ``creds_dir``.
 
     ``run`` narrows every role to that run's subjects and durable consumers; without it a role may
@@ -372,7 +184,7 @@ def write_server_config(path: Path, creds_dir: Path, *, extra: str = "", run: st
     """
     creds = ensure_credentials(creds_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, server_config(creds, run=run, extra=extra).encode())
+    _write_private(path, server_config(creds, run=run, extra=extra, table=table).encode())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,21 @@ async def _connect(cfg: Config) -> NATS:
         raise ConnectionError(f"no broker answers at {cfg.nats_url}: is `just up` running?") from None
 
 
+def restarts(cfg: Config) -> dict[str, int]:
+    """How often the supervisor restarted each worker kind (``processes.json``)."""
+    path = cfg.state / "processes.json"
+    if not path.exists():
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).get("restarts", {}).items()}
+
+
+def problems(cfg: Config) -> list[str]:
+    """The supervisor's view of errors workers keep hitting (``ops.health``), one line per kind."""
+    from ops.health import describe, read_board
+
+    return describe(read_board(cfg.state), restarts(cfg))
+
+
 def processes(cfg: Config) -> dict[str, int]:
     path = cfg.state / "processes.json"
     if not path.exists():
@@ -70,6 +85,8 @@ async def _status(cfg: Config, console: Console) -> None:
                 spec.group, str(procs.get(proc_name, 0)), str(pending), str(ack_pending), str(redelivered)
             )
         console.print(t)
+        for line in problems(cfg):
+            console.print(f"[bold red]failing[/] {line}", highlight=False, soft_wrap=True)
     finally:
         await nc.close()
     console.print(lake_line(cfg.lake_root, cfg.learner.max_staleness))

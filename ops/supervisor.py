@@ -24,6 +24,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from ops.config import Config, ack_waits, to_toml
+from ops.health import HealthBoard
 from ops.progress import Progress
 from streams.server import NatsServer, NatsServerError, port_in_use
 from streams.topology import ensure
@@ -108,6 +109,8 @@ class Supervisor:
         if cfg.eval.every > 0 and cfg.eval.tasks:  # `[eval] every = N` turns the evaluator on
             self.desired["eval"] = 1
         self.stopping = False
+        self.restarts: dict[str, int] = {}  # per worker kind, for the live view and status
+        self.health = HealthBoard(self.state / "health.json")
 
     # -- processes ------------------------------------------------------------------------------
     def spawn(self, name: str, index: int, restarts: int = 0) -> Child:
@@ -139,6 +142,7 @@ class Supervisor:
         pids = {
             "supervisor": os.getpid(),
             "nats": self.nats.proc.pid if self.nats and self.nats.proc else None,
+            "restarts": self.restarts,
             "workers": [
                 {
                     "name": c.name,
@@ -150,6 +154,10 @@ class Supervisor:
             ],
         }
         (self.state / "processes.json").write_text(json.dumps(pids, indent=1))
+
+    def problems(self) -> list[str]:
+        """One line per worker kind that keeps hitting errors or was restarted (``ops.health``)."""
+        return self.health.lines(self.restarts)
 
     def count(self, name: str) -> int:
         return sum(1 for c in self.children if c.name == name and c.proc.poll() is None)
@@ -166,6 +174,7 @@ class Supervisor:
                 log.warning(
                     "worker_died", worker=child.name, index=child.index, code=code, restarts=child.restarts
                 )
+                self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
                 if time.monotonic() - child.started < 10 and child.restarts >= 5:
                     log.error(
                         "worker_keeps_dying",
@@ -224,6 +233,7 @@ class Supervisor:
         self.state.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.state / "supervisor.pid").write_text(str(os.getpid()))
+        (self.state / "health.json").unlink(missing_ok=True)  # a new deployment starts with none
         self.config_path.write_text(to_toml(self.cfg))
         self.start_broker()
         from ops.worker import connect
@@ -234,6 +244,7 @@ class Supervisor:
             self.reconcile()
             progress = Progress(self.cfg, nc, self)
             await progress.subscribe()
+            await self.health.subscribe(nc, self.cfg.run)
             scale_sub = await nc.subscribe(f"rs.ops.scale.{self.cfg.run}", cb=self._on_scale)
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:

@@ -17,6 +17,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from ops.config import Config, ack_waits
+from ops.health import ErrorTally, WorkerFailed, nats_error, publish, report
 from ops.pipeline import starter
 from streams.topology import ensure
 
@@ -70,25 +71,55 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-async def run_worker(name: str, cfg: Config, metrics_port: int = 0) -> None:
-    """Run worker ``name`` until a signal arrives."""
+async def run_worker(name: str, cfg: Config, metrics_port: int = 0, tally: ErrorTally | None = None) -> None:
+    """Run worker ``name`` until a signal arrives, reporting ``tally`` (``ops.health``) as it grows;
+    raises ``WorkerFailed`` when the tally says a non-transient error keeps coming back."""
     structlog.contextvars.bind_contextvars(run=cfg.run, worker=name, pid=os.getpid())
     start_metrics(metrics_port)
     if name in ("rollout", "learner", "proxy"):
         set_torch_threads(cfg.torch_threads)
-    nc = await connect(cfg, name)
+    nc = await connect(cfg, name, error_cb=nats_error)
     try:
-        js = nc.jetstream(timeout=10)
-        if name != "sandboxd" and not cfg.nats.creds_dir:
-            # Without per-role credentials (development, tests) a worker may create the topology
-            # itself; with them only the ops role (the supervisor) may, and already has.
-            await ensure(js, cfg.run, ack_wait_s=ack_waits(cfg))
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_signals, scope)
-                await tg.start(starter(name, cfg, js, nc))
-                log.info("worker_ready")
+        await _serve(name, cfg, nc, tally)
+    except BaseExceptionGroup as group:
+        failed, _ = group.split(WorkerFailed)
+        if failed is not None:
+            raise _first(failed) from None
+        await _crashed(name, cfg, nc, tally)
+        raise
+    except Exception:
+        await _crashed(name, cfg, nc, tally)
+        raise
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.close()
         log.info("worker_stopped")
+
+
+async def _crashed(name: str, cfg: Config, nc: NATS, tally: ErrorTally | None) -> None:
+    """An exception ends the worker: log it (so the tally counts it) and send the last report."""
+    log.exception("worker_crashed")
+    if tally is not None:
+        with anyio.move_on_after(3, shield=True):
+            await publish(nc, cfg.run, name, tally)
+
+
+def _first(group: BaseExceptionGroup[WorkerFailed]) -> WorkerFailed:
+    exc = group.exceptions[0]
+    return exc if isinstance(exc, WorkerFailed) else _first(exc)
+
+
+async def _serve(name: str, cfg: Config, nc: NATS, tally: ErrorTally | None) -> None:
+    """The worker itself, beside its signal watch and its health reports."""
+    js = nc.jetstream(timeout=10)
+    if name != "sandboxd" and not cfg.nats.creds_dir:
+        # Without per-role credentials (development, tests) a worker may create the topology
+        # itself; with them only the ops role (the supervisor) may, and already has.
+        await ensure(js, cfg.run, ack_wait_s=ack_waits(cfg))
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, scope)
+            if tally is not None:
+                tg.start_soon(report, nc, cfg.run, name, tally)
+            await tg.start(starter(name, cfg, js, nc))
+            log.info("worker_ready")
