@@ -10,6 +10,7 @@ Loss (``ipa_surrogate="weighted"``): ``ℓ_k = −G_k · log π_θ(c_k)`` when t
 positive, ``ℓ_k = −sg(clip(ρ_k, 0, 1)) · G_k · log π_θ(c_k)`` otherwise. With ``group_baseline``
 the reward is replaced by its group-normalised advantage ``A`` before returns (terminal form,
 ``G_k = γ^{K−k} A``; per-chunk rewards are then not used) and the branch follows the sign of ``A``.
+``ipa_failure_is=False`` (an ablation) drops the ratio from the failure branch.
 ``ipa_surrogate="ppo_clip"`` uses ``ℓ_k = −min(ρ_k G_k, clip(ρ_k, 1−ε, 1+ε) G_k)`` for every sample.
 
 Masking removes a chunk from the loss: mismatch (``ρ_k`` outside ``[low, high]`` or the mean
@@ -164,7 +165,8 @@ def ipa_terms(logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSetti
 
     returns, positive = _returns_and_sign(batch, settings)
     if settings.ipa_surrogate == "weighted":
-        weight = torch.where(positive.unsqueeze(1), torch.ones_like(rho_d), rho_d.clamp(0.0, 1.0))
+        failed = rho_d.clamp(0.0, 1.0) if settings.ipa_failure_is else torch.ones_like(rho_d)
+        weight = torch.where(positive.unsqueeze(1), torch.ones_like(rho_d), failed)
         chunk_loss = -weight * returns * mean_lp
     else:
         # exp of a masked chunk's (possibly huge) log-ratio would put inf·0 = NaN into the gradient.

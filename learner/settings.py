@@ -65,6 +65,13 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             description="weighted: the IPA two-branch loss; ppo_clip: chunk-level PPO clipped surrogate."
         ),
     ] = "weighted"
+    ipa_failure_is: Annotated[
+        bool,
+        msgspec.Meta(
+            description="IPA weighted surrogate: weight a failure's chunks by their clipped importance "
+            "ratio sg(clip(rho_k, 0, 1)); false is the ablation without it (weight 1)."
+        ),
+    ] = True
     ppo_clip_eps: Annotated[
         float, msgspec.Meta(gt=0, lt=1, description="ε of the PPO clip (IPA ppo_clip and GRPO).")
     ] = 0.2

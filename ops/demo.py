@@ -14,16 +14,18 @@ game. Phases, here on the built-in ``files`` family (levels 1-2) in real sandbox
    lake keeps them. The expert's success rate is measured on these episodes.
 2. **Warm start**: ``learner.warmstart.imitate`` on the successful expert trajectories loaded back
    from the lake (``consumers.lake.load_scored``), installed as version 1.
-3. **Online RL** from the same warm start, one run per loss of ``runs`` (``ipa``: IPA loss,
-   ``grpo``: token-level GRPO baseline), under a share of the time budget each. Each runs the real
+3. **Online RL** from the same warm start, one run per arm of ``runs`` (``ARMS``: ``ipa``, the IPA
+   loss; ``grpo``, token-level GRPO; ``ipa_nois``, the ablation of IPA without the chunk importance
+   ratio on failures), under a share of the time budget each. Each runs the real
    workers in-process (``ops.pipeline``: producer, rollout, reward, learner, lake writer) on the
    shared broker and lake.
 4. **Evaluation**: the same held-out tasks, the same temperature, for the warm-started policy and
    for each run's final policy.
 
 Success means full marks (``reward >= 1``: the files family scores 0 or 1; a GEM game is won). It
-prints the success rates with wall times, and writes ``demo.txt``, ``demo.png`` (the table as bars)
-and the ``rollstream report`` plots for the lake (success by policy version per run) into ``--out``.
+prints the success rates with wall times, and writes ``demo.txt``, ``demo.json`` (per arm: successes,
+episodes, 95 % interval), ``demo.png`` (the table as bars) and the ``rollstream report`` plots
+for the lake (success by policy version per run) into ``--out``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ SUCCESS_SQL = (
     f"AND run = '{SEED_RUN}' ORDER BY traj_id"
 )
 T = TypeVar("T")
+# Online arms: run name -> (learner.loss, other learner settings of the arm)
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ipa": ("ipa", {}),
+    "grpo": ("grpo", {}),
+    "ipa_nois": ("ipa", {"ipa_failure_is": False}),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class DemoPlan:
     env_id: str = ""  # GEM env id (``family = "gem"``)
     minutes: float = 20.0  # budget of the whole demo; the online phases get what is left
     levels: tuple[int, ...] = (1, 2)
+    expert_levels: tuple[int, ...] = ()  # what seeding demonstrates; empty: ``levels``
     # ~350 successful demonstrations: with 116 (160 episodes) SFT reached only ~60 %, because the
     # tiny model then memorises which word goes with which task instead of learning to copy
     seed_episodes: int = 480
@@ -92,7 +101,7 @@ class DemoPlan:
     temperature: float = 1.0
     group_size: int = 4
     concurrency: int = 8
-    runs: tuple[str, ...] = ("ipa", "grpo")  # online runs, each named after its loss
+    runs: tuple[str, ...] = ("ipa", "grpo")  # online runs, each an arm of ``ARMS``
     online_seconds: float = 0.0  # per run; 0: share what the budget leaves
     min_online_s: float = 60.0  # each online run gets at least this long, whatever the budget left
     reward: str = "graded"  # producer.reward: "won" scores every task 1 iff won
@@ -109,6 +118,9 @@ class DemoPlan:
             # (offline check: copy accuracy 44 % -> 1 % in 40 steps at lr 1e-3; with the
             # baseline 44 % -> 48 % at lr 3e-4).
             "group_baseline": True,
+            # groups that all succeed (most, after the warm start) or all fail carry no signal
+            # under the group baseline: train on the informative ones (issue 17)
+            "dynamic_sampling": True,
             "checkpoint_every": 1,
         }
     )
@@ -117,14 +129,18 @@ class DemoPlan:
     @property
     def title(self) -> str:
         tasks = self.env_id or f"{self.family} levels {'-'.join(map(str, self.levels))}"
+        if self.expert_levels and self.expert_levels != self.levels:
+            tasks += f" (expert shows {'-'.join(map(str, self.expert_levels))})"
         return f"Learning demo: {tasks}"
 
 
 # --- configuration and the shared stack ---------------------------------------------------------
 
 
-def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "ipa") -> Config:
-    """The configuration of one run of the demo (shared state dir, broker and lake)."""
+def demo_config(state: Path, port: int, run: str, plan: DemoPlan) -> Config:
+    """The configuration of one run of the demo (shared state dir, broker and lake); an online
+    run takes its arm's loss and settings (``ARMS``)."""
+    loss, arm = ARMS.get(run, ("ipa", {}))
     sets = [
         f'state_dir="{state}"',
         f"run={run}",
@@ -135,6 +151,7 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "i
         f'producer.env_id="{plan.env_id}"',
         f'producer.reward="{plan.reward}"',
         f"producer.levels={list(plan.levels)}",
+        f"producer.expert_levels={list(plan.expert_levels)}",
         f"producer.group_size={plan.group_size}",
         f"producer.seed={plan.seed}",
         f"producer.max_inflight={plan.concurrency * 2}",
@@ -146,7 +163,7 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan, loss: str = "i
         "lake.flush_interval_s=2.0",
     ]
     sets += [f"rollout.harness.{k}={_toml(v)}" for k, v in plan.harness.items()]
-    sets += [f"learner.{k}={_toml(v)}" for k, v in plan.rl.items()]
+    sets += [f"learner.{k}={_toml(v)}" for k, v in {**plan.rl, **arm}.items()]
     return load_config(None, sets)
 
 
@@ -162,8 +179,8 @@ class Stack:
     js: JetStreamContext
     plan: DemoPlan
 
-    def config(self, run: str, loss: str = "ipa") -> Config:
-        return demo_config(self.state, self.port, run, self.plan, loss)
+    def config(self, run: str) -> Config:
+        return demo_config(self.state, self.port, run, self.plan)
 
 
 @asynccontextmanager
@@ -298,11 +315,11 @@ async def evaluate(s: Stack, policy_dir: Path, samples: Sequence[TaskSample]) ->
 
 
 async def online_phase(s: Stack, run: str, warm: Path, seconds: float) -> Path:
-    """The real workers (``ops.pipeline``) for ``seconds`` from the warm start, with the loss the
-    run is named after; the final policy's checkpoint."""
+    """The real workers (``ops.pipeline``) for ``seconds`` from the warm start, with the settings of
+    the arm the run is named after; the final policy's checkpoint."""
     from agent_harness.torch_engine import TorchEngine
 
-    cfg = s.config(run, loss=run)
+    cfg = s.config(run)
     ckpt_root = cfg.checkpoint_root
     if latest_checkpoint(ckpt_root) is None:  # the learner resumes from the warm start (version 1)
         shutil.copytree(warm, checkpoint_path(ckpt_root, 0))
@@ -399,6 +416,7 @@ async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     result.wall["total"] = time.monotonic() - t_start
     await anyio.to_thread.run_sync(lambda: write_report(state / "lake", out))
     (out / "demo.txt").write_text(result.table() + "\n", encoding="utf-8")
+    (out / "demo.json").write_bytes(result.to_json())
     result.plot(out / "demo.png")
     return result
 
@@ -412,7 +430,15 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=plan.minutes, help="total budget")
     parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
-    parser.add_argument("--runs", default=",".join(plan.runs), help="online runs: ipa, grpo or both")
+    parser.add_argument(
+        "--runs", default=",".join(plan.runs), help=f"online arms, comma-separated: {', '.join(ARMS)}"
+    )
+    parser.add_argument("--levels", default=",".join(map(str, plan.levels)), help="task levels")
+    parser.add_argument(
+        "--expert-levels",
+        default=",".join(map(str, plan.expert_levels)),
+        help="levels the expert demonstrates (default: all of --levels)",
+    )
     parser.add_argument("--seed-episodes", type=int, default=plan.seed_episodes)
     parser.add_argument("--eval-episodes", type=int, default=plan.eval_episodes)
     parser.add_argument("--error-rate", type=float, default=plan.error_rate)
@@ -421,11 +447,16 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
     parser.add_argument("--rl-lr", type=float, default=plan.rl["lr"], help="online learning rate")
     parser.add_argument("--rl-batch", type=int, default=plan.rl["batch_size"], help="online batch size")
     args = parser.parse_args(argv)
+    unknown = [r for r in args.runs.split(",") if r and r not in ARMS]
+    if unknown:
+        parser.error(f"--runs: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     configure_logging("info")
     plan = replace(
         plan,
         minutes=args.minutes,
         runs=tuple(r for r in args.runs.split(",") if r),
+        levels=_levels(args.levels) or plan.levels,
+        expert_levels=_levels(args.expert_levels),
         seed_episodes=args.seed_episodes,
         eval_episodes=args.eval_episodes,
         random_episodes=min(plan.random_episodes, args.eval_episodes),
@@ -437,6 +468,10 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
     result = anyio.run(run_demo, args.out, plan)
     print(result.table())
     print(f"plots: {args.out}/demo.png, {args.out}/success_by_version.png")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 if __name__ == "__main__":

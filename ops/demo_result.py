@@ -1,8 +1,10 @@
 """The figures of a learning demonstration (``ops.demo``): success rates with their intervals, wall
-times per phase, the table ``demo.txt`` and the bar chart ``demo.png``."""
+times per phase, the table ``demo.txt``, the same figures as ``demo.json`` (for comparing runs) and
+the bar chart ``demo.png``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +56,29 @@ class DemoResult:
             ("scripted expert (errs)", self.expert, self.wall.get("seed", 0.0)),
             ("policy after SFT warm start", self.warm, self.wall.get("warm", 0.0)),
         ]
-        for run in ("ipa", "grpo"):
-            if run in self.after:
-                label = f"after online {run.upper()} (v{self.versions.get(run, 0)})"
-                rows.append((label, self.after[run], self.wall.get(run, 0.0)))
+        for run, rate in self.after.items():
+            label = f"after online {run.upper()} (v{self.versions.get(run, 0)})"
+            rows.append((label, rate, self.wall.get(run, 0.0)))
         return rows
+
+    def to_json(self) -> bytes:
+        """Per arm (each row of the table): successes, episodes, rate and 95 % interval."""
+        keys = ["random"] * (self.random is not None) + ["expert", "warm", *self.after]
+        arms = [
+            {
+                "arm": key,
+                "label": name,
+                "successes": rate.wins,
+                "episodes": rate.n,
+                "rate": rate.value,
+                "ci95": list(rate.interval),
+                "wall_s": round(sec, 1),
+                **({"version": self.versions[key]} if key in self.versions else {}),
+            }
+            for key, (name, rate, sec) in zip(keys, self.rows(), strict=True)
+        ]
+        doc = {"title": self.title, "arms": arms, "demonstrations": self.demonstrations, "wall_s": self.wall}
+        return json.dumps(doc, indent=2).encode() + b"\n"
 
     def table(self) -> str:
         lines = [f"{'policy':<34} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
@@ -84,6 +104,7 @@ class DemoResult:
         lo = [r.value - r.interval[0] for _, r, _ in rows]
         hi = [r.interval[1] - r.value for _, r, _ in rows]
         colours = ["#bcbd22"] * (self.random is not None) + ["#7f7f7f", "#2ca02c", "#d62728", "#1f77b4"]
+        colours += ["#9467bd", "#8c564b", "#e377c2"]
         ax.barh(ys, values, xerr=[lo, hi], color=colours[: len(rows)], alpha=0.8, capsize=4)
         ax.axvline(self.expert.value, color="#7f7f7f", ls="--", lw=1)
         for y, (_, rate, sec) in zip(ys, rows, strict=True):

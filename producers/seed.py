@@ -80,9 +80,11 @@ async def expert_samples(
     settings: ProducerSettings, sandbox: TaskSandbox, episodes: int, family: Family, *, run: str
 ) -> list[TaskSample]:
     """Expert episodes ``0 .. episodes-1`` of run ``run``: the family's tasks under the expert
-    seed, with ``expert-`` ids (deterministic, as published)."""
+    seed, with ``expert-`` ids (deterministic, as published), at ``settings.expert_levels``
+    when set (else ``settings.levels``)."""
+    params = msgspec.structs.replace(settings, levels=settings.expert_levels or settings.levels)
     tasks = await family.make_tasks(
-        sandbox, settings, seed=settings.seed + EXPERT_SEED_OFFSET, start=0, count=episodes
+        sandbox, params, seed=settings.seed + EXPERT_SEED_OFFSET, start=0, count=episodes
     )
     return [
         TaskSample(run=run, task=msgspec.structs.replace(t, task_id=f"expert-{t.task_id}"), sample_idx=0)

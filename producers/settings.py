@@ -40,6 +40,14 @@ class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         tuple[int, ...],
         msgspec.Meta(description="Difficulty levels of the built-in family (tool calls needed)."),
     ] = (1, 2)
+    expert_levels: Annotated[
+        tuple[int, ...],
+        msgspec.Meta(
+            description="Levels the scripted expert demonstrates when seeding the warm start; empty: "
+            "the same as levels. Fewer levels than `levels` leave some undemonstrated, so only "
+            "reward can teach them (docs/learning.md)."
+        ),
+    ] = ()
     group_size: Annotated[
         int, msgspec.Meta(ge=1, description="Samples per task (a group, for group baselines).")
     ] = 1

@@ -3,6 +3,7 @@ nats-server and sandboxd, real Docker sandboxes, real torch), and its result tab
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def test_a_rate_carries_its_wilson_interval_and_the_table_lists_every_phase(tmp_
     assert "after online GRPO (v88)" in table and table.splitlines()[-1].split()[-1] == "1260"
     png = result.plot(tmp_path / "demo.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    arms = {a["arm"]: a for a in json.loads(result.to_json())["arms"]}
+    assert list(arms) == ["expert", "warm", "ipa", "grpo"]
+    assert (arms["ipa"]["successes"], arms["ipa"]["episodes"], arms["ipa"]["version"]) == (240, 256, 90)
+    lo, hi = arms["warm"]["ci95"]
+    assert lo < 200 / 256 < hi and hi < arms["ipa"]["ci95"][0]  # IPA's interval lies above
 
 
 def test_a_measured_floor_leads_the_table_and_online_curves_follow_the_total(tmp_path: Path) -> None:
@@ -53,10 +59,13 @@ def test_a_measured_floor_leads_the_table_and_online_curves_follow_the_total(tmp
 
 
 @pytest.mark.docker
-async def test_a_tiny_demo_seeds_warm_starts_trains_both_losses_and_reports(tmp_path: Path) -> None:
+async def test_a_tiny_demo_seeds_warm_starts_trains_every_arm_and_reports(tmp_path: Path) -> None:
     plan = replace(
         DemoPlan(),
         minutes=0.1,
+        levels=(1, 2),
+        expert_levels=(1,),  # level 2 is never demonstrated
+        runs=("ipa", "grpo", "ipa_nois"),
         seed_episodes=8,
         sft_steps=3,
         sft_batch=4,
@@ -69,9 +78,17 @@ async def test_a_tiny_demo_seeds_warm_starts_trains_both_losses_and_reports(tmp_
     state = tmp_path / "state"
     seeded = query(state / "lake", "SELECT count(*) AS n FROM trajectories WHERE run = 'seed'").to_pylist()
     assert seeded == [{"n": 8}]
+    levels = query(
+        state / "lake", "SELECT DISTINCT run, substr(task_id, -2) AS level FROM trajectories ORDER BY 1, 2"
+    ).to_pylist()
+    assert {r["level"] for r in levels if r["run"] == "seed"} == {"L1"}  # the expert shows level 1 only
+    assert {r["level"] for r in levels if r["run"] == "ipa"} <= {"L1", "L2"}
     assert result.expert.n == 8 and result.warm.n == result.after["ipa"].n == result.after["grpo"].n == 4
-    for run in ("ipa", "grpo"):
+    for run in ("ipa", "grpo", "ipa_nois"):
         final = latest_checkpoint(state / "checkpoints" / run)
         assert final is not None and read_state(final).version == result.versions[run] > WARM_VERSION
     assert (tmp_path / "demo.txt").read_text(encoding="utf-8") == result.table() + "\n"
+    arms = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))["arms"]
+    assert [a["arm"] for a in arms] == ["expert", "warm", "ipa", "grpo", "ipa_nois"]
+    assert all(a["episodes"] == 4 and 0 <= a["ci95"][0] <= a["rate"] <= a["ci95"][1] for a in arms[1:])
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "success_by_version.png").is_file()

@@ -165,6 +165,16 @@ def test_negative_reward_weights_by_clipped_ratio_with_no_gradient_through_it() 
     assert lp.grad[0, 1:].tolist() == pytest.approx([rho / 2, rho / 2])
 
 
+def test_the_ablation_without_failure_is_weights_a_failure_by_one() -> None:
+    b, lp = failed_one_chunk([-1.0, -2.0], [-0.5, -1.5])  # ρ = e^−0.5 would scale the loss
+    ablation = msgspec.structs.replace(SETTINGS, ipa_failure_is=False)
+    loss, _ = ipa_loss(lp, b, ablation)
+    assert loss.item() == pytest.approx(-1.5)  # −1 · G · mean lp, as if ρ were 1
+    loss.backward()
+    assert lp.grad is not None
+    assert lp.grad[0, 1:].tolist() == pytest.approx([0.5, 0.5])
+
+
 def test_ratio_above_one_is_clipped_to_one_for_failed_samples() -> None:
     b, lp = failed_one_chunk([-1.0, -2.0], [-1.5, -2.5])  # mean log-ratio +0.5, ρ ≈ 1.65
     loss, _ = ipa_loss(lp, b, SETTINGS)
