@@ -104,7 +104,7 @@ class Trainer:
         terms = self._accumulate(batch, LOSSES[name])
         mean_reward = sum(s.reward for s in samples) / len(samples)
         stats = LossStats.merge([t.stats for t in terms])
-        per_sample = torch.cat([t.per_sample for t in terms]).tolist()
+        per_sample = _per_sample(torch.cat([t.per_sample for t in terms]), batch.row_sample, len(samples))
         loss_value = stats.loss
         params = [p for p in self.model.parameters() if p.grad is not None]
         if stats.tokens == 0.0 or not params:
@@ -195,3 +195,11 @@ class Trainer:
         trainer._version, trainer.step = state.version, state.step
         trainer.resumed_extra = state.extra
         return trainer
+
+
+def _per_sample(per_row: torch.Tensor, row_sample: list[int], n: int) -> list[float]:
+    """Per-row losses folded to one per sample (the mean over its segments' rows)."""
+    index = torch.tensor(row_sample, dtype=torch.long)
+    sums = torch.zeros(n, dtype=per_row.dtype).index_add_(0, index, per_row)
+    counts = torch.zeros(n, dtype=per_row.dtype).index_add_(0, index, torch.ones_like(per_row))
+    return (sums / counts.clamp(min=1)).tolist()

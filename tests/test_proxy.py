@@ -175,7 +175,9 @@ async def test_a_history_edit_starts_a_linked_segment_of_the_same_trajectory_wit
             messages.append({"role": "user", "content": f"try again ({turn})"})
         # the client compacts its history: a new segment of the same trajectory starts
         compacted = [{"role": "user", "content": "summary: tried three times"}, *messages[-2:]]
-        await client.chat.completions.create(model="rollstream", messages=compacted, max_tokens=4, user="sess-7")
+        await client.chat.completions.create(
+            model="rollstream", messages=compacted, max_tokens=4, user="sess-7"
+        )
         assert await proxy.finish("sess-7", reward=None) == [f"{RUN}:proxy:sess-7:0"]
     [traj] = await _records(stream, "raw", 1)
     assert isinstance(traj, Trajectory) and traj.abort_reason == "" and len(traj.chunks) == 4
