@@ -70,7 +70,7 @@ class SandboxAPI(Protocol):
     async def close(self, sandbox_id: str) -> None: ...
 
 
-class _SandboxFailed(Exception):
+class SandboxFailed(Exception):
     """A sandbox operation failed (the infrastructure, not the policy): the episode is aborted."""
 
 
@@ -107,7 +107,7 @@ async def run_episode(
             await _start_sandbox(sample, sandbox, settings, ep)
             prompt_len = await _replay_prefix(sample, sandbox, settings, registry, tokenizer, ep)
             await _turns(sample, engine, sandbox, settings, registry, before_turn, ep)
-        except _SandboxFailed as exc:
+        except SandboxFailed as exc:
             ep.status, ep.abort_reason = "aborted", str(exc)
     if scope.cancelled_caught:
         ep.status, ep.abort_reason = "truncated", "episode_timeout"
@@ -151,9 +151,9 @@ async def _create_waiting(
             )
         except SandboxCapacity as exc:
             if time.monotonic() + pause > deadline:
-                raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
+                raise SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            raise _SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
+            raise SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
         await anyio.sleep(pause)
         pause = min(pause * 2, 2.0)
 
@@ -161,13 +161,26 @@ async def _create_waiting(
 async def _start_sandbox(
     sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, ep: _Episode
 ) -> None:
-    labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
-    created = await _create_waiting(sandbox, sample.task, labels, settings)
+    created = await create_sandbox(sample, sandbox, settings)
     ep.sandbox_id, ep.sandbox_owner = created.sandbox_id, created.owner
+    await setup_sandbox(sample, sandbox, created.sandbox_id, settings)
+
+
+async def create_sandbox(sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings) -> Created:
+    """The episode's sandbox, labelled with its run and trajectory (waits for a free slot)."""
+    labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
+    return await _create_waiting(sandbox, sample.task, labels, settings)
+
+
+async def setup_sandbox(
+    sample: TaskSample, sandbox: SandboxAPI, sandbox_id: str, settings: HarnessSettings
+) -> None:
+    """Run the task's setup commands; a failing one raises ``SandboxFailed``."""
+    opts = exec_options(sample.task)
     for command in sample.task.setup:
-        result = await _exec(sandbox, ep.sandbox_id, command, settings.command_timeout_s, ep.exec_opts)
+        result = await _exec(sandbox, sandbox_id, command, settings.command_timeout_s, opts)
         if result.exit_code != 0 or result.timed_out:
-            raise _SandboxFailed(
+            raise SandboxFailed(
                 f"setup command failed ({result.exit_code}): {command}: {result.stderr[:200]}"
             )
 
@@ -178,7 +191,7 @@ async def _exec(
     try:
         return await sandbox.exec(sandbox_id, command, timeout_s=timeout_s, **(opts or {}))
     except Exception as exc:
-        raise _SandboxFailed(f"exec failed: {type(exc).__name__}: {exc}") from exc
+        raise SandboxFailed(f"exec failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def _replay_prefix(
@@ -244,7 +257,7 @@ async def _turns(
         t1 = time.perf_counter()
         try:
             status, raw_text, done = await _act(call, sandbox, settings, registry, ep)
-        except _SandboxFailed as exc:  # keep the action: the sequence stays exact when aborted
+        except SandboxFailed as exc:  # keep the action: the sequence stays exact when aborted
             ep.chunks.append(Chunk(**base, tool_status="error", obs_text=str(exc)))
             raise
         closed = bool(gen.tokens) and gen.tokens[-1] in closing

@@ -101,6 +101,8 @@ class ModelProxy:
         self.sessions: dict[str, Session] = {}
         self.published: list[str] = []  # traj ids, newest last
         self._ended: dict[str, int] = {}  # session id -> trajectories published under it
+        # Awaited before every generation (a rollout worker's weight sync: newest version first).
+        self.before_call: Callable[[], Awaitable[None]] | None = None
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -315,6 +317,8 @@ class ModelProxy:
     ) -> tuple[list[Generation], float]:
         limit = min(params.max_tokens or self.settings.max_new_tokens, self.settings.max_tokens_limit)
         request = GenRequest(list(fed), limit, params.temperature, stops, params.stop or None)
+        if self.before_call is not None:
+            await self.before_call()
         t0 = time.perf_counter()
         gens = await self.engine.generate([request] * params.n)
         return gens, (time.perf_counter() - t0) * 1000

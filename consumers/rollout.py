@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.agent_runner import CommandAgentRunner
 from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
@@ -102,6 +103,10 @@ async def run(
     sync = WeightSync(js, run, batcher)
     sandbox = SandboxClient(nc)
     counts = {"episodes": 0}
+    runner = None
+    if settings.agent == "command":
+        runner = CommandAgentRunner(settings.agent_command, settings.harness, batcher, pub, run)
+        runner.proxy.before_call = sync.refresh
 
     in_flight = IN_FLIGHT.labels(worker="rollout", run=run)
 
@@ -118,13 +123,17 @@ async def run(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_heartbeat, delivery, settings.heartbeat_s)
                 await sync.refresh()
-                traj: Trajectory = await run_episode(
-                    sample,
-                    engine=batcher,
-                    sandbox=sandbox,
-                    settings=settings.harness,
-                    before_turn=sync.refresh,
-                    registry=tools_for(sample.task),
+                traj: Trajectory = await (
+                    runner.episode(sample, sandbox)
+                    if runner is not None
+                    else run_episode(
+                        sample,
+                        engine=batcher,
+                        sandbox=sandbox,
+                        settings=settings.harness,
+                        before_turn=sync.refresh,
+                        registry=tools_for(sample.task),
+                    )
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
                 await pub.publish(subject("raw", run), traj, msg_id=f"raw:{traj.traj_id}")
@@ -146,5 +155,7 @@ async def run(
     task_status.started()
     log.info("rollout_started", concurrency=settings.concurrency, policy_version=batcher.version)
     async with anyio.create_task_group() as tg:
+        if runner is not None:
+            await tg.start(runner.serve)
         tg.start_soon(track_dead_letters, consumer, "rollout", run)
         await serve(consumer, settings.concurrency, handle)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from agent_harness.agent_runner import AgentCommandSettings
 from agent_harness.settings import HarnessSettings
 from consumers.probe import ProbeSettings
 
@@ -23,6 +24,14 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         float, msgspec.Meta(gt=0, description="Seconds between in_progress heartbeats of a long episode.")
     ] = 20.0
     harness: HarnessSettings = HarnessSettings()
+    agent: Annotated[
+        Literal["builtin", "command"],
+        msgspec.Meta(
+            description="Who acts in an episode: the built-in loop, or the external agent program of "
+            "[rollout.agent_command] calling the policy through the model proxy (docs/agents.md)."
+        ),
+    ] = "builtin"
+    agent_command: AgentCommandSettings = AgentCommandSettings()
 
 
 class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

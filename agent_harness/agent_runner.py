@@ -1,0 +1,275 @@
+"""The agent runner: one episode of an unmodified agent program, its model calls recorded.
+
+With ``[rollout] agent = "command"`` a rollout worker runs, per episode, the program that
+``[rollout.agent_command] argv`` names instead of the built-in loop. The program runs on the host,
+in a fresh scratch directory as its ``HOME``, with an environment made only of what the settings
+give plus:
+
+- ``OPENAI_BASE_URL`` / ``OPENAI_API_BASE`` (``{base_url}``): the model proxy under a path
+  private to the episode (``/s/<session>/v1``), so every model call is recorded in the episode's
+  one trajectory, and ``OPENAI_API_KEY`` (unused, set because clients insist on one);
+- ``rs-exec`` on its ``PATH`` (``{exec}``), and ``ROLLSTREAM_EXEC_URL``/``ROLLSTREAM_EXEC_TOKEN``:
+  the only way into the episode's sandbox, where commands run with bash as the agent uid, bounded
+  like the built-in loop's tool calls (``agent_harness.rs_exec``).
+
+The episode ends when the program exits or after the episode's time limit (its whole process
+group is killed). The trajectory then goes out as a built-in episode's does (``rs.traj.raw``, with
+its task and sandbox) and the reward group verifies it in the sandbox through sandboxd's verify
+channel, which the program cannot reach: it holds neither the sandbox's capability token nor
+anything but the exec endpoint of its own session, closed when the episode ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+
+from agent_harness import rs_exec
+from agent_harness.engine import InferenceEngine
+from agent_harness.loop import SandboxAPI, SandboxFailed, create_sandbox, setup_sandbox
+from agent_harness.proxy import ModelProxy, ProxySettings
+from agent_harness.proxy_session import Identity, Session
+from agent_harness.settings import HarnessSettings
+from agent_harness.task_sandbox import episode_timeout
+from sandboxd.errors import SandboxError
+from schemas.arrays import pack_tokens
+from schemas.task import TaskSample
+from schemas.trajectory import Trajectory, TrajStatus
+from streams.bus import Publisher
+
+log = structlog.get_logger(__name__)
+
+PLACEHOLDERS = ("instruction", "base_url", "session", "workdir", "exec", "home")
+KILL_GRACE_S = 2.0
+
+
+class AgentCommandSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The external agent program of ``[rollout] agent = "command"`` and its bounds."""
+
+    argv: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="The program and its arguments; each may hold {instruction}, {base_url}, "
+            "{session}, {workdir}, {exec} (the rs-exec shim) and {home} (its scratch directory)."
+        ),
+    ] = []
+    env: Annotated[
+        dict[str, str],
+        msgspec.Meta(description="Environment of the program (nothing else of the worker's is passed)."),
+    ] = msgspec.field(default_factory=lambda: {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
+    command_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0.0, description="Longest one shell command of the agent may run.")
+    ] = 60.0
+    max_output_bytes: Annotated[
+        int, msgspec.Meta(ge=2, description="Output of one command returned to the agent (stdout, stderr).")
+    ] = 16384
+    keep_scratch: Annotated[
+        bool, msgspec.Meta(description="Keep each episode's scratch directory (the program's logs).")
+    ] = False
+
+
+def agent_argv(template: list[str], values: dict[str, str]) -> list[str]:
+    """``template`` with its placeholders filled; an unknown ``{name}`` is a configuration error."""
+    out = []
+    for i, arg in enumerate(template):
+        try:
+            out.append(arg.format_map(values))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ValueError(
+                f"rollout.agent_command.argv[{i}] = {arg!r}: {exc}; placeholders are "
+                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + " (write {{ and }} for braces)"
+            ) from None
+    return out
+
+
+class CommandAgentRunner:
+    """Serves the model proxy for the episodes of one rollout process and runs their programs."""
+
+    def __init__(
+        self,
+        settings: AgentCommandSettings,
+        harness: HarnessSettings,
+        engine: InferenceEngine,
+        publisher: Publisher,
+        run: str,
+    ) -> None:
+        if not settings.argv:
+            raise ValueError(
+                'rollout.agent = "command" needs rollout.agent_command.argv (the program to run)'
+            )
+        agent_argv(settings.argv, dict.fromkeys(PLACEHOLDERS, ""))  # fail at start, not per episode
+        self.settings, self.harness, self.run = settings, harness, run
+        proxy_settings = ProxySettings(port=0, max_new_tokens=harness.max_new_tokens_per_turn)
+        self.proxy = ModelProxy(engine, publisher, run, proxy_settings)
+        self.url = ""
+
+    async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen on 127.0.0.1 (any free port) until cancelled; ``task_status`` gets the base URL."""
+        self.url = await self.proxy.start()
+        task_status.started(self.url)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await self.proxy.stop()
+
+    async def episode(self, sample: TaskSample, sandbox: SandboxAPI) -> Trajectory:
+        """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise."""
+        started = time.time()
+        task = sample.task
+        ident = Identity(
+            traj_id=sample.msg_id,
+            run=sample.run,
+            task_id=task.task_id,
+            family=task.family,
+            group_id=sample.group_id,
+            sample_idx=sample.sample_idx,
+        )
+        try:
+            created = await create_sandbox(sample, sandbox, self.harness)
+        except SandboxFailed as exc:
+            return _empty(ident, started, "aborted", str(exc))
+        sid, owner = created.sandbox_id, created.owner
+        try:
+            await setup_sandbox(sample, sandbox, sid, self.harness)
+        except SandboxFailed as exc:
+            return _empty(ident, started, "aborted", str(exc), sid, owner)
+        session = self.proxy.open_session(ident, self._exec_handler(sandbox, sid, task.workdir))
+        try:
+            status, reason = await self._run_program(sample, session)
+        finally:
+            await self.proxy.take(session.session_id)
+        traj = session.trajectory(status=status, reason=reason)
+        return msgspec.structs.replace(traj, sandbox_id=sid, sandbox_owner=owner, started_at=started)
+
+    def _exec_handler(self, sandbox: SandboxAPI, sandbox_id: str, workdir: str) -> Any:
+        limit, out_bytes = self.settings.command_timeout_s, self.settings.max_output_bytes
+
+        async def run(command: str, timeout_s: float) -> dict[str, Any]:
+            timeout = min(timeout_s, limit) if timeout_s > 0 else limit
+            try:
+                res = await sandbox.exec(
+                    sandbox_id, command, timeout_s=timeout, cwd=workdir, max_output_bytes=out_bytes
+                )
+            except SandboxError as exc:  # the agent sees a failed command, the episode goes on
+                return {"stdout": "", "stderr": f"sandbox error: {type(exc).__name__}\n", "exit_code": 255}
+            return {
+                "stdout": res.stdout,
+                "stderr": res.stderr,
+                "exit_code": res.exit_code,
+                "timed_out": res.timed_out,
+            }
+
+        return run
+
+    async def _run_program(self, sample: TaskSample, session: Session) -> tuple[TrajStatus, str]:
+        """Start the program, wait for it (or the time limit); the episode's status and reason."""
+        home = Path(tempfile.mkdtemp(prefix="rs-agent-"))
+        try:
+            argv, env = self._command(sample, session, home)
+            limit = episode_timeout(sample.task, self.harness.episode_timeout_s)
+            with (home / "agent.log").open("wb") as out:
+                proc = await anyio.open_process(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=home, env=env, start_new_session=True,
+                )  # fmt: skip
+                code: int | None = None
+                try:
+                    with anyio.move_on_after(limit):
+                        code = await proc.wait()
+                finally:
+                    with anyio.move_on_after(KILL_GRACE_S + 1, shield=True):
+                        await _kill_group(proc.pid)
+                        await proc.wait()
+            return _outcome(code, home / "agent.log")
+        except OSError as exc:
+            return "aborted", f"agent_start: {exc}"
+        finally:
+            if self.settings.keep_scratch:
+                log.info("agent_scratch", traj_id=sample.msg_id, path=str(home))
+            else:
+                shutil.rmtree(home, ignore_errors=True)
+
+    def _command(self, sample: TaskSample, session: Session, home: Path) -> tuple[list[str], dict[str, str]]:
+        shim = home / "bin" / "rs-exec"
+        shim.parent.mkdir()
+        shim.write_text(f"#!{sys.executable}\n" + Path(rs_exec.__file__).read_text())
+        shim.chmod(0o755)
+        origin = self.url.removesuffix("/v1")
+        base = f"{origin}/s/{session.session_id}/v1"
+        values = {
+            "instruction": sample.task.instruction,
+            "base_url": base,
+            "session": session.session_id,
+            "workdir": sample.task.workdir,
+            "exec": str(shim),
+            "home": str(home),
+        }
+        env = dict(self.settings.env) | {
+            "HOME": str(home),
+            "PATH": f"{shim.parent}:{self.settings.env.get('PATH', '/usr/bin:/bin')}",
+            "OPENAI_BASE_URL": base,
+            "OPENAI_API_BASE": base,
+            "OPENAI_API_KEY": "rollstream",
+            "ROLLSTREAM_SESSION": session.session_id,
+            "ROLLSTREAM_WORKDIR": sample.task.workdir,
+            "ROLLSTREAM_EXEC_URL": f"{origin}/s/{session.session_id}/rollstream/exec",
+            "ROLLSTREAM_EXEC_TOKEN": session.exec_token,
+        }
+        return agent_argv(self.settings.argv, values), env
+
+
+async def _kill_group(pid: int) -> None:
+    """End the program and everything it started (its own process group): TERM, then KILL."""
+    for sig, pause in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        await anyio.sleep(pause)
+
+
+def _outcome(code: int | None, log_path: Path) -> tuple[TrajStatus, str]:
+    if code is None:
+        return "truncated", "episode_timeout"
+    if code == 0:
+        return "completed", ""
+    tail = log_path.read_bytes()[-300:].decode("utf-8", "replace").strip().splitlines()
+    return "truncated", f"agent_exit: status {code}: {tail[-1][:200] if tail else ''}"
+
+
+def _empty(
+    ident: Identity, started: float, status: TrajStatus, reason: str, sandbox_id: str = "", owner: str = ""
+) -> Trajectory:
+    return Trajectory(
+        traj_id=ident.traj_id,
+        run=ident.run,
+        task_id=ident.task_id,
+        family=ident.family,
+        group_id=ident.group_id,
+        sample_idx=ident.sample_idx,
+        prompt_tokens=pack_tokens([]),
+        chunks=[],
+        status=status,
+        min_version=0,
+        max_version=0,
+        sandbox_id=sandbox_id,
+        sandbox_owner=owner,
+        abort_reason=reason,
+        started_at=started,
+        finished_at=time.time(),
+        source="proxy",
+    )
