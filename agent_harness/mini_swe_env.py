@@ -24,19 +24,18 @@ class RollstreamEnvironment:
     def __init__(
         self, *, cwd: str = "", env: dict[str, str] | None = None, timeout: int = 30, **_: Any
     ) -> None:
-        self.config = {
-            "cwd": cwd or os.environ.get("ROLLSTREAM_WORKDIR", ""),
-            "env": env or {},
-            "timeout": timeout,
-        }
+        self.cwd = cwd or os.environ.get("ROLLSTREAM_WORKDIR", "")
+        self.env = dict(env or {})
+        self.timeout = timeout
+        self.config = {"cwd": self.cwd, "env": self.env, "timeout": timeout}
 
     def execute(self, action: dict[str, Any], cwd: str = "", *, timeout: int | None = None) -> dict[str, Any]:
         command = str(action.get("command", ""))
-        where = cwd or self.config["cwd"]
-        exports = "".join(f"export {k}={_quote(v)}; " for k, v in self.config["env"].items())
+        where = cwd or self.cwd
+        exports = "".join(f"export {k}={_quote(v)}; " for k, v in self.env.items())
         line = f"{exports}cd {_quote(where)} && {command}" if where else exports + command
         try:
-            res = run_command(line, float(timeout or self.config["timeout"]))
+            res = run_command(line, float(timeout or self.timeout))
         except OSError as exc:
             return {"output": "", "returncode": -1, "exception_info": f"the sandbox is not reachable: {exc}"}
         info = "the command timed out" if res.get("timed_out") else ""
