@@ -21,6 +21,8 @@ anything but the exec endpoint of its own session, closed when the episode ends.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -34,7 +36,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import Process, TaskStatus
 
 from agent_harness import rs_exec
 from agent_harness.engine import InferenceEngine
@@ -53,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 PLACEHOLDERS = ("instruction", "base_url", "session", "workdir", "exec", "home")
 KILL_GRACE_S = 2.0
+NO_ARGV = 'rollout.agent = "command" needs rollout.agent_command.argv (the program to run)'
 
 
 class AgentCommandSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -79,6 +82,9 @@ class AgentCommandSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
         bool, msgspec.Meta(description="Keep each episode's scratch directory (the program's logs).")
     ] = False
 
+    def __post_init__(self) -> None:
+        agent_argv(self.argv, dict.fromkeys(PLACEHOLDERS, ""))  # an unknown placeholder: at load time
+
 
 def agent_argv(template: list[str], values: dict[str, str]) -> list[str]:
     """``template`` with its placeholders filled; an unknown ``{name}`` is a configuration error."""
@@ -86,7 +92,13 @@ def agent_argv(template: list[str], values: dict[str, str]) -> list[str]:
     for i, arg in enumerate(template):
         try:
             out.append(arg.format_map(values))
-        except (KeyError, ValueError, IndexError) as exc:
+        except KeyError as exc:
+            raise ValueError(
+                f"rollout.agent_command.argv[{i}] = {arg!r}: unknown placeholder {{{exc.args[0]}}}; use "
+                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + " (write {{ and }} for braces)"
+            ) from None
+        except (ValueError, IndexError) as exc:
             raise ValueError(
                 f"rollout.agent_command.argv[{i}] = {arg!r}: {exc}; placeholders are "
                 + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
@@ -107,10 +119,7 @@ class CommandAgentRunner:
         run: str,
     ) -> None:
         if not settings.argv:
-            raise ValueError(
-                'rollout.agent = "command" needs rollout.agent_command.argv (the program to run)'
-            )
-        agent_argv(settings.argv, dict.fromkeys(PLACEHOLDERS, ""))  # fail at start, not per episode
+            raise ValueError(NO_ARGV)
         self.settings, self.harness, self.run = settings, harness, run
         proxy_settings = ProxySettings(port=0, max_new_tokens=harness.max_new_tokens_per_turn)
         self.proxy = ModelProxy(engine, publisher, run, proxy_settings)
@@ -177,37 +186,37 @@ class CommandAgentRunner:
 
     async def _run_program(self, sample: TaskSample, session: Session) -> tuple[TrajStatus, str]:
         """Start the program, wait for it (or the time limit); the episode's status and reason."""
-        home = Path(tempfile.mkdtemp(prefix="rs-agent-"))
+        home = Path(await anyio.to_thread.run_sync(_make_scratch))
         try:
             argv, env = self._command(sample, session, home)
             limit = episode_timeout(sample.task, self.harness.episode_timeout_s)
-            with (home / "agent.log").open("wb") as out:
+            out = await anyio.to_thread.run_sync((home / "agent.log").open, "wb")
+            try:
                 proc = await anyio.open_process(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     cwd=home, env=env, start_new_session=True,
                 )  # fmt: skip
-                code: int | None = None
-                try:
-                    with anyio.move_on_after(limit):
-                        code = await proc.wait()
-                finally:
-                    with anyio.move_on_after(KILL_GRACE_S + 1, shield=True):
-                        await _kill_group(proc.pid)
-                        await proc.wait()
-            return _outcome(code, home / "agent.log")
+            finally:
+                out.close()  # the child holds its own copy
+            code: int | None = None
+            try:
+                with anyio.move_on_after(limit):
+                    code = await proc.wait()
+            finally:
+                with anyio.move_on_after(KILL_GRACE_S + 1, shield=True):
+                    await _kill_group(proc)
+                    await proc.wait()
+            return await anyio.to_thread.run_sync(_outcome, code, home / "agent.log")
         except OSError as exc:
             return "aborted", f"agent_start: {exc}"
         finally:
             if self.settings.keep_scratch:
                 log.info("agent_scratch", traj_id=sample.msg_id, path=str(home))
             else:
-                shutil.rmtree(home, ignore_errors=True)
+                await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, home, ignore_errors=True))
 
     def _command(self, sample: TaskSample, session: Session, home: Path) -> tuple[list[str], dict[str, str]]:
         shim = home / "bin" / "rs-exec"
-        shim.parent.mkdir()
-        shim.write_text(f"#!{sys.executable}\n" + Path(rs_exec.__file__).read_text())
-        shim.chmod(0o755)
         origin = self.url.removesuffix("/v1")
         base = f"{origin}/s/{session.session_id}/v1"
         values = {
@@ -232,14 +241,25 @@ class CommandAgentRunner:
         return agent_argv(self.settings.argv, values), env
 
 
-async def _kill_group(pid: int) -> None:
-    """End the program and everything it started (its own process group): TERM, then KILL."""
-    for sig, pause in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        await anyio.sleep(pause)
+def _make_scratch() -> str:
+    """A fresh scratch directory holding the ``rs-exec`` shim in ``bin/`` (blocking)."""
+    home = Path(tempfile.mkdtemp(prefix="rs-agent-"))
+    shim = home / "bin" / "rs-exec"
+    shim.parent.mkdir()
+    shim.write_text(f"#!{sys.executable}\n" + Path(rs_exec.__file__).read_text())
+    shim.chmod(0o755)
+    return str(home)
+
+
+async def _kill_group(proc: Process) -> None:
+    """End the program and everything it started in its process group: TERM, up to
+    ``KILL_GRACE_S`` for the program to exit, then KILL for whatever is left of the group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        if sig == signal.SIGTERM:
+            with anyio.move_on_after(KILL_GRACE_S):
+                await proc.wait()
 
 
 def _outcome(code: int | None, log_path: Path) -> tuple[TrajStatus, str]:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from agent_harness.agent_runner import AgentCommandSettings
+from agent_harness.agent_runner import NO_ARGV, AgentCommandSettings
 from agent_harness.settings import HarnessSettings
 from consumers.probe import ProbeSettings
 
@@ -32,6 +32,10 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ),
     ] = "builtin"
     agent_command: AgentCommandSettings = AgentCommandSettings()
+
+    def __post_init__(self) -> None:
+        if self.agent == "command" and not self.agent_command.argv:
+            raise ValueError(NO_ARGV)
 
 
 class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

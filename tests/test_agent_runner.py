@@ -14,18 +14,20 @@ import sys
 from pathlib import Path
 
 import anyio
+import msgspec
 import numpy as np
 import pytest
 import torch
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_harness.agent_runner import AgentCommandSettings
+from agent_harness.agent_runner import AgentCommandSettings, CommandAgentRunner
 from agent_harness.settings import HarnessSettings
 from agent_harness.torch_engine import TorchEngine
 from consumers import reward, rollout
 from consumers.lake import LakeWriter, query
 from consumers.settings import RewardSettings, RolloutSettings
+from sandboxd.client import SandboxClient
 from sandboxd.users import AGENT_UID
 from schemas.arrays import unpack_logprobs, unpack_tokens
 from schemas.codec import scored_decoder
@@ -93,6 +95,15 @@ async def _run_episodes(
         tg.cancel_scope.cancel()
     assert len(got) == 1
     return got[0]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its reaper is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _assert_exact_logprobs(engine: TorchEngine, traj: Trajectory) -> None:
@@ -191,3 +202,31 @@ async def test_mini_swe_agent_from_pypi_runs_against_the_proxy_and_its_calls_are
     assert (
         row["source"] == "proxy" and row["chunks"] == len(traj.chunks) and row["actions"] == row["logprobs"]
     )
+
+
+async def test_a_program_past_its_time_limit_is_killed_with_its_children_and_sees_only_its_environment(
+    js: JetStreamContext, sandbox_client: SandboxClient, tiny_policy: Path, tmp_path: Path
+) -> None:
+    script = f"env > {tmp_path}/env; sleep 60 & echo $! > {tmp_path}/child; wait"
+    settings = AgentCommandSettings(argv=["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin"})
+    engine = TorchEngine(tiny_policy, seed=0)
+    runner = CommandAgentRunner(settings, HARNESS, engine, Publisher(js), "agto")
+    task = msgspec.structs.replace(_task("slow"), agent_timeout_s=1.5)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.serve)
+        traj = await runner.episode(TaskSample(run="agto", task=task), sandbox_client)
+        tg.cancel_scope.cancel()
+    await sandbox_client.close(traj.sandbox_id)
+    assert traj.status == "truncated" and traj.abort_reason == "episode_timeout" and traj.chunks == []
+    child = int((tmp_path / "child").read_text())
+    with anyio.move_on_after(2):  # SIGKILL was sent; the kernel ends the process a moment later
+        while _running(child):
+            await anyio.sleep(0.05)
+    assert not _running(child)  # its whole process group was killed
+    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert set(env) - {"PWD", "SHLVL", "_"} == {
+        "PATH", "HOME", "OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY", "ROLLSTREAM_SESSION",
+        "ROLLSTREAM_WORKDIR", "ROLLSTREAM_EXEC_URL", "ROLLSTREAM_EXEC_TOKEN",
+    }  # fmt: skip
+    assert env["OPENAI_BASE_URL"] == f"{runner.url.removesuffix('/v1')}/s/{env['ROLLSTREAM_SESSION']}/v1"
+    assert not await anyio.Path(env["HOME"]).exists()  # the scratch directory went with the episode
