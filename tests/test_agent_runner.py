@@ -219,9 +219,10 @@ async def test_a_program_past_its_time_limit_is_killed_with_its_children_and_see
     await sandbox_client.close(traj.sandbox_id)
     assert traj.status == "truncated" and traj.abort_reason == "episode_timeout" and traj.chunks == []
     child = int((tmp_path / "child").read_text())
-    with anyio.move_on_after(2):  # SIGKILL was sent; the kernel ends the process a moment later
-        while _running(child):
-            await anyio.sleep(0.05)
+    for _ in range(40):  # SIGKILL was sent; the kernel ends the process a moment later
+        if not _running(child):
+            break
+        await anyio.sleep(0.05)
     assert not _running(child)  # its whole process group was killed
     env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert set(env) - {"PWD", "SHLVL", "_"} == {

@@ -88,11 +88,11 @@ def segment_rows(traj: Trajectory) -> list[tuple[list[int], list[tuple[int, Chun
     """Each segment's token sequence with the position where each of its chunks' actions start."""
     rows = []
     for context, chunks in segments(traj):
-        seq = [int(t) for t in unpack_tokens(context)]
+        seq: list[int] = unpack_tokens(context).tolist()
         starts = []
         for c in chunks:
             starts.append((len(seq), c))
-            seq += [int(t) for t in unpack_tokens(c.action_tokens)] + [int(t) for t in unpack_tokens(c.obs_tokens)]
+            seq += unpack_tokens(c.action_tokens).tolist() + unpack_tokens(c.obs_tokens).tolist()
         rows.append((seq, starts))
     return rows
 
