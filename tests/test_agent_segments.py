@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from consumers.lake import LakeWriter, load_scored
 from learner.batch import build_batch
 from learner.ipa import group_normalise
+from learner.settings import LearnerSettings
+from learner.trainer import Trainer
 from schemas.arrays import pack_tokens
 from schemas.trajectory import ScoredTrajectory
 from tests.factories import chunk, sample
@@ -56,3 +59,14 @@ def test_segments_survive_the_lake(tmp_path: Path) -> None:
     writer.flush()
     [back] = load_scored(tmp_path / "lake", "SELECT traj_id FROM trajectories")
     assert [c.context_tokens for c in back.traj.chunks] == [c.context_tokens for c in scored.traj.chunks]
+
+
+@pytest.mark.parametrize("loss", ["ipa", "grpo"])
+def test_a_trainer_step_trains_each_token_of_a_segmented_sample_once_and_reports_per_sample(
+    tiny_policy: Path, loss: str
+) -> None:
+    trainer = Trainer(tiny_policy, LearnerSettings(lr=1e-2, seed=0, grad_accum=2))
+    plain = sample([1, 2], [chunk([7, 8], index=0)], 0.0, traj_id="p")
+    result = trainer.train_step([_two_segments(1.0), plain], loss=loss)  # type: ignore[arg-type]
+    assert not result.skipped and len(result.per_sample_loss) == 2
+    assert result.stats.tokens == 6 + 2  # 3 rows over 2 micro-batches, every action token once
