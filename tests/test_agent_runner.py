@@ -26,6 +26,7 @@ from agent_harness.settings import HarnessSettings
 from agent_harness.torch_engine import TorchEngine
 from consumers import reward, rollout
 from consumers.lake import LakeWriter, query
+from consumers.reward import score
 from consumers.settings import RewardSettings, RolloutSettings
 from sandboxd.client import SandboxClient
 from sandboxd.users import AGENT_UID
@@ -218,6 +219,9 @@ async def test_a_program_past_its_time_limit_is_killed_with_its_children_and_see
         tg.cancel_scope.cancel()
     await sandbox_client.close(traj.sandbox_id)
     assert traj.status == "truncated" and traj.abort_reason == "episode_timeout" and traj.chunks == []
+    # its sandbox is gone: an external agent's commands cannot be re-executed from its chunks
+    lost = await score(msgspec.structs.replace(traj, task=task), sandbox_client, 5.0)
+    assert not lost.valid and "cannot be re-executed" in lost.invalid_reason
     child = int((tmp_path / "child").read_text())
     for _ in range(40):  # SIGKILL was sent; the kernel ends the process a moment later
         if not _running(child):
