@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,14 +32,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Protocol
 
 import anyio
 import msgspec
 import structlog
 from anyio.abc import Process, TaskStatus
 
-from agent_harness import rs_exec
+from agent_harness import rs_bridge, rs_exec
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import SandboxAPI, SandboxFailed, create_sandbox, setup_sandbox
 from agent_harness.proxy import ModelProxy, ProxySettings
@@ -46,7 +47,9 @@ from agent_harness.proxy_session import Identity, Session
 from agent_harness.settings import HarnessSettings
 from agent_harness.task_sandbox import episode_timeout
 from sandboxd.errors import SandboxError
+from sandboxd.model_socket import MOUNT as MODEL_SOCKET_MOUNT
 from schemas.arrays import pack_tokens
+from schemas.sandbox import ExecResult
 from schemas.task import TaskSample
 from schemas.trajectory import Trajectory, TrajStatus
 from streams.bus import Publisher
@@ -81,6 +84,17 @@ class AgentCommandSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     keep_scratch: Annotated[
         bool, msgspec.Meta(description="Keep each episode's scratch directory (the program's logs).")
     ] = False
+    where: Annotated[
+        Literal["host", "sandbox"],
+        msgspec.Meta(
+            description="Run the program on the host (its commands go to the sandbox through rs-exec) "
+            "or inside the sandbox, whose one route out is the proxy's socket (needs "
+            "sandboxd.model_socket_root and python3 in the image)."
+        ),
+    ] = "host"
+    bridge_port: Annotated[
+        int, msgspec.Meta(ge=1, le=65535, description="Loopback port of the proxy inside the sandbox.")
+    ] = 8400
 
     def __post_init__(self) -> None:
         agent_argv(self.argv, dict.fromkeys(PLACEHOLDERS, ""))  # an unknown placeholder: at load time
@@ -107,6 +121,27 @@ def agent_argv(template: list[str], values: dict[str, str]) -> list[str]:
     return out
 
 
+class RunnerSandbox(SandboxAPI, Protocol):
+    """What the runner needs of ``SandboxClient`` beyond the loop's part."""
+
+    async def write_file(self, sandbox_id: str, path: str, data: bytes, mode: int = ...) -> None: ...
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        timeout_s: float = ...,
+        cwd: str = ...,
+        env: dict[str, str] | None = ...,
+        max_output_bytes: int = ...,
+    ) -> ExecResult: ...
+
+
+BRIDGE_PATH = "/tmp/rs-bridge.py"
+SOCKET_NAME = "proxy.sock"
+
+
 class CommandAgentRunner:
     """Serves the model proxy for the episodes of one rollout process and runs their programs."""
 
@@ -122,7 +157,7 @@ class CommandAgentRunner:
             raise ValueError(NO_ARGV)
         self.settings, self.harness, self.run = settings, harness, run
         proxy_settings = ProxySettings(port=0, max_new_tokens=harness.max_new_tokens_per_turn)
-        self.proxy = ModelProxy(engine, publisher, run, proxy_settings)
+        self.proxy = ModelProxy(engine, publisher, run, proxy_settings, client_sessions=False)
         self.url = ""
 
     async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -135,7 +170,7 @@ class CommandAgentRunner:
             with anyio.move_on_after(5, shield=True):
                 await self.proxy.stop()
 
-    async def episode(self, sample: TaskSample, sandbox: SandboxAPI) -> Trajectory:
+    async def episode(self, sample: TaskSample, sandbox: RunnerSandbox) -> Trajectory:
         """Run one episode; sandbox failures give an ``aborted`` trajectory, they never raise."""
         started = time.time()
         task = sample.task
@@ -147,8 +182,11 @@ class CommandAgentRunner:
             group_id=sample.group_id,
             sample_idx=sample.sample_idx,
         )
+        inside = self.settings.where == "sandbox"
         try:
-            created = await create_sandbox(sample, sandbox, self.harness)
+            created = await create_sandbox(
+                sample, sandbox, self.harness, **({"model_socket": True} if inside else {})
+            )
         except SandboxFailed as exc:
             return _empty(ident, started, "aborted", str(exc))
         sid, owner = created.sandbox_id, created.owner
@@ -156,9 +194,15 @@ class CommandAgentRunner:
             await setup_sandbox(sample, sandbox, sid, self.harness)
         except SandboxFailed as exc:
             return _empty(ident, started, "aborted", str(exc), sid, owner)
-        session = self.proxy.open_session(ident, self._exec_handler(sandbox, sid, task.workdir))
+        handler = None if inside else self._exec_handler(sandbox, sid, task.workdir)
+        session = self.proxy.open_session(ident, handler)
         try:
-            status, reason = await self._run_program(sample, session)
+            if inside:
+                status, reason = await self._run_inside(
+                    sample, session, sandbox, created.model_socket_dir, sid
+                )
+            else:
+                status, reason = await self._run_program(sample, session)
         finally:
             await self.proxy.take(session.session_id)
         traj = session.trajectory(status=status, reason=reason)
@@ -215,26 +259,70 @@ class CommandAgentRunner:
             else:
                 await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, home, ignore_errors=True))
 
-    def _command(self, sample: TaskSample, session: Session, home: Path) -> tuple[list[str], dict[str, str]]:
-        shim = home / "bin" / "rs-exec"
-        origin = self.url.removesuffix("/v1")
-        base = f"{origin}/s/{session.session_id}/v1"
-        values = {
+    async def _run_inside(
+        self, sample: TaskSample, session: Session, sandbox: RunnerSandbox, socket_dir: str, sid: str
+    ) -> tuple[TrajStatus, str]:
+        """Run the program in the sandbox, behind the bridge to the proxy's socket in ``socket_dir``."""
+        if not socket_dir:
+            return "aborted", "sandboxd made no model socket"
+        site = await self.proxy.listen_unix(os.path.join(socket_dir, SOCKET_NAME))
+        try:
+            bridge = await anyio.Path(rs_bridge.__file__).read_bytes()
+            await sandbox.write_file(sid, BRIDGE_PATH, bridge, 0o644)
+            base = f"http://127.0.0.1:{self.settings.bridge_port}/s/{session.session_id}/v1"
+            values = self._values(sample, session, base, exec_path="", home="/tmp")
+            program = shlex.join(agent_argv(self.settings.argv, values))
+            sock = f"{MODEL_SOCKET_MOUNT}/{SOCKET_NAME}"
+            command = (
+                f"python3 {BRIDGE_PATH} {self.settings.bridge_port} {sock} & B=$!; sleep 0.3; "
+                f"{program}; rc=$?; kill $B; exit $rc"
+            )
+            limit = episode_timeout(sample.task, self.harness.episode_timeout_s)
+            env = self._env(sample, session, base) | {"HOME": sample.task.workdir}
+            res = await sandbox.exec(
+                sid, command, timeout_s=limit, cwd=sample.task.workdir, env=env,
+                max_output_bytes=self.settings.max_output_bytes,
+            )  # fmt: skip
+        except SandboxError as exc:
+            return "aborted", f"agent_in_sandbox: {type(exc).__name__}: {exc}"
+        finally:
+            await site.stop()
+        if res.timed_out:
+            return "truncated", "episode_timeout"
+        if res.exit_code == 0:
+            return "completed", ""
+        tail = (res.stdout + res.stderr).strip().splitlines()
+        return "truncated", f"agent_exit: status {res.exit_code}: {tail[-1][:200] if tail else ''}"
+
+    def _values(
+        self, sample: TaskSample, session: Session, base: str, *, exec_path: str, home: str
+    ) -> dict[str, str]:
+        return {
             "instruction": sample.task.instruction,
             "base_url": base,
             "session": session.session_id,
             "workdir": sample.task.workdir,
-            "exec": str(shim),
-            "home": str(home),
+            "exec": exec_path,
+            "home": home,
         }
-        env = dict(self.settings.env) | {
-            "HOME": str(home),
-            "PATH": f"{shim.parent}:{self.settings.env.get('PATH', '/usr/bin:/bin')}",
+
+    def _env(self, sample: TaskSample, session: Session, base: str) -> dict[str, str]:
+        return dict(self.settings.env) | {
             "OPENAI_BASE_URL": base,
             "OPENAI_API_BASE": base,
             "OPENAI_API_KEY": "rollstream",
             "ROLLSTREAM_SESSION": session.session_id,
             "ROLLSTREAM_WORKDIR": sample.task.workdir,
+        }
+
+    def _command(self, sample: TaskSample, session: Session, home: Path) -> tuple[list[str], dict[str, str]]:
+        shim = home / "bin" / "rs-exec"
+        origin = self.url.removesuffix("/v1")
+        base = f"{origin}/s/{session.session_id}/v1"
+        values = self._values(sample, session, base, exec_path=str(shim), home=str(home))
+        env = self._env(sample, session, base) | {
+            "HOME": str(home),
+            "PATH": f"{shim.parent}:{self.settings.env.get('PATH', '/usr/bin:/bin')}",
             "ROLLSTREAM_EXEC_URL": f"{origin}/s/{session.session_id}/rollstream/exec",
             "ROLLSTREAM_EXEC_TOKEN": session.exec_token,
         }

@@ -55,6 +55,7 @@ class SandboxAPI(Protocol):
         memory_mb: int | None = ...,
         writable_root: bool = ...,
         work_mb: int = ...,
+        model_socket: bool = ...,
     ) -> Created: ...
 
     async def exec(
@@ -138,7 +139,7 @@ async def run_episode(
 
 
 async def _create_waiting(
-    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings
+    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings, **extra: Any
 ) -> Created:
     """Create a sandbox; while sandboxd is at capacity (its sandboxes wait for verification), wait
     with backoff up to ``sandbox_wait_s``: back-pressure on the rollout, not an aborted episode."""
@@ -147,7 +148,7 @@ async def _create_waiting(
     while True:
         try:
             return await sandbox.create(
-                task.environment, labels=labels, ttl_s=settings.sandbox_ttl_s, **create_options(task)
+                task.environment, labels=labels, ttl_s=settings.sandbox_ttl_s, **create_options(task), **extra
             )
         except SandboxCapacity as exc:
             if time.monotonic() + pause > deadline:
@@ -166,10 +167,13 @@ async def _start_sandbox(
     await setup_sandbox(sample, sandbox, created.sandbox_id, settings)
 
 
-async def create_sandbox(sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings) -> Created:
-    """The episode's sandbox, labelled with its run and trajectory (waits for a free slot)."""
+async def create_sandbox(
+    sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, **extra: Any
+) -> Created:
+    """The episode's sandbox, labelled with its run and trajectory (waits for a free slot); ``extra``
+    create options beyond the task's (``model_socket``)."""
     labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
-    return await _create_waiting(sandbox, sample.task, labels, settings)
+    return await _create_waiting(sandbox, sample.task, labels, settings, **extra)
 
 
 async def setup_sandbox(

@@ -31,6 +31,7 @@ engine, and needs no ASGI server process.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -94,9 +95,18 @@ class ModelProxy:
     """The proxy's state (sessions) and its aiohttp application."""
 
     def __init__(
-        self, engine: InferenceEngine, publisher: Publisher, run: str, settings: ProxySettings | None = None
+        self,
+        engine: InferenceEngine,
+        publisher: Publisher,
+        run: str,
+        settings: ProxySettings | None = None,
+        *,
+        client_sessions: bool = True,
     ) -> None:
         self.engine, self.publisher, self.run = engine, publisher, run
+        # False (the agent runner's proxy): only sessions opened with ``open_session`` are served, so an
+        # agent can neither start a session of its own nor publish one with a reward it chose.
+        self.client_sessions = client_sessions
         self.settings = settings or ProxySettings()
         self.sessions: dict[str, Session] = {}
         self.published: list[str] = []  # traj ids, newest last
@@ -123,6 +133,15 @@ class ModelProxy:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}/v1"
+
+    async def listen_unix(self, path: str) -> web.UnixSite:
+        """Also serve on the unix socket ``path`` (a sandbox's model socket) until its ``stop``."""
+        if self._runner is None:
+            raise RuntimeError("the proxy is not started")
+        site = web.UnixSite(self._runner, path)
+        await site.start()
+        await anyio.to_thread.run_sync(os.chmod, path, 0o666)  # the sandbox's agent uid connects
+        return site
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -264,7 +283,7 @@ class ModelProxy:
         if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)):
             raise WireError("reward must be a number or null", param="reward")
         session = self.sessions.get(session_id)
-        if session is None or session.managed:
+        if session is None or session.managed or not self.client_sessions:
             return error_response(404, f"no open session {session_id!r}", "not_found_error")
         output = str(body.get("verifier_output", ""))
         ids = await self.finish(session_id, reward=reward, verifier_output=output)
@@ -298,6 +317,8 @@ class ModelProxy:
         if not _SESSION_RE.fullmatch(sid):
             raise WireError(f"session id {sid[:40]!r} must match {_SESSION_RE.pattern}")
         session = self.sessions.get(sid)
+        if session is None and not self.client_sessions:
+            raise WireError(f"no open session {sid!r}", status=404)
         if session is None:
             n = self._ended.get(sid, 0)
             group = request.headers.get(GROUP_HEADER) or f"{self.run}:proxy:{sid}"

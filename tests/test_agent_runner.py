@@ -9,9 +9,13 @@ records, not success.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import anyio
 import msgspec
@@ -37,7 +41,7 @@ from schemas.trajectory import ScoredTrajectory, Trajectory
 from streams.bus import Publisher
 from streams.tasks import publish_samples
 from streams.topology import TRAJ, ensure, subject
-from tests.factories import segment_rows
+from tests.factories import running_sandboxd, segment_rows, settings_for_tests
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[1]
@@ -235,3 +239,44 @@ async def test_a_program_past_its_time_limit_is_killed_with_its_children_and_see
     }  # fmt: skip
     assert env["OPENAI_BASE_URL"] == f"{runner.url.removesuffix('/v1')}/s/{env['ROLLSTREAM_SESSION']}/v1"
     assert not await anyio.Path(env["HOME"]).exists()  # the scratch directory went with the episode
+
+
+async def test_an_agent_program_inside_the_sandbox_reaches_the_proxy_socket_and_nothing_else(
+    nc: NATS, js: JetStreamContext, gem_image: str, tiny_policy: Path
+) -> None:
+    root = tempfile.mkdtemp(prefix="rsms-")  # short: a unix socket's path holds at most 107 bytes
+    script = (REPO / "tests" / "agents" / "in_sandbox_agent.py").read_text()
+    task = msgspec.structs.replace(
+        _task("inside"), environment="gem", setup=[f"cat > /tmp/agent.py <<'PYEOF'\n{script}\nPYEOF"]
+    )
+    nats_port = nc.connected_url.port if nc.connected_url else 4222
+    try:
+        async with running_sandboxd(nc, settings_for_tests(nc, model_socket_root=root)):
+            client = SandboxClient(nc)
+            settings = AgentCommandSettings(argv=["python3", "/tmp/agent.py"], where="sandbox")
+            engine = TorchEngine(tiny_policy, seed=0, version=2)
+            runner = CommandAgentRunner(settings, HARNESS, engine, Publisher(js), "agin")
+            async with anyio.create_task_group() as tg:
+                await tg.start(runner.serve)
+                ports = [str(urlparse(runner.url).port), str(nats_port), "2375", "22"]
+                runner.settings = msgspec.structs.replace(settings, argv=[*settings.argv, *ports])
+                traj = await runner.episode(TaskSample(run="agin", task=task), client)
+                probe = json.loads(await client.read_file(traj.sandbox_id, "/work/probe.json"))
+                scored = await score(msgspec.structs.replace(traj, task=task), client, 10.0)
+                tg.cancel_scope.cancel()
+        left = os.listdir(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert traj.status == "completed", traj.abort_reason
+    assert scored.valid and scored.reward == 1.0, scored.verifier_output
+    [chunk] = traj.chunks  # its one model call, recorded through the socket
+    assert chunk.policy_version == 2 and len(chunk.action_logprobs) == 4 * len(
+        unpack_tokens(chunk.action_tokens)
+    )
+    assert probe["reply"] == "chat.completion" and probe["uid"] == AGENT_UID
+    assert probe["interfaces"] == ["lo"] and not probe["docker_socket"]
+    assert probe["socket_dir"] == ["proxy.sock"] and not probe["socket_dir_writable"]
+    assert all(result != "open" for result in probe["probes"].values()), probe["probes"]
+    assert len(probe["probes"]) == 10
+    assert probe["unscoped_call"] == probe["forged_finish"] == 404
+    assert left == []  # the socket's directory went with the sandbox
