@@ -386,7 +386,7 @@ class Daemon(Verification):
         for session in sb.all_sessions():
             await session.close()
         await self.ops.remove(sb.container_id)
-        await anyio.to_thread.run_sync(model_socket.remove, self.settings, sb.sandbox_id.rsplit(":", 1)[1])
+        await model_socket.release(self.settings, sb.sandbox_id)
         self.log.debug("sandbox.closed", sandbox_id=sb.sandbox_id)
 
     async def write_file(self, req: WriteFileRequest) -> Done:

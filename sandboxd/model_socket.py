@@ -9,8 +9,11 @@ directory goes with the sandbox.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+
+import anyio
 
 from sandboxd.settings import SandboxdSettings
 
@@ -30,7 +33,8 @@ def make(settings: SandboxdSettings, short_id: str) -> list[str]:
     return [f"{path}:{MOUNT}:ro"]
 
 
-def remove(settings: SandboxdSettings, short_id: str) -> None:
-    """Remove the directory, if the sandbox had one (blocking)."""
+async def release(settings: SandboxdSettings, sandbox_id: str) -> None:
+    """Remove sandbox ``sandbox_id``'s directory, if sockets are on (it may never have had one)."""
     if settings.model_socket_root:
-        shutil.rmtree(socket_dir(settings, short_id), ignore_errors=True)
+        path = socket_dir(settings, sandbox_id.split(":")[-1])
+        await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, path, ignore_errors=True))
