@@ -265,7 +265,10 @@ class CommandAgentRunner:
         """Run the program in the sandbox, behind the bridge to the proxy's socket in ``socket_dir``."""
         if not socket_dir:
             return "aborted", "sandboxd made no model socket"
-        site = await self.proxy.listen_unix(os.path.join(socket_dir, SOCKET_NAME))
+        try:
+            site = await self.proxy.listen_unix(os.path.join(socket_dir, SOCKET_NAME))
+        except OSError as exc:  # e.g. a path past the 107 bytes a unix socket's name may hold
+            return "aborted", f"model_socket: {exc}"
         try:
             bridge = await anyio.Path(rs_bridge.__file__).read_bytes()
             await sandbox.write_file(sid, BRIDGE_PATH, bridge, 0o644)
