@@ -15,7 +15,7 @@ import anyio
 import structlog
 
 from agent_harness.settings import HarnessSettings
-from agent_harness.task_sandbox import create_options
+from agent_harness.task_sandbox import create_options, exec_options
 from agent_harness.tools import ParseError, ToolCall, ToolRegistry
 from sandboxd.errors import SandboxCapacity
 from schemas.sandbox import Created, ExecResult
@@ -39,6 +39,7 @@ class SandboxAPI(Protocol):
         memory_mb: int | None = ...,
         writable_root: bool = ...,
         work_mb: int = ...,
+        model_socket: bool = ...,
     ) -> Created: ...
 
     async def exec(
@@ -114,7 +115,12 @@ class Episode:
 
 
 async def create_waiting(
-    sandbox: SandboxAPI, task: Task, labels: dict[str, str], settings: HarnessSettings, ttl_s: float
+    sandbox: SandboxAPI,
+    task: Task,
+    labels: dict[str, str],
+    settings: HarnessSettings,
+    ttl_s: float,
+    **extra: Any,
 ) -> Created:
     """Create a sandbox; while sandboxd is at capacity (its sandboxes wait for verification), wait
     with backoff up to ``sandbox_wait_s``: back-pressure on the rollout, not an aborted episode."""
@@ -122,7 +128,9 @@ async def create_waiting(
     pause = 0.1
     while True:
         try:
-            return await sandbox.create(task.environment, labels=labels, ttl_s=ttl_s, **create_options(task))
+            return await sandbox.create(
+                task.environment, labels=labels, ttl_s=ttl_s, **create_options(task), **extra
+            )
         except SandboxCapacity as exc:
             if time.monotonic() + pause > deadline:
                 raise SandboxFailed(f"create failed: {type(exc).__name__}: {exc}") from exc
@@ -136,16 +144,38 @@ async def start_sandbox(
     sample: TaskSample, sandbox: SandboxAPI, settings: HarnessSettings, ep: Episode
 ) -> None:
     """The episode's sandbox (its lease as TTL when journalled), set up as the task says."""
-    labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
     ttl_s = (
         ep.journal.lease_s if ep.journal is not None and ep.journal.lease_s > 0 else settings.sandbox_ttl_s
     )
-    created = await create_waiting(sandbox, sample.task, labels, settings, ttl_s)
+    created = await create_sandbox(sample, sandbox, settings, ttl_s=ttl_s)
     ep.sandbox_id, ep.sandbox_owner = created.sandbox_id, created.owner
     if ep.journal is not None:
         await ep.journal.sandbox_created(created)
+    await setup_sandbox(sample, sandbox, ep.sandbox_id, settings)
+
+
+async def create_sandbox(
+    sample: TaskSample,
+    sandbox: SandboxAPI,
+    settings: HarnessSettings,
+    *,
+    ttl_s: float | None = None,
+    **extra: Any,
+) -> Created:
+    """The episode's sandbox, labelled with its run and trajectory (waits for a free slot); ``extra``
+    create options beyond the task's (``model_socket``)."""
+    labels = {"rollstream.run": sample.run, "rollstream.traj": sample.msg_id}
+    ttl = settings.sandbox_ttl_s if ttl_s is None else ttl_s
+    return await create_waiting(sandbox, sample.task, labels, settings, ttl, **extra)
+
+
+async def setup_sandbox(
+    sample: TaskSample, sandbox: SandboxAPI, sandbox_id: str, settings: HarnessSettings
+) -> None:
+    """Run the task's setup commands; a failing one raises ``SandboxFailed``."""
+    opts = exec_options(sample.task)
     for command in sample.task.setup:
-        result = await exec_in(sandbox, ep.sandbox_id, command, settings.command_timeout_s, ep.exec_opts)
+        result = await exec_in(sandbox, sandbox_id, command, settings.command_timeout_s, opts)
         if result.exit_code != 0 or result.timed_out:
             raise SandboxFailed(
                 f"setup command failed ({result.exit_code}): {command}: {result.stderr[:200]}"

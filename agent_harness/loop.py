@@ -38,7 +38,9 @@ from agent_harness.episode import (
     SandboxAPI,
     SandboxFailed,
     act,
+    create_sandbox,
     finish,
+    setup_sandbox,
     start_sandbox,
 )
 from agent_harness.prompt import Conversation, Frame, encode, truncate_middle
@@ -51,7 +53,15 @@ from schemas.trajectory import Chunk, Trajectory, TrajSource
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Journal", "Resume", "SandboxAPI", "run_episode"]
+__all__ = [
+    "Journal",
+    "Resume",
+    "SandboxAPI",
+    "SandboxFailed",
+    "create_sandbox",
+    "run_episode",
+    "setup_sandbox",
+]
 
 
 async def run_episode(

@@ -48,6 +48,7 @@ async def run(
     engine = Batcher(inner, max_batch=8, max_wait_s=rollout.harness.batch_max_wait_ms / 1000)
     sync = WeightSync(js, run, engine)
     proxy = ModelProxy(engine, Publisher(js), run, settings)
+    proxy.before_call = sync.refresh  # each call on the newest announced weights, as a rollout turn
     async with anyio.create_task_group() as tg:
         tg.start_soon(_follow, sync, 2.0)
         await serve(proxy, task_status=task_status)

@@ -149,6 +149,8 @@ async def score(
                 raise SandboxNotFound("no sandbox recorded")
             reward, out = await _check(sandbox, sandbox_id, traj, verify_timeout_s)
         except SandboxNotFound:
+            if traj.source == "proxy":  # an external agent's commands are not its chunks' tool calls
+                return invalid("sandbox lost: an external agent's episode cannot be re-executed")
             fresh = await _rebuild(sandbox, traj, verify_timeout_s, rebuilt, tools_for(traj.task))
             reward, out = await _check(sandbox, fresh, traj, verify_timeout_s)
             out = "[re-executed in a fresh sandbox]\n" + out

@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_harness.agent_runner import CommandAgentRunner
 from agent_harness.batcher import Batcher
 from agent_harness.engine import InferenceEngine
 from agent_harness.loop import run_episode
@@ -118,6 +119,11 @@ async def run(
     sandbox = SandboxClient(nc)
     leases = Leases(sandbox, lease_s=lease_for(settings.heartbeat_s), every_s=settings.heartbeat_s)
     stats = RolloutStats()
+    runner = None
+    if settings.agent == "command":
+        runner = CommandAgentRunner(settings.agent_command, settings.harness, batcher, pub, run)
+        runner.proxy.before_call = sync.refresh
+
     in_flight = IN_FLIGHT.labels(worker="rollout", run=run)
 
     async def handle(delivery: Delivery[TaskSample]) -> None:
@@ -147,16 +153,20 @@ async def run(
                     journal.sandbox_id, journal.sandbox_owner = resume.sandbox_id, resume.sandbox_owner
                     journal.started_at = resume.started_at or journal.started_at
                 await sync.refresh()
-                traj: Trajectory = await run_episode(
-                    sample,
-                    engine=batcher,
-                    sandbox=sandbox,
-                    settings=settings.harness,
-                    before_turn=sync.refresh,
-                    registry=tools_for(sample.task),
-                    tool_format=policy_settings.tool_format,
-                    journal=journal,
-                    resume=resume,
+                traj: Trajectory = await (
+                    runner.episode(sample, sandbox)
+                    if runner is not None
+                    else run_episode(
+                        sample,
+                        engine=batcher,
+                        sandbox=sandbox,
+                        settings=settings.harness,
+                        before_turn=sync.refresh,
+                        registry=tools_for(sample.task),
+                        tool_format=policy_settings.tool_format,
+                        journal=journal,
+                        resume=resume,
+                    )
                 )
                 traj = msgspec.structs.replace(traj, task=sample.task)
                 await leases.hand_over(traj.sandbox_id, settings.harness.sandbox_ttl_s)
@@ -169,6 +179,8 @@ async def run(
     task_status.started()
     log.info("rollout_started", concurrency=settings.concurrency, policy_version=batcher.version)
     async with anyio.create_task_group() as tg:
+        if runner is not None:
+            await tg.start(runner.serve)
         tg.start_soon(track_dead_letters, consumer, "rollout", run)
         tg.start_soon(leases.run)
         await serve(consumer, settings.concurrency, handle)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from agent_harness.agent_runner import NO_ARGV, AgentCommandSettings
 from agent_harness.settings import HarnessSettings
 from consumers.probe import ProbeSettings
 
@@ -66,6 +67,18 @@ class RolloutSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ),
     ] = 10.0
     harness: HarnessSettings = HarnessSettings()
+    agent: Annotated[
+        Literal["builtin", "command"],
+        msgspec.Meta(
+            description="Who acts in an episode: the built-in loop, or the external agent program of "
+            "[rollout.agent_command] calling the policy through the model proxy (docs/agents.md)."
+        ),
+    ] = "builtin"
+    agent_command: AgentCommandSettings = AgentCommandSettings()
+
+    def __post_init__(self) -> None:
+        if self.agent == "command" and not self.agent_command.argv:
+            raise ValueError(NO_ARGV)
 
 
 class RewardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

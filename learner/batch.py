@@ -6,6 +6,13 @@ Layout: right-padded ``[B, T]`` tensors aligned with ``input_ids``. A per-token 
 prompt) carries no loss. Chunk tensors are ``[B, Kmax]``, indexed by the chunk's position in
 ``traj.chunks``.
 
+Segments. A trajectory whose agent edited its history (``Chunk.context_tokens``, see
+``schemas.trajectory.segments``) is laid out as one row per segment: each row holds its context and
+its own chunks' tokens, while the chunk tensors of every row of the sample are the sample's (rewards
+and returns over all its chunks), and a chunk is present only in the row that holds its tokens. So
+every generated token is trained exactly once, under the context it was generated in.
+``row_sample`` maps rows back to samples (for group baselines and per-sample losses).
+
 Rewards. The effective reward of a sample is ``R' = R + failure_reward`` when ``R ≤ 0`` and ``R``
 otherwise. Per-chunk rewards ``r_j`` are ``chunk_rewards`` when the scorer gave one per chunk (the
 terminal reward included in the last one; ``failure_reward`` is added to the last one on failure),
@@ -22,7 +29,7 @@ import torch
 
 from learner.ipa import chunk_returns
 from schemas.arrays import unpack_logprobs, unpack_tokens
-from schemas.trajectory import Chunk, ScoredTrajectory
+from schemas.trajectory import Chunk, ScoredTrajectory, segments
 
 ERROR_STATUSES = frozenset({"error", "parse_error"})
 """Tool statuses whose chunks error masking removes (``timeout`` is the environment's fault)."""
@@ -48,6 +55,9 @@ class Batch:
     chunk_valid: torch.Tensor  # [B, Kmax] bool: present and its tool status is not error/parse_error
     rewards: torch.Tensor  # [B] float32: effective reward R'
     group_ids: list[str]
+    row_sample: list[
+        int
+    ]  # [B]: the index of the sample each row belongs to (rows of one sample are adjacent)
 
     @property
     def size(self) -> int:
@@ -83,6 +93,7 @@ class Batch:
             chunk_valid=self.chunk_valid[start:stop],
             rewards=self.rewards[start:stop],
             group_ids=self.group_ids[start:stop],
+            row_sample=self.row_sample[start:stop],
         )
 
 
@@ -123,19 +134,24 @@ def build_batch(
         raise BatchError("cannot build a batch from no samples")
     seqs: list[list[int]] = []
     targets: list[list[tuple[int, float]]] = []  # per position: (chunk index or −1, behaviour logprob)
-    for sample in samples:
-        ids = unpack_tokens(sample.traj.prompt_tokens).tolist()
-        tgt: list[tuple[int, float]] = [(-1, 0.0)] * len(ids)
-        for k, chunk in enumerate(sample.traj.chunks):
-            actions, logprobs, obs = _chunk_arrays(chunk)
-            ids += actions + obs
-            tgt += [(k, lp) for lp in logprobs] + [(-1, 0.0)] * len(obs)
-        if tgt:
-            tgt[0] = (-1, 0.0)  # position 0 has no logits to predict it
-        seqs.append(ids)
-        targets.append(tgt)
+    row_sample: list[int] = []
+    for i, sample in enumerate(samples):
+        k = 0
+        for context, chunks in segments(sample.traj):
+            ids = unpack_tokens(context).tolist()
+            tgt: list[tuple[int, float]] = [(-1, 0.0)] * len(ids)
+            for chunk in chunks:
+                actions, logprobs, obs = _chunk_arrays(chunk)
+                ids += actions + obs
+                tgt += [(k, lp) for lp in logprobs] + [(-1, 0.0)] * len(obs)
+                k += 1
+            if tgt:
+                tgt[0] = (-1, 0.0)  # position 0 has no logits to predict it
+            seqs.append(ids)
+            targets.append(tgt)
+            row_sample.append(i)
 
-    b, t = len(samples), max(1, max(len(s) for s in seqs))
+    b, t = len(seqs), max(1, max(len(s) for s in seqs))
     k_max = max(1, max(len(s.traj.chunks) for s in samples))
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((b, t), dtype=torch.long)
@@ -144,7 +160,8 @@ def build_batch(
     rewards_k = torch.zeros((b, k_max), dtype=torch.float32)
     discount = torch.zeros((b, k_max), dtype=torch.float32)
     not_error = torch.zeros((b, k_max), dtype=torch.bool)
-    for i, (sample, ids, tgt) in enumerate(zip(samples, seqs, targets, strict=True)):
+    for i, (ids, tgt) in enumerate(zip(seqs, targets, strict=True)):
+        sample = samples[row_sample[i]]
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, :n] = 1
@@ -171,7 +188,8 @@ def build_batch(
         chunk_present=present,
         chunk_valid=present & not_error,
         rewards=torch.tensor(
-            [effective_reward(s.reward, failure_reward) for s in samples], dtype=torch.float32
+            [effective_reward(samples[j].reward, failure_reward) for j in row_sample], dtype=torch.float32
         ),
-        group_ids=[s.traj.group_id for s in samples],
+        group_ids=[samples[j].traj.group_id for j in row_sample],
+        row_sample=row_sample,
     )

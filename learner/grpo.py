@@ -28,7 +28,7 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def grpo_terms(logprobs_theta: torch.Tensor, batch: Batch, settings: LearnerSettings) -> LossTerms:
     """PPO-clip on token ratios ``π_θ/π_b`` with advantages ``(R − group mean)/(group std + eps)``."""
     mask = token_keep_mask(batch, settings)
-    adv = group_normalise(batch.rewards, batch.group_ids).unsqueeze(1)
+    adv = group_normalise(batch.rewards, batch.group_ids, row_sample=batch.row_sample).unsqueeze(1)
     log_ratio = torch.where(mask, logprobs_theta - batch.behaviour_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     eps = settings.ppo_clip_eps

@@ -116,13 +116,21 @@ def chunk_log_ratios(
     return mean_log_ratio, torch.exp(mean_log_ratio)
 
 
-def group_normalise(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = GROUP_EPS) -> torch.Tensor:
-    """``(R − group mean) / (group std + eps)`` per ``group_id`` (population std; a lone sample gets 0)."""
+def group_normalise(
+    rewards: torch.Tensor,
+    group_ids: Sequence[str],
+    eps: float = GROUP_EPS,
+    row_sample: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``(R − group mean) / (group std + eps)`` per ``group_id`` (population std; a lone sample gets 0).
+    With ``row_sample`` (the sample of each row), the rows of one sample's segments count once."""
+    keys = list(row_sample) if row_sample is not None else list(range(len(group_ids)))
     out = torch.zeros_like(rewards)
     for gid in dict.fromkeys(group_ids):
-        idx = torch.tensor([i for i, g in enumerate(group_ids) if g == gid], dtype=torch.long)
-        r = rewards[idx]
-        out[idx] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+        rows = [i for i, g in enumerate(group_ids) if g == gid]
+        idx = torch.tensor(rows, dtype=torch.long)
+        r = rewards[torch.tensor(list({keys[i]: i for i in rows}.values()), dtype=torch.long)]
+        out[idx] = (rewards[idx] - r.mean()) / (r.std(unbiased=False) + eps)
     return out
 
 
@@ -137,7 +145,7 @@ def token_keep_mask(batch: Batch, settings: LearnerSettings) -> torch.Tensor:
 def _returns_and_sign(batch: Batch, settings: LearnerSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk returns ``[B, K]`` and whether each sample takes the positive branch ``[B]``."""
     if settings.group_baseline:
-        adv = group_normalise(batch.rewards, batch.group_ids)
+        adv = group_normalise(batch.rewards, batch.group_ids, row_sample=batch.row_sample)
         return batch.chunk_discount * adv.unsqueeze(1), adv > 0
     return batch.chunk_returns, batch.rewards > 0
 

@@ -124,7 +124,7 @@ class Trainer:
         terms = self._accumulate(batch, LOSSES[name])
         mean_reward = sum(s.reward for s in samples) / len(samples)
         stats = LossStats.merge([t.stats for t in terms])
-        per_sample = torch.cat([t.per_sample for t in terms]).tolist()
+        per_sample = _per_sample(torch.cat([t.per_sample for t in terms]), batch.row_sample, len(samples))
         loss_value = stats.loss
         params = [p for p in self.model.parameters() if p.grad is not None]
         if stats.tokens == 0.0 or not params:
@@ -256,3 +256,12 @@ def _load_model(directory: Path, policy: PolicySettings, base_dir: Path | None) 
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return PeftModel.from_pretrained(base, directory, is_trainable=True)
     return peft_model(load_model(directory, policy), policy.lora)
+
+
+def _per_sample(per_row: torch.Tensor, row_sample: list[int], n: int) -> list[float]:
+    """Per-row losses folded to one per sample (the mean over its segments' rows)."""
+    per_row = per_row.detach().float().cpu()  # the learner's device and dtype may differ
+    index = torch.tensor(row_sample, dtype=torch.long)
+    sums = torch.zeros(n, dtype=per_row.dtype).index_add_(0, index, per_row)
+    counts = torch.zeros(n, dtype=per_row.dtype).index_add_(0, index, torch.ones_like(per_row))
+    return (sums / counts.clamp(min=1)).tolist()

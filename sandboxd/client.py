@@ -92,6 +92,7 @@ class SandboxClient:
         env: dict[str, str] | None = None,
         writable_root: bool = False,
         work_mb: int = 0,
+        model_socket: bool = False,
     ) -> Created:
         req = CreateRequest(
             environment=environment,
@@ -104,6 +105,7 @@ class SandboxClient:
             env=dict(env or {}),
             writable_root=writable_root,
             work_mb=work_mb,
+            model_socket=model_socket,
         )
         created = await self._call(CREATE_SUBJECT, req, Created)
         self.adopt(created.sandbox_id, created.token)

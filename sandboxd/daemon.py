@@ -1,6 +1,5 @@
-"""The sandboxd daemon: serves ``rs.sandbox.create`` (queue group ``sandboxd``) and this
-instance's ``rs.sandbox.<owner>.<op>`` subjects, one task per request; pings on a subscription
-of their own, so that a busy instance still answers them.
+"""The sandboxd daemon: serves ``rs.sandbox.create`` (queue group ``sandboxd``) and this instance's
+``rs.sandbox.<owner>.<op>`` subjects, one task per request; pings on their own subscription.
 
 Authorisation: the op of the subject must be the request's (``schemas.sandbox.OPS``); every
 request about a sandbox carries the token its create returned, except ``verify`` and ``inspect``
@@ -12,6 +11,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from typing import Any
 
 import anyio
 import msgspec
@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from sandboxd import envhub, limits, reaper
+from sandboxd import envhub, limits, model_socket, reaper
 from sandboxd.commands import AGENT_USER_SPEC, FILE_OP_DEADLINE_S, Sandbox
 from sandboxd.docker_ops import DockerOps, container_config, container_name
 from sandboxd.errors import (
@@ -286,12 +286,15 @@ class Daemon(Verification):
             raise SandboxStartupFailed(f"image {image} is not present on this Docker host: {hint}.")
         return image
 
-    def _new_container(self, req: CreateRequest, image: str, expires: float) -> tuple[str, dict[str, object]]:
-        """A fresh short id and the create body of its container."""
+    def _new_container(self, req: CreateRequest, image: str, expires: float) -> tuple[str, dict[str, Any]]:
+        """A fresh short id and the create body of its container (with its model socket, if asked)."""
         config = container_config(
             req, image=image, owner=self.owner, expires=expires, settings=self.settings, arch=self.ops.arch
         )
-        return secrets.token_hex(6), config
+        short = secrets.token_hex(6)
+        if req.model_socket:
+            config["HostConfig"]["Binds"] = model_socket.make(self.settings, short)
+        return short, config
 
     async def create(self, req: CreateRequest) -> Created:
         started = time.monotonic()
@@ -326,13 +329,8 @@ class Daemon(Verification):
         finally:
             self.pending_creates -= 1
         startup_ms = (time.monotonic() - started) * 1000
-        self.log.debug(
-            "sandbox.created",
-            sandbox_id=sandbox_id,
-            image=image,
-            warm=pooled is not None,
-            ms=round(startup_ms, 1),
-        )
+        warm, ms = pooled is not None, round(startup_ms, 1)
+        self.log.debug("sandbox.created", sandbox_id=sandbox_id, image=image, warm=warm, ms=ms)
         return Created(
             sandbox_id=sandbox_id,
             owner=self.owner,
@@ -340,13 +338,14 @@ class Daemon(Verification):
             startup_ms=startup_ms,
             token=token,
             container=container_name(self.settings.scope, short),
+            model_socket_dir=model_socket.socket_dir(self.settings, short) if req.model_socket else "",
         )
 
     def _poolable(self, req: CreateRequest) -> bool:
         """A pool container fits a request for the default limits (fixed at creation)."""
         s = self.settings
         defaults = (s.default_memory_mb, s.default_pids, s.default_cpus)
-        fixed = req.writable_root or req.work_mb > 0  # task sandboxes are made to measure
+        fixed = req.writable_root or req.work_mb > 0 or req.model_socket  # made to measure
         return not req.env and not fixed and (req.memory_mb, req.pids, req.cpus) == defaults
 
     async def _warm_images(self) -> list[str]:
@@ -386,6 +385,7 @@ class Daemon(Verification):
         for session in sb.all_sessions():
             await session.close()
         await self.ops.remove(sb.container_id)
+        await model_socket.release(self.settings, sb.sandbox_id)
         self.log.debug("sandbox.closed", sandbox_id=sb.sandbox_id)
 
     async def write_file(self, req: WriteFileRequest) -> Done:

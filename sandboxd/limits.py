@@ -50,6 +50,8 @@ def check_create(req: CreateRequest, s: SandboxdSettings) -> None:
             f"`image` = {req.image[:120]!r} is not an image rollstream built (rollstream-env/<name>:<hash>, "
             "rollstream-task:<hash>) nor allowed by sandboxd.allowed_images; name an `environment` instead"
         )
+    if req.model_socket and not s.model_socket_root:
+        raise SandboxBadRequest("`model_socket` is off on this sandboxd: set sandboxd.model_socket_root")
     for field, value, bound, setting in (
         ("memory_mb", req.memory_mb, s.max_memory_mb, "sandboxd.max_memory_mb"),
         ("pids", req.pids, s.max_pids, "sandboxd.max_pids"),

@@ -126,6 +126,13 @@ class SandboxdSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             "builds (`rollstream-env/<name>:<hash>`, `rollstream-task:<hash>`); empty: those only."
         ),
     ] = ()
+    model_socket_root: Annotated[
+        str,
+        msgspec.Meta(
+            description="Host directory for the model sockets of sandboxes that ask for one (an agent "
+            "program inside reaches the proxy there, nothing else; sandboxd/model_socket.py); empty: refused."
+        ),
+    ] = ""
     # -- task sandboxes (sandboxd/rootfs.py) --
     max_work_mb: Annotated[
         int, msgspec.Meta(ge=1, description="Largest /work scratch mount (MiB) a create may ask (`work_mb`).")

@@ -35,6 +35,9 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.create.v
     # instance's max_cpus, max_memory_mb and max_work_mb are refused (sandboxd/limits.py).
     writable_root: bool = False
     work_mb: int = 0
+    # A read-only /run/rollstream where the agent runner's proxy listens on a unix socket: the only
+    # route out of the sandbox (sandboxd/model_socket.py); refused unless sandboxd enables it.
+    model_socket: bool = False
 
 
 class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec.v1", tag_field="kind"):
@@ -196,6 +199,7 @@ class Created(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.created.v1", t
     startup_ms: float
     token: str = ""  # the capability every later request about this sandbox must carry; secret
     container: str = ""  # the Docker container's name, ``rs-<scope>-<12 hex>``
+    model_socket_dir: str = ""  # host directory mounted at /run/rollstream (``model_socket`` only)
 
 
 class ExecResult(msgspec.Struct, frozen=True, kw_only=True, tag="sbx.exec_result.v1", tag_field="kind"):

@@ -59,10 +59,16 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag="chunk.v1",
     obs_text: str = ""
     gen_ms: float = 0.0
     tool_ms: float = 0.0
+    # int32 LE; non-empty when this chunk starts a new segment of its trajectory: an agent behind the
+    # proxy edited its history (compaction, dropped messages), so the chunk was generated under this
+    # whole context instead of the sequence so far. The learner lays each segment out as its own
+    # row; masked from the loss.                                   # proxy -> learner
+    context_tokens: bytes = b""
 
 
 class Trajectory(msgspec.Struct, frozen=True, kw_only=True, tag="traj.v1", tag_field="kind"):
-    """A finished (or aborted) episode. Its token sequence is prompt + sum(action + obs)."""
+    """A finished (or aborted) episode. Its token sequence is prompt + sum(action + obs), split into
+    segments where a chunk carries ``context_tokens`` (see ``Chunk``)."""
 
     traj_id: str
     run: str
@@ -116,3 +122,15 @@ class ScoredTrajectory(msgspec.Struct, frozen=True, kw_only=True, tag="scored.v1
 
 
 TrajRecord = Trajectory | ScoredTrajectory
+
+
+def segments(traj: Trajectory) -> list[tuple[bytes, list[Chunk]]]:
+    """The trajectory's rows: ``(context tokens, chunks)`` per segment, the first context being the
+    prompt; a chunk with ``context_tokens`` starts the next one. Its token sequence is the context
+    followed by ``Σ(action + obs)`` of its chunks."""
+    out: list[tuple[bytes, list[Chunk]]] = [(traj.prompt_tokens, [])]
+    for chunk in traj.chunks:
+        if chunk.context_tokens:
+            out.append((chunk.context_tokens, []))
+        out[-1][1].append(chunk)
+    return [s for s in out if s[1]] or out[:1]

@@ -33,7 +33,7 @@ from schemas.codec import traj_decoder
 from schemas.trajectory import ScoredTrajectory, Trajectory
 from streams.bus import Publisher
 from streams.topology import TRAJ, ensure, subject
-from tests.factories import RecordingEngine, assert_exact_accounting, sequence_of
+from tests.factories import RecordingEngine, assert_exact_accounting, segment_rows
 
 RUN = "px"
 SYSTEM = "You are an agent in a Linux shell. Use one tool per turn."
@@ -144,22 +144,20 @@ async def test_openai_client_completes_a_tool_using_task_and_the_trajectory_land
 
 
 def _reference(engine: TorchEngine, traj: Trajectory) -> tuple[list[float], list[float]]:
-    """Behaviour log-probs recorded vs one forward pass over the rebuilt sequence (temperature 1)."""
-    seq = sequence_of(traj)
-    with torch.no_grad():
-        logp = torch.log_softmax(engine.model(torch.tensor([seq])).logits[0].float(), -1)
+    """Behaviour log-probs recorded vs one forward pass per segment (temperature 1)."""
     recorded: list[float] = []
     ref: list[float] = []
-    at = len(unpack_tokens(traj.prompt_tokens))
-    for c in traj.chunks:
-        actions = unpack_tokens(c.action_tokens)
-        recorded += list(unpack_logprobs(c.action_logprobs))
-        ref += [logp[at - 1 + k, int(t)].item() for k, t in enumerate(actions)]
-        at += len(actions) + len(unpack_tokens(c.obs_tokens))
+    for seq, starts in segment_rows(traj):
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(torch.tensor([seq])).logits[0].float(), -1)
+        for at, c in starts:
+            actions = unpack_tokens(c.action_tokens)
+            recorded += list(unpack_logprobs(c.action_logprobs))
+            ref += [logp[at - 1 + k, int(t)].item() for k, t in enumerate(actions)]
     return recorded, ref
 
 
-async def test_a_torch_policy_conversation_is_recorded_with_exact_logprobs_and_published_raw(
+async def test_a_history_edit_starts_a_linked_segment_of_the_same_trajectory_with_exact_logprobs(
     stream: JetStreamContext,
     tiny_policy: Path,
 ) -> None:
@@ -175,26 +173,21 @@ async def test_a_torch_policy_conversation_is_recorded_with_exact_logprobs_and_p
             assert resp.system_fingerprint == "policy-v2"
             messages.append(resp.choices[0].message.model_dump(exclude_none=True))
             messages.append({"role": "user", "content": f"try again ({turn})"})
-        with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
-            await client.chat.completions.create(model="rollstream", messages=messages, stream=True)
-        # the client rewrites history: what was recorded is published, a new segment starts
+        # the client compacts its history: a new segment of the same trajectory starts
+        compacted = [{"role": "user", "content": "summary: tried three times"}, *messages[-2:]]
         await client.chat.completions.create(
-            model="rollstream",
-            messages=[{"role": "user", "content": "start over"}],
-            max_tokens=4,
-            user="sess-7",
+            model="rollstream", messages=compacted, max_tokens=4, user="sess-7"
         )
-        assert await proxy.finish("sess-7", reward=None) == [f"{RUN}:proxy:sess-7:1"]
-    first, second = await _records(stream, "raw", 2)
-    assert isinstance(first, Trajectory) and isinstance(second, Trajectory)
-    assert first.status == "truncated" and first.abort_reason == "context_edited"
-    assert len(first.chunks) == 3 and len(second.chunks) == 1
-    assert first.min_version == first.max_version == 2
-    assert first.chunks[0].obs_tokens and not first.chunks[-1].obs_tokens
-    for traj in (first, second):
-        recorded, ref = _reference(torch_engine, traj)
-        assert len(recorded) > 0
-        assert float(np.max(np.abs(np.array(recorded) - np.array(ref)))) < 1e-4
+        assert await proxy.finish("sess-7", reward=None) == [f"{RUN}:proxy:sess-7:0"]
+    [traj] = await _records(stream, "raw", 1)
+    assert isinstance(traj, Trajectory) and traj.abort_reason == "" and len(traj.chunks) == 4
+    assert [bool(c.context_tokens) for c in traj.chunks] == [False, False, False, True]
+    assert traj.min_version == traj.max_version == 2
+    assert traj.chunks[0].obs_tokens and not traj.chunks[2].obs_tokens and not traj.chunks[3].obs_tokens
+    assert [c.index for c in traj.chunks] == [0, 1, 2, 3]
+    recorded, ref = _reference(torch_engine, traj)
+    assert len(recorded) == sum(len(unpack_tokens(c.action_tokens)) for c in traj.chunks)
+    assert float(np.max(np.abs(np.array(recorded) - np.array(ref)))) < 1e-4
 
 
 async def test_idle_sessions_are_published_and_bad_requests_get_openai_errors(

@@ -40,6 +40,11 @@ def _chunks_by_traj(table: pa.Table) -> dict[str, list[Chunk]]:
     actions = _packed(table["action_tokens"], TOKEN_DTYPE)
     logprobs = _packed(table["action_logprobs"], LOGPROB_DTYPE)
     observations = _packed(table["obs_tokens"], TOKEN_DTYPE)
+    contexts = (
+        _packed(table["context_tokens"], TOKEN_DTYPE)
+        if "context_tokens" in table.column_names
+        else [b""] * table.num_rows
+    )
     plain = table.select(
         [
             "traj_id",
@@ -54,7 +59,9 @@ def _chunks_by_traj(table: pa.Table) -> dict[str, list[Chunk]]:
         ]
     ).to_pylist()
     out: dict[str, list[Chunk]] = {}
-    for row, action, logprob, obs in zip(plain, actions, logprobs, observations, strict=True):
+    for row, action, logprob, obs, context in zip(
+        plain, actions, logprobs, observations, contexts, strict=True
+    ):
         out.setdefault(row["traj_id"], []).append(
             Chunk(
                 index=row["chunk_index"],
@@ -68,6 +75,7 @@ def _chunks_by_traj(table: pa.Table) -> dict[str, list[Chunk]]:
                 obs_text=row["obs_text"],
                 gen_ms=row["gen_ms"],
                 tool_ms=row["tool_ms"],
+                context_tokens=context,
             )
         )
     return out

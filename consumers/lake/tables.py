@@ -66,6 +66,7 @@ CHUNKS = pa.schema(
         ("gen_ms", pa.float64()),
         ("tool_ms", pa.float64()),
         ("num_action_tokens", pa.int32()),
+        ("context_tokens", TOKENS),  # non-empty: the chunk starts a new segment (history edited)
     ]
 )
 

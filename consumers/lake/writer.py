@@ -40,7 +40,7 @@ from schemas.task import TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import ScoredTrajectory
 
-_TOKEN_COLUMNS = {"prompt_tokens", "action_tokens", "obs_tokens"}
+_TOKEN_COLUMNS = {"prompt_tokens", "action_tokens", "obs_tokens", "context_tokens"}
 _LOGPROB_COLUMNS = {"action_logprobs"}
 # A run or writer id becomes a path component: keep it to characters every reader parses as-is.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -130,6 +130,7 @@ def chunk_rows(scored: ScoredTrajectory) -> Iterable[dict[str, Any]]:
             "gen_ms": chunk.gen_ms,
             "tool_ms": chunk.tool_ms,
             "num_action_tokens": len(chunk.action_tokens) // 4,
+            "context_tokens": _token_bytes("context_tokens", chunk.context_tokens, 4),
         }
 
 

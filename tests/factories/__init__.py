@@ -16,6 +16,7 @@ from tests.factories.policies import (
     make_policy,
     make_tiny_policy,
     reference_logprobs,
+    segment_rows,
     sequence_of,
     tiny_qwen2_config,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "scored",
     "scored_at",
     "seeded_scored",
+    "segment_rows",
     "sequence_of",
     "serve_sandbox_create",
     "settings_for_tests",

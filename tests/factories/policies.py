@@ -12,7 +12,7 @@ import numpy as np
 
 from agent_harness.engine import Generation, GenRequest, InferenceEngine
 from schemas.arrays import unpack_tokens
-from schemas.trajectory import Trajectory
+from schemas.trajectory import Chunk, Trajectory, segments
 
 if TYPE_CHECKING:
     from transformers import Qwen2Config
@@ -91,6 +91,19 @@ def sequence_of(traj: Trajectory) -> list[int]:
     for c in traj.chunks:
         parts += [unpack_tokens(c.action_tokens), unpack_tokens(c.obs_tokens)]
     return [int(t) for t in np.concatenate(parts)]
+
+
+def segment_rows(traj: Trajectory) -> list[tuple[list[int], list[tuple[int, Chunk]]]]:
+    """Each segment's token sequence with the position where each of its chunks' actions start."""
+    rows = []
+    for context, chunks in segments(traj):
+        seq: list[int] = unpack_tokens(context).tolist()
+        starts = []
+        for c in chunks:
+            starts.append((len(seq), c))
+            seq += unpack_tokens(c.action_tokens).tolist() + unpack_tokens(c.obs_tokens).tolist()
+        rows.append((seq, starts))
+    return rows
 
 
 def assert_exact_accounting(traj: Trajectory, calls: list[tuple[list[int], list[int]]]) -> None:

@@ -1,0 +1,1 @@
+"""Agent programs the agent-runner tests start as subprocesses (not test modules)."""
