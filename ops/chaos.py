@@ -264,8 +264,12 @@ def run_chaos(
 
 # Small, fast episodes; heartbeats of 2 s (redelivery after 4 s, leases of 6 s); no warm start;
 # two rollout processes, so that a killed one's episodes can be reattached by the other within the
-# lease (a restarted process takes longer than that to start: its episodes are replayed).
+# lease (a restarted process takes longer than that to start: its episodes are replayed). The
+# producer's version-aware admission is off: with it, a killed learner or lake writer stops new work
+# within a dozen samples, so the rollout kills that follow mostly find idle workers and no episode
+# to resume; this run is about durability, and stale samples are dropped by the learner anyway.
 CHAOS_SETTINGS = [
+    "producer.admission=false",
     "processes.rollout=2",
     "learner.warm_start_steps=0",
     "learner.seed_episodes=0",
