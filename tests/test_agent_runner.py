@@ -35,13 +35,12 @@ from consumers.settings import RewardSettings, RolloutSettings
 from sandboxd.client import SandboxClient
 from sandboxd.users import AGENT_UID
 from schemas.arrays import unpack_logprobs, unpack_tokens
-from schemas.codec import scored_decoder
 from schemas.task import Task, TaskSample
 from schemas.trajectory import ScoredTrajectory, Trajectory
 from streams.bus import Publisher
 from streams.tasks import publish_samples
-from streams.topology import TRAJ, ensure, subject
-from tests.factories import running_sandboxd, segment_rows, settings_for_tests
+from streams.topology import ensure
+from tests.factories import read_scored, running_sandboxd, segment_rows, settings_for_tests
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[1]
@@ -56,21 +55,6 @@ def _task(task_id: str) -> Task:
         instruction="Write the word apple to answer.txt in the current directory.",
         verify=['test "$(cat answer.txt)" = apple'],
     )
-
-
-async def _scored(js: JetStreamContext, run: str, n: int) -> list[ScoredTrajectory]:
-    sub = await js.pull_subscribe(subject("scored", run), stream=TRAJ.name)
-    out: list[ScoredTrajectory] = []
-    with anyio.move_on_after(150):
-        while len(out) < n:
-            try:
-                msgs = await sub.fetch(10, timeout=2)
-            except TimeoutError:
-                continue
-            for m in msgs:
-                out.append(scored_decoder.decode(m.data))
-                await m.ack()
-    return out
 
 
 async def _run_episodes(
@@ -96,7 +80,7 @@ async def _run_episodes(
             functools.partial(rollout.run, settings, js, nc, run=run, policy_dir=policy, engine=engine)
         )
         await tg.start(functools.partial(reward.run, RewardSettings(concurrency=1), js, nc, run=run))
-        got = await _scored(js, run, 1)
+        got = await read_scored(js, run, 1, timeout_s=150)
         tg.cancel_scope.cancel()
     assert len(got) == 1
     return got[0]

@@ -25,13 +25,11 @@ from consumers.reward import score
 from consumers.settings import RewardSettings, RolloutSettings
 from producers.families.files import FilesExpert, builtin_tasks
 from sandboxd.client import SandboxClient
-from schemas.codec import scored_decoder
 from schemas.task import Task, TaskSample
-from schemas.trajectory import ScoredTrajectory
 from streams.bus import Publisher
 from streams.tasks import publish_samples
-from streams.topology import TRAJ, ensure, subject
-from tests.factories import remove_container
+from streams.topology import ensure
+from tests.factories import read_scored, remove_container
 
 pytestmark = pytest.mark.docker
 SETTINGS = HarnessSettings(max_new_tokens_per_turn=48, max_total_tokens=600, command_timeout_s=5.0)
@@ -116,21 +114,6 @@ async def test_verification_reruns_the_calls_in_a_fresh_sandbox_when_the_origina
     assert scored.valid and scored.reward == 0.0
 
 
-async def _scored(js: JetStreamContext, run: str, n: int) -> list[ScoredTrajectory]:
-    sub = await js.pull_subscribe(subject("scored", run), stream=TRAJ.name)
-    out: list[ScoredTrajectory] = []
-    with anyio.move_on_after(90):
-        while len(out) < n:
-            try:
-                msgs = await sub.fetch(10, timeout=2)
-            except TimeoutError:
-                continue
-            for m in msgs:
-                out.append(scored_decoder.decode(m.data))
-                await m.ack()
-    return out
-
-
 async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good_ones(
     nc: NATS,
     js: JetStreamContext,
@@ -157,7 +140,7 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
             )
         )
         await tg.start(functools.partial(reward.run, reward_settings, js, nc, run=run))
-        got = {s.traj.traj_id: s for s in await _scored(js, run, len(samples))}
+        got = {s.traj.traj_id: s for s in await read_scored(js, run, len(samples), timeout_s=90)}
         tg.cancel_scope.cancel()
     assert set(got) == {s.msg_id for s in samples}
     bad = got[samples[0].msg_id]

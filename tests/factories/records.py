@@ -16,12 +16,12 @@ from nats.js import JetStreamContext
 
 from consumers.lake import LakeWriter
 from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.codec import train_decoder
+from schemas.codec import scored_decoder, train_decoder
 from schemas.episode import ChunkRecord
 from schemas.task import Task, TaskSample
 from schemas.train import StepStats, TrainRecord
 from schemas.trajectory import Chunk, ScoredTrajectory, ToolStatus, Trajectory
-from streams.topology import TRAIN, subject
+from streams.topology import TRAIN, TRAJ, subject
 
 DAY = 1_767_268_800.0  # 2026-01-01T12:00:00Z
 LEARNER_RUN = "lw"  # the run of ``scored`` samples
@@ -378,6 +378,23 @@ def write_lake(root: Path, records: Sequence[ScoredTrajectory], *, writer_id: st
         writer.add_scored(scored)
     writer.flush()
     return root
+
+
+async def read_scored(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[ScoredTrajectory]:
+    """Up to ``n`` scored trajectories of ``run`` from its stream (pulled and acked), within
+    ``timeout_s``."""
+    sub = await js.pull_subscribe(subject("scored", run), stream=TRAJ.name)
+    out: list[ScoredTrajectory] = []
+    with anyio.move_on_after(timeout_s):
+        while len(out) < n:
+            try:
+                msgs = await sub.fetch(10, timeout=2)
+            except TimeoutError:
+                continue
+            for m in msgs:
+                out.append(scored_decoder.decode(m.data))
+                await m.ack()
+    return out
 
 
 async def read_train_log(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[TrainRecord]:
