@@ -225,18 +225,8 @@ class ModelProxy:
                     }
                 )
             session.add([Candidate(**c) for c in cands])
-        cid = f"chatcmpl-{session.session_id}-{session.calls}"
-        use = usage(len(fed), [len(g.tokens) for g in gens])
-        fingerprint = f"policy-v{max(c['version'] for c in cands)}"
-        headers = {SESSION_HEADER: session.session_id}
-        if params.stream:
-            events = chat_stream(
-                cid, self.settings.model, fingerprint, choices, use if params.include_usage else None
-            )
-            return await send_events(request, events, headers)
-        return web.json_response(
-            chat_response(cid, self.settings.model, fingerprint, choices, use), headers=headers
-        )
+        wire = (chat_stream, chat_response)
+        return await self._respond(request, session, "chatcmpl", fed, gens, cands, choices, params, *wire)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
@@ -263,18 +253,32 @@ class ModelProxy:
                 cand = self._candidate(fed, gen, gen_ms) | {"text_key": prompt + text if exact else ""}
                 cands.append(cand)
             session.add([Candidate(**c) for c in cands])
-        cid = f"cmpl-{session.session_id}-{session.calls}"
+        wire = (text_stream, text_response)
+        return await self._respond(request, session, "cmpl", fed, gens, cands, choices, params, *wire)
+
+    async def _respond(
+        self,
+        request: web.Request,
+        session: Session,
+        kind: str,
+        fed: list[int],
+        gens: list[Generation],
+        cands: list[dict[str, Any]],
+        choices: list[Any],
+        params: Params,
+        stream: Callable[..., Any],
+        whole: Callable[..., dict[str, Any]],
+    ) -> web.StreamResponse:
+        """The reply to one call (chat or legacy completions), whole or as server-sent events."""
+        cid = f"{kind}-{session.session_id}-{session.calls}"
         use = usage(len(fed), [len(g.tokens) for g in gens])
         fingerprint = f"policy-v{max(c['version'] for c in cands)}"
         headers = {SESSION_HEADER: session.session_id}
         if params.stream:
-            events = text_stream(
-                cid, self.settings.model, fingerprint, choices, use if params.include_usage else None
-            )
+            shown_use = use if params.include_usage else None
+            events = stream(cid, self.settings.model, fingerprint, choices, shown_use)
             return await send_events(request, events, headers)
-        return web.json_response(
-            text_response(cid, self.settings.model, fingerprint, choices, use), headers=headers
-        )
+        return web.json_response(whole(cid, self.settings.model, fingerprint, choices, use), headers=headers)
 
     async def _finish(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session"]
