@@ -102,12 +102,16 @@ async def expert_ids(
     return [s.msg_id for s in samples]
 
 
-def experts(family: Family, tokenizer: Any, *, error_rate: float, version: int) -> EngineFor:
+def experts(
+    family: Family, tokenizer: Any, *, error_rate: float, version: int, shortcut: float = 0.0
+) -> EngineFor:
     """One expert per episode, its randomness drawn from the episode's id (reproducible)."""
 
     def engine_for(sample: TaskSample) -> InferenceEngine:
         seed = random.Random(f"expert:{sample.msg_id}").randrange(2**31)
-        return family.expert(tokenizer=tokenizer, error_rate=error_rate, seed=seed, version=version)
+        return family.expert(
+            tokenizer=tokenizer, error_rate=error_rate, seed=seed, version=version, shortcut=shortcut
+        )
 
     return engine_for
 
@@ -177,7 +181,13 @@ async def run(
 
     await play(
         todo,
-        experts(family, tokenizer, error_rate=error_rate, version=version),
+        experts(
+            family,
+            tokenizer,
+            error_rate=error_rate,
+            version=version,
+            shortcut=seeding.producer.expert_shortcut,
+        ),
         sandbox,
         seeding.rollout.harness,
         tools_for=family.tools,

@@ -48,6 +48,26 @@ class ProducerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             "reward can teach them (docs/learning.md)."
         ),
     ] = ()
+    note_extra: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=1.0,
+            description="Built-in family: the fraction of level-2 notes with a second line after the "
+            "word, so that copying the whole note fails where reading it and writing the word works.",
+        ),
+    ] = 0.0
+    expert_shortcut: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=1.0,
+            description="Built-in family: how often the scripted expert answers a level-2 task by "
+            "copying the whole note (cp note.txt answer.txt), a shortcut that fails on the notes "
+            "note_extra gives a second line; imitation of its successes keeps the shortcut, "
+            "reward removes it (docs/learning.md).",
+        ),
+    ] = 0.0
     group_size: Annotated[
         int, msgspec.Meta(ge=1, description="Samples per task (a group, for group baselines).")
     ] = 1

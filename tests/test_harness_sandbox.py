@@ -140,3 +140,39 @@ async def test_an_episode_waits_for_a_sandbox_slot_instead_of_aborting_when_sand
         with anyio.move_on_after(30, shield=True):
             for sid in blockers:
                 await sandbox_client.close(sid)
+
+
+async def test_a_long_note_defeats_the_experts_blind_copy_but_not_reading_it(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,
+) -> None:
+    """``producer.note_extra`` / ``expert_shortcut``: ``cp note.txt answer.txt`` solves a level-2 task
+    whose note holds only the word and fails one with a second line; reading the note and writing
+    its word solves both (the family where imitation of the expert's successes is not enough)."""
+    from producers.families.files.expert import SHORTCUT
+    from producers.families.files.tasks import task_at
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    tasks = [task_at(3, i, (2,), note_extra=0.5) for i in range(12)]
+    long_notes = [t for t in tasks if t.metadata.get("note_extra") == "1"]
+    short_notes = [t for t in tasks if "note_extra" not in t.metadata]
+    assert long_notes and short_notes  # both kinds at 0.5
+    assert task_at(3, 0, (2,)) == task_at(3, 0, (2,), note_extra=0.0)  # the default stream is unchanged
+    for task, shortcut, solved in [
+        (long_notes[0], 1.0, False),
+        (short_notes[0], 1.0, True),
+        (long_notes[0], 0.0, True),
+    ]:
+        expert = RecordingEngine(FilesExpert(tokenizer=tok, error_rate=0.0, seed=1, shortcut=shortcut))
+        traj = await run_episode(
+            TaskSample(run="it", task=task), engine=expert, sandbox=sandbox_client, settings=SETTINGS
+        )
+        try:
+            assert traj.status == "completed", traj.abort_reason
+            first = traj.chunks[0].tool_args
+            assert (SHORTCUT in first) == (shortcut == 1.0), first
+            codes = await _verify(sandbox_client, traj.sandbox_id, task.verify)
+            assert (codes == [0] * len(codes)) == solved, (task.metadata, first, codes)
+        finally:
+            with anyio.move_on_after(30, shield=True):
+                await sandbox_client.close(traj.sandbox_id)

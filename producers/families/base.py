@@ -34,6 +34,9 @@ class TaskParams(Protocol):
     @property
     def path(self) -> str: ...  # a task file or directory (imported families: harbor, swe)
 
+    @property
+    def note_extra(self) -> float: ...  # files: the fraction of level-2 notes with a second line
+
 
 class TaskSandbox(Protocol):
     """The part of ``sandboxd.client.SandboxClient`` that making tasks may use."""
@@ -54,9 +57,12 @@ class MakeTasks(Protocol):
 
 
 class ExpertFactory(Protocol):
-    """A scripted expert for one episode or many: an engine that errs with ``error_rate``."""
+    """A scripted expert for one episode or many: an engine that errs with ``error_rate`` and takes
+    the family's known shortcut (if it has one) with probability ``shortcut``."""
 
-    def __call__(self, *, tokenizer: Any, error_rate: float, seed: int, version: int) -> InferenceEngine: ...
+    def __call__(
+        self, *, tokenizer: Any, error_rate: float, seed: int, version: int, shortcut: float = 0.0
+    ) -> InferenceEngine: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,10 @@
 A ``ScriptedEngine``: it reads the episode so far from the prompt tokens it is fed (instruction, its
 earlier calls and their tool responses) and writes the next correct tool call. Once per episode, at
 the step that writes the answer, it errs with probability ``error_rate``: a wrong word or a typo
-(the episode fails) or a malformed call (it recovers on the next turn).
+(the episode fails) or a malformed call (it recovers on the next turn). With probability
+``shortcut`` it answers a level-2 task by copying the whole note (``cp note.txt answer.txt``) without
+reading it: right when the note holds only the word, wrong when ``producer.note_extra`` gave it a
+second line.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r".*?(?:" + re.escape(TOOL_CALL_C
 _RESPONSE = re.compile(re.escape(TOOL_RESPONSE_OPEN) + r"\n(.*?)\n" + re.escape(TOOL_RESPONSE_CLOSE), re.S)
 _WRITE = re.compile(r"Write the word (\w+) to answer\.txt")
 _FIRST_FILE = re.compile(r"The file (\S+\.txt)")
+SHORTCUT = "cp note.txt answer.txt"
 
 
 class FilesExpert(ScriptedEngine):
     """Solves ``files`` tasks by script, erring once per episode with probability ``error_rate``."""
 
-    def __init__(self, *, tokenizer: Any, error_rate: float = 0.25, seed: int, version: int = 0) -> None:
+    def __init__(
+        self, *, tokenizer: Any, error_rate: float = 0.25, seed: int, version: int = 0, shortcut: float = 0.0
+    ) -> None:
         super().__init__(tokenizer=tokenizer, version=version)
         self.error_rate = error_rate
+        self.shortcut = shortcut
         self._rng = random.Random(seed)
 
     def next_action(self, context: str) -> str:
@@ -43,7 +50,11 @@ class FilesExpert(ScriptedEngine):
             if write:
                 return self._answer(write.group(1))
             first = _FIRST_FILE.search(instruction)
-            return _bash(f"cat {first.group(1) if first else 'note.txt'}")
+            name = first.group(1) if first else "note.txt"
+            # the random draw only when the shortcut is on: default episodes stay as they were
+            if name == "note.txt" and self.shortcut > 0 and self._rng.random() < self.shortcut:
+                return _bash(SHORTCUT)
+            return _bash(f"cat {name}")
         call, response = last
         command = call.arguments.get("command", "")
         if command.startswith("cat "):

@@ -37,7 +37,16 @@ def next_guess(context: str) -> int:
 class GuessTheNumberExpert(ScriptedEngine):
     """Binary search through ``act`` calls, a uniform guess with probability ``error_rate``."""
 
-    def __init__(self, *, tokenizer: Any, error_rate: float = 0.0, seed: int = 0, version: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        error_rate: float = 0.0,
+        seed: int = 0,
+        version: int = 0,
+        shortcut: float = 0.0,
+    ) -> None:
+        """``shortcut``: this family has none, it is accepted and ignored."""
         super().__init__(tokenizer=tokenizer, version=version)
         self.error_rate = error_rate
         self._rng = random.Random(seed)
