@@ -317,14 +317,18 @@ async def run(
         t1 = time.monotonic()
         for d in learner.unacked:
             await d.in_progress()
-        await _one_batch(learner, batch, run)
+        await _one_batch(learner, batch, run, wait_s=t1 - t0)
         stats.wait_s += t1 - t0
         stats.busy_s += time.monotonic() - t1
         stats.batches += 1
 
 
-async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], run: str) -> None:
-    """Triage, train, checkpoint/publish when due, account for every sample, ack what is safe."""
+async def _one_batch(
+    learner: Learner, batch: list[Delivery[ScoredTrajectory]], run: str, *, wait_s: float = 0.0
+) -> None:
+    """Triage, train, checkpoint/publish when due, account for every sample, ack what is safe.
+    ``wait_s``: how long the learner waited for ``batch`` (in the step's record, for idle time)."""
+    started = time.monotonic()
     keep, drops = learner.triage(batch)
     result, trained = await learner.step(keep) if keep else (None, [])
     stepped = result is not None and not result.skipped
@@ -358,6 +362,8 @@ async def _one_batch(learner: Learner, batch: list[Delivery[ScoredTrajectory]], 
             grad_norm=result.grad_norm,
             time=time.time(),
             filtered_groups=learner.filtered_groups,
+            wait_s=wait_s,
+            busy_s=time.monotonic() - started,
         )
         learner.filtered_groups = 0
         await learner.pub.publish_async(

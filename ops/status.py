@@ -117,6 +117,31 @@ def lake_line(lake_root: Path, bound: int) -> str:
     return (
         f"lake: {row['trajectories']} trajectories, online success {success}, "
         f"{row['versions']} policy versions (newest {row['newest']}); {_train_line(drops, bound)}"
+        f"{idle_line(lake_root)}"
+    )
+
+
+IDLE_SQL = (
+    "SELECT coalesce(sum(wait_s), 0) AS wait, coalesce(sum(busy_s), 0) AS busy, count(*) AS steps "
+    "FROM train_steps WHERE busy_s > 0"
+)
+
+
+def idle_line(lake_root: Path) -> str:
+    """``; learner idle 6.1 % (…)``: the learner's time waiting for a batch over its time in the
+    training loop (after any warm start), from ``train_steps``; empty before the first step."""
+    from consumers.lake import QueryError, query
+
+    try:
+        row = query(lake_root, IDLE_SQL).to_pylist()[0]
+    except QueryError:  # a lake from before train_steps had the columns, or none yet
+        return ""
+    total = float(row["wait"]) + float(row["busy"])
+    if not total:
+        return ""
+    return (
+        f"; learner idle {row['wait'] / total:.1%} (waited {row['wait']:.0f} s of {total:.0f} s "
+        f"over {row['steps']} steps)"
     )
 
 

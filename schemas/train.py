@@ -55,6 +55,10 @@ class StepStats(msgspec.Struct, frozen=True, kw_only=True, tag="step.v1", tag_fi
     time: float
     # task groups dropped as uninformative (dynamic sampling) since the previous step
     filtered_groups: int = 0
+    # seconds the learner waited for this step's batch (idle: no samples to train), and then spent
+    # on it (triage, training, checkpoint, weights) until this record
+    wait_s: float = 0.0
+    busy_s: float = 0.0
 
 
 TrainLog = TrainRecord | StepStats

@@ -72,6 +72,8 @@ def write_run(writer: LakeWriter, run: str, wins: list[int], seed: int) -> Writt
                 masked_fraction=0.05,
                 grad_norm=1.5,
                 time=DAY + step * 150,
+                wait_s=5.0,
+                busy_s=15.0,
             )
         )
     for s in out.scored:
@@ -163,6 +165,8 @@ def test_the_summary_matches_the_lake(two_runs: tuple[Path, dict[str, Written]],
         "steps         grpo 12 (steps 1–12, policy version 12); ipa 12 (steps 1–12, policy version 12)"
         in summary
     )
+    waste = line(summary, "waste")
+    assert "stale drops 12 of " in waste and "learner idle 25.0% of " in waste, waste
     # first trajectory started 30.5 s before DAY; the last step is 12 x 150 s after it
     assert "wall time     2026-01-01 11:59:29 → 2026-01-01 12:30:00 UTC (30 min 30 s)" in summary
 

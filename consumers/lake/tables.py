@@ -125,6 +125,8 @@ TRAIN_STEPS = pa.schema(
         ("grad_norm", pa.float64()),
         ("time", pa.float64()),
         ("filtered_groups", pa.int64()),
+        ("wait_s", pa.float64()),
+        ("busy_s", pa.float64()),
     ]
 )
 

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from consumers.lake import QueryError
 from ops.report.data import ONLINE, one, rows, scope, where
 
 EDGE_VERSIONS = 3  # "first and last N versions" in the summary
@@ -158,7 +159,32 @@ def _training_lines(lake: Path, run: str | None) -> list[str]:
         for r in steps
     ]
     lines.append(f"steps         {'; '.join(parts) or 'none'}")
+    lines.append(_waste_line(lake, run))
     return lines
+
+
+def _waste_line(lake: Path, run: str | None) -> str:
+    """Stale drops as a share of the online samples, and the learner's idle share of its loop."""
+    online = one(
+        lake,
+        "SELECT count(*) AS n, count(*) FILTER (fate = 'dropped' AND reason = 'stale') AS stale "
+        f"FROM train_log {where(run, ONLINE)}",
+    )
+    stale = f"{online['stale'] / online['n']:.1%}" if online["n"] else "-"
+    try:
+        idle = one(
+            lake,
+            "SELECT coalesce(sum(wait_s), 0) AS wait, coalesce(sum(busy_s), 0) AS busy "
+            f"FROM train_steps {where(run, 'busy_s > 0')}",
+        )
+    except QueryError:  # a lake from before the steps were timed
+        idle = {"wait": 0.0, "busy": 0.0}
+    total = float(idle["wait"]) + float(idle["busy"])
+    share = f"{idle['wait'] / total:.1%} of {_duration(total)}" if total else "not recorded"
+    return (
+        f"waste         stale drops {online['stale']:,} of {online['n']:,} online samples ({stale}); "
+        f"learner idle {share}"
+    )
 
 
 def _wall_time_line(lake: Path, run: str | None) -> str:
