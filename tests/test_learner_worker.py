@@ -126,3 +126,5 @@ async def test_dynamic_sampling_drops_uniform_groups_and_counts_them_in_the_step
     assert fates == {("t1", *uniform), ("t2", "trained", ""), ("t3", *uniform)}
     assert all("scored" in r.detail for r in records if r.fate == "dropped")
     assert [(s.samples, s.filtered_groups) for s in steps] == [(4, 2)]
+    # the step timed its wait for the batch (the uniform groups came first) and its own work
+    assert steps[0].wait_s > 0 and steps[0].busy_s > 0
