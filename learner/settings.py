@@ -166,10 +166,19 @@ class LearnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                 "before online training when the run has no checkpoint yet. 0 disables the warm start."
             ),
         ),
-    ] = 600
+    ] = 1000
     warm_start_lr: Annotated[
         float, msgspec.Meta(gt=0, description="Learning rate of the warm start's SFT steps.")
     ] = 3e-3
+    warm_start_final_lr: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            le=1,
+            description="The warm start's learning rate at its last step, as a fraction of "
+            "warm_start_lr (linear decay; 1: constant).",
+        ),
+    ] = 0.1
     warm_start_batch: Annotated[
         int, msgspec.Meta(ge=1, description="Demonstrations per SFT step of the warm start.")
     ] = 16

@@ -133,9 +133,10 @@ def warm_start(
     policy_dir: Path,
     lake_root: Path,
     checkpoint_root: Path,
-    steps: int = 600,
+    steps: int = 1000,
     batch: int = 16,
     lr: float = 3e-3,
+    final_lr_fraction: float = 0.1,
     lake_run: str | None = None,
     on_step: OnStep | None = None,
     policy_settings: PolicySettings | None = None,
@@ -157,7 +158,14 @@ def warm_start(
         return None
     if not samples:
         return None
-    log.info("warm_start_sft", demonstrations=len(samples), steps=steps, batch=batch, lr=lr)
+    log.info(
+        "warm_start_sft",
+        demonstrations=len(samples),
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        final_lr_fraction=final_lr_fraction,
+    )
     path, _ = imitate(
         policy_dir,
         samples,
@@ -166,6 +174,7 @@ def warm_start(
         steps=steps,
         batch=batch,
         lr=lr,
+        final_lr_fraction=final_lr_fraction,
         on_step=on_step,
         policy_settings=policy_settings,
     )
@@ -321,6 +330,7 @@ async def prepare_warm_start(
         steps=settings.warm_start_steps,
         batch=settings.warm_start_batch,
         lr=settings.warm_start_lr,
+        final_lr_fraction=settings.warm_start_final_lr,
         lake_run=run,
         on_step=cancellable_progress(settings.warm_start_steps),
         policy_settings=policy_settings,
