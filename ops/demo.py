@@ -85,30 +85,38 @@ class DemoPlan:
 
     family: str = "files"  # a registered task family (``producers.families``)
     env_id: str = ""  # GEM env id (``family = "gem"``)
-    minutes: float = 20.0  # budget of the whole demo; the online phases get what is left
+    minutes: float = 45.0  # budget of the whole demo; the online phases get what is left
     levels: tuple[int, ...] = (1, 2)
     expert_levels: tuple[int, ...] = ()  # what seeding demonstrates; empty: ``levels``
+    # The family where imitation is not enough (docs/learning.md): 60 % of level-2 notes have a second
+    # line, and the expert copies the whole note unread 60 % of the time, which succeeds only on the
+    # others; SFT on its successes keeps the shortcut, only reward shows that it fails.
+    note_extra: float = 0.6  # producer.note_extra
+    expert_shortcut: float = 0.6  # producer.expert_shortcut
     # ~350 successful demonstrations: with 116 (160 episodes) SFT reached only ~60 %, because the
     # tiny model then memorises which word goes with which task instead of learning to copy
     seed_episodes: int = 480
     error_rate: float = 0.3
-    sft_steps: int = 600  # ~27 passes over ~350 successes
+    # ~46 passes over ~350 successes, the rate decaying to a tenth: with 600 steps at a constant
+    # rate the tiny model had not yet learnt to copy a word (loss plateau ~0.14 until ~250-600 steps,
+    # sampled copy accuracy 33 %); with these it copies every word (loss 0.002)
+    sft_steps: int = 1000
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    sft_final_lr: float = 1.0  # fraction of sft_lr at the last step (1.0: constant)
+    sft_final_lr: float = 0.1  # fraction of sft_lr at the last step (1.0: constant)
     eval_episodes: int = 256  # 95 % interval about ±4 points at 90 %
     random_episodes: int = 0  # held-out tasks played by the expert at error rate 1.0 (the floor)
     temperature: float = 1.0
     group_size: int = 4
     concurrency: int = 8
-    runs: tuple[str, ...] = ("ipa", "grpo")  # online runs, each an arm of ``ARMS``
+    runs: tuple[str, ...] = ("ipa", "grpo", "ipa_nois")  # online runs, each an arm of ``ARMS``
     online_seconds: float = 0.0  # per run; 0: share what the budget leaves
     min_online_s: float = 60.0  # each online run gets at least this long, whatever the budget left
     reward: str = "graded"  # producer.reward: "won" scores every task 1 iff won
     harness: dict[str, Any] = field(default_factory=dict)  # rollout.harness overrides
     rl: dict[str, Any] = field(
         default_factory=lambda: {
-            "lr": 1e-4,
+            "lr": 2e-4,
             "batch_size": 16,  # four whole groups of four
             "batch_timeout_s": 5.0,
             "max_staleness": 2,
@@ -131,6 +139,8 @@ class DemoPlan:
         tasks = self.env_id or f"{self.family} levels {'-'.join(map(str, self.levels))}"
         if self.expert_levels and self.expert_levels != self.levels:
             tasks += f" (expert shows {'-'.join(map(str, self.expert_levels))})"
+        if self.note_extra or self.expert_shortcut:
+            tasks += f", {self.note_extra:.0%} long notes, expert copies {self.expert_shortcut:.0%}"
         return f"Learning demo: {tasks}"
 
 
@@ -152,6 +162,8 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan) -> Config:
         f'producer.reward="{plan.reward}"',
         f"producer.levels={list(plan.levels)}",
         f"producer.expert_levels={list(plan.expert_levels)}",
+        f"producer.note_extra={plan.note_extra}",
+        f"producer.expert_shortcut={plan.expert_shortcut}",
         f"producer.group_size={plan.group_size}",
         f"producer.seed={plan.seed}",
         f"producer.max_inflight={plan.concurrency * 2}",
@@ -439,6 +451,15 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
         default=",".join(map(str, plan.expert_levels)),
         help="levels the expert demonstrates (default: all of --levels)",
     )
+    parser.add_argument(
+        "--note-extra", type=float, default=plan.note_extra, help="level-2 notes with a second line"
+    )
+    parser.add_argument(
+        "--expert-shortcut",
+        type=float,
+        default=plan.expert_shortcut,
+        help="how often the expert copies the whole level-2 note instead of reading it",
+    )
     parser.add_argument("--seed-episodes", type=int, default=plan.seed_episodes)
     parser.add_argument("--eval-episodes", type=int, default=plan.eval_episodes)
     parser.add_argument("--error-rate", type=float, default=plan.error_rate)
@@ -457,6 +478,8 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
         runs=tuple(r for r in args.runs.split(",") if r),
         levels=_levels(args.levels) or plan.levels,
         expert_levels=_levels(args.expert_levels),
+        note_extra=args.note_extra,
+        expert_shortcut=args.expert_shortcut,
         seed_episodes=args.seed_episodes,
         eval_episodes=args.eval_episodes,
         random_episodes=min(plan.random_episodes, args.eval_episodes),

@@ -47,6 +47,9 @@ class GemPlan(DemoPlan):
     sft_steps: int = 150  # loss ~0.06 by then; a step of 8 takes ~0.7 s on a loaded core
     sft_batch: int = 8
     sft_lr: float = 3e-3
+    sft_final_lr: float = 1.0
+    note_extra: float = 0.0  # the files family's knobs do not apply
+    expert_shortcut: float = 0.0
     eval_episodes: int = 64
     random_episodes: int = 64
     runs: tuple[str, ...] = ("ipa",)  # add "grpo" for the token-level GRPO baseline

@@ -8,6 +8,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# How the table names an online arm (``ops.demo.ARMS``); any other run is named in capitals.
+ARM_NAMES = {"ipa": "IPA", "grpo": "GRPO", "ipa_nois": "IPA w/o failure IS"}
+
 
 @dataclass(frozen=True)
 class Rate:
@@ -57,7 +60,7 @@ class DemoResult:
             ("policy after SFT warm start", self.warm, self.wall.get("warm", 0.0)),
         ]
         for run, rate in self.after.items():
-            label = f"after online {run.upper()} (v{self.versions.get(run, 0)})"
+            label = f"after online {ARM_NAMES.get(run, run.upper())} (v{self.versions.get(run, 0)})"
             rows.append((label, rate, self.wall.get(run, 0.0)))
         return rows
 
@@ -81,9 +84,11 @@ class DemoResult:
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     def table(self) -> str:
-        lines = [f"{'policy':<34} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
-        lines += [f"{name:<34} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in self.rows()]
-        lines.append(f"{'total':<34} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
+        rows = self.rows()
+        w = max(34, *(len(name) + 1 for name, _, _ in rows))
+        lines = [f"{'policy':<{w}} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
+        lines += [f"{name:<{w}} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in rows]
+        lines.append(f"{'total':<{w}} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
         for run, curve in self.online.items():
             steps = ", ".join(f"v{v}: {w:.0%} of {n}" for v, n, w in curve)
             lines.append(f"{run} rollouts successful by policy version: {steps}")
@@ -106,13 +111,17 @@ class DemoResult:
         colours = ["#bcbd22"] * (self.random is not None) + ["#7f7f7f", "#2ca02c", "#d62728", "#1f77b4"]
         colours += ["#9467bd", "#8c564b", "#e377c2"]
         ax.barh(ys, values, xerr=[lo, hi], color=colours[: len(rows)], alpha=0.8, capsize=4)
-        ax.axvline(self.expert.value, color="#7f7f7f", ls="--", lw=1)
+        ax.axvline(self.expert.value, color="#7f7f7f", ls="--", lw=1, label="expert")
+        if self.warm.n:  # an arm above the warm start has its whole interval right of this line
+            ax.axvline(self.warm.interval[1], color="#2ca02c", ls=":", lw=1.5, label="warm start: upper 95 %")
+            fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
         for y, (_, rate, sec) in zip(ys, rows, strict=True):
             ax.text(0.01, y, f" {rate.value:.1%} (n={rate.n}, {sec:.0f} s)", va="center", color="white")
         ax.set_yticks(ys, [name for name, _, _ in rows])
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel("success rate on held-out tasks (bars: 95 % Wilson interval)")
-        ax.set_title(f"{self.title}, {self.wall.get('total', 0.0) / 60:.0f} min on this machine")
+        minutes = f"{self.wall.get('total', 0.0) / 60:.0f} min on this machine"
+        ax.set_title(f"{self.title}\n{minutes}", fontsize=10)
         fig.savefig(path)
         return path

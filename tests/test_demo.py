@@ -24,18 +24,20 @@ def test_a_rate_carries_its_wilson_interval_and_the_table_lists_every_phase(tmp_
     result = DemoResult(
         expert=Rate(116, 160),
         warm=Rate(200, 256),
-        after={"ipa": Rate(240, 256), "grpo": Rate(230, 256)},
-        versions={"ipa": 90, "grpo": 88},
-        wall={"seed": 95.0, "warm": 240.0, "ipa": 460.0, "grpo": 455.0, "total": 1260.0},
+        after={"ipa": Rate(240, 256), "grpo": Rate(230, 256), "ipa_nois": Rate(220, 256)},
+        versions={"ipa": 90, "grpo": 88, "ipa_nois": 80},
+        wall={"seed": 95.0, "warm": 240.0, "ipa": 460.0, "grpo": 455.0, "ipa_nois": 450.0, "total": 1260.0},
     )
     table = result.table()
     assert "72.5%" in table and "n=160" in table
     assert "after online IPA (v90)" in table and "93.8%" in table
     assert "after online GRPO (v88)" in table and table.splitlines()[-1].split()[-1] == "1260"
+    ablation = next(x for x in table.splitlines() if x.startswith("after online IPA w/o failure IS (v80) "))
+    assert ablation.split()[-3:] == ["90%]", "n=256", "450"]  # the ablation, named, its columns aligned
     png = result.plot(tmp_path / "demo.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     arms = {a["arm"]: a for a in json.loads(result.to_json())["arms"]}
-    assert list(arms) == ["expert", "warm", "ipa", "grpo"]
+    assert list(arms) == ["expert", "warm", "ipa", "grpo", "ipa_nois"]
     assert (arms["ipa"]["successes"], arms["ipa"]["episodes"], arms["ipa"]["version"]) == (240, 256, 90)
     lo, hi = arms["warm"]["ci95"]
     assert lo < 200 / 256 < hi and hi < arms["ipa"]["ci95"][0]  # IPA's interval lies above
