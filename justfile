@@ -87,7 +87,7 @@ bench-models *args:
 bench-engines:
     {{py}} -m ops.bench.engines
 
-# Learning demonstration: expert seed, SFT warm start, then online IPA vs token-level GRPO (~20 min)
+# Learning demonstration on the blind-shortcut family: expert seed, SFT warm start, then online IPA, GRPO and IPA without failure IS (~45 min)
 demo *args:
     {{py}} -m ops.demo "$@"
 
