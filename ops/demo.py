@@ -34,7 +34,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,18 +88,16 @@ class DemoPlan:
     minutes: float = 45.0  # budget of the whole demo; the online phases get what is left
     levels: tuple[int, ...] = (1, 2)
     expert_levels: tuple[int, ...] = ()  # what seeding demonstrates; empty: ``levels``
-    # The family where imitation is not enough (docs/learning.md): 60 % of level-2 notes have a second
-    # line, and the expert copies the whole note unread 60 % of the time, which succeeds only on the
-    # others; SFT on its successes keeps the shortcut, only reward shows that it fails.
+    # Imitation is not enough (docs/learning.md): the expert copies a level-2 note unread, which fails
+    # on a note with a second line; SFT on its successes keeps that shortcut, reward removes it.
     note_extra: float = 0.6  # producer.note_extra
     expert_shortcut: float = 0.6  # producer.expert_shortcut
     # ~350 successful demonstrations: with 116 (160 episodes) SFT reached only ~60 %, because the
     # tiny model then memorises which word goes with which task instead of learning to copy
     seed_episodes: int = 480
     error_rate: float = 0.3
-    # ~46 passes over ~350 successes, the rate decaying to a tenth: with 600 steps at a constant
-    # rate the tiny model had not yet learnt to copy a word (loss plateau ~0.14 until ~250-600 steps,
-    # sampled copy accuracy 33 %); with these it copies every word (loss 0.002)
+    # the rate decaying to a tenth: 600 steps at a constant rate once stopped in a plateau (loss
+    # ~0.14, sampled copy accuracy 33 %); this schedule crossed it (loss 0.002; README, Learning)
     sft_steps: int = 1000
     sft_batch: int = 16
     sft_lr: float = 3e-3
@@ -433,69 +431,7 @@ async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:
     return result
 
 
-def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: str = "demo-out") -> None:
-    """The command line of a demonstration whose defaults are ``plan``."""
-    import argparse
-
-    from ops.logs import configure_logging
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=plan.minutes, help="total budget")
-    parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
-    parser.add_argument(
-        "--runs", default=",".join(plan.runs), help=f"online arms, comma-separated: {', '.join(ARMS)}"
-    )
-    parser.add_argument("--levels", default=",".join(map(str, plan.levels)), help="task levels")
-    parser.add_argument(
-        "--expert-levels",
-        default=",".join(map(str, plan.expert_levels)),
-        help="levels the expert demonstrates (default: all of --levels)",
-    )
-    parser.add_argument(
-        "--note-extra", type=float, default=plan.note_extra, help="level-2 notes with a second line"
-    )
-    parser.add_argument(
-        "--expert-shortcut",
-        type=float,
-        default=plan.expert_shortcut,
-        help="how often the expert copies the whole level-2 note instead of reading it",
-    )
-    parser.add_argument("--seed-episodes", type=int, default=plan.seed_episodes)
-    parser.add_argument("--eval-episodes", type=int, default=plan.eval_episodes)
-    parser.add_argument("--error-rate", type=float, default=plan.error_rate)
-    parser.add_argument("--sft-steps", type=int, default=plan.sft_steps)
-    parser.add_argument("--temperature", type=float, default=plan.temperature)
-    parser.add_argument("--rl-lr", type=float, default=plan.rl["lr"], help="online learning rate")
-    parser.add_argument("--rl-batch", type=int, default=plan.rl["batch_size"], help="online batch size")
-    args = parser.parse_args(argv)
-    unknown = [r for r in args.runs.split(",") if r and r not in ARMS]
-    if unknown:
-        parser.error(f"--runs: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
-    configure_logging("info")
-    plan = replace(
-        plan,
-        minutes=args.minutes,
-        runs=tuple(r for r in args.runs.split(",") if r),
-        levels=_levels(args.levels) or plan.levels,
-        expert_levels=_levels(args.expert_levels),
-        note_extra=args.note_extra,
-        expert_shortcut=args.expert_shortcut,
-        seed_episodes=args.seed_episodes,
-        eval_episodes=args.eval_episodes,
-        random_episodes=min(plan.random_episodes, args.eval_episodes),
-        error_rate=args.error_rate,
-        sft_steps=args.sft_steps,
-        temperature=args.temperature,
-        rl={**plan.rl, "lr": args.rl_lr, "batch_size": args.rl_batch},
-    )
-    result = anyio.run(run_demo, args.out, plan)
-    print(result.table())
-    print(f"plots: {args.out}/demo.png, {args.out}/success_by_version.png")
-
-
-def _levels(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 if __name__ == "__main__":
+    from ops.demo_cli import main
+
     main()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ops.demo import DemoPlan
-from ops.demo import main as demo_main
+from ops.demo_cli import main as demo_main
 
 GUESS_EASY = "game:GuessTheNumber-v0-easy"
 

@@ -96,3 +96,12 @@ async def test_a_tiny_demo_seeds_warm_starts_trains_every_arm_and_reports(tmp_pa
     assert [a["arm"] for a in arms] == ["expert", "warm", "ipa", "grpo", "ipa_nois"]
     assert all(a["episodes"] == 4 and 0 <= a["ci95"][0] <= a["rate"] <= a["ci95"][1] for a in arms[1:])
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "success_by_version.png").is_file()
+
+
+def test_the_demo_command_line_refuses_an_unknown_arm_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from ops.demo_cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", "ipa,bogus", "--no-dynamic-sampling"])
+    assert exit_info.value.code == 2
+    assert "--runs: unknown arm 'bogus'; choose from ipa, grpo, ipa_nois" in capsys.readouterr().err
