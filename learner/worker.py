@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 
 from agent_harness.model import PolicySettings
 from learner.assemble import GroupBatcher
+from learner.metrics import TRAIN_SAMPLES
 from learner.settings import LearnerSettings, LossName
 from learner.staleness import admit, staleness
 from learner.trainer import StepResult, Trainer
@@ -234,18 +235,22 @@ class Learner:
             gone = self.recent_trained.pop(0)
             self._recent_set.discard(gone)
 
-    async def publish_records(self, records: Sequence[TrainRecord]) -> None:
-        """Publish train records (idempotent: the msg id is the record's identity)."""
+    async def publish_records(self, records: Sequence[TrainRecord], *, count: bool = True) -> None:
+        """Publish train records (idempotent: the msg id is the record's identity) and count them in
+        ``rollstream_train_samples`` (``count=False``: a predecessor's records, counted by it)."""
         for r in records:
             await self.pub.publish_async(
                 subject("train", self.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}"
             )
         await self.pub.flush()
+        if count:
+            for r in records:
+                TRAIN_SAMPLES.labels(run=self.run, fate=r.fate, source=r.source).inc()
 
     async def republish_resumed(self) -> None:
         """Records the checkpoint holds that a killed predecessor may not have published."""
         if self.resumed_records:
-            await self.publish_records(self.resumed_records)
+            await self.publish_records(self.resumed_records, count=False)
             log.info("learner_records_republished", records=len(self.resumed_records))
             self.resumed_records = []
 

@@ -9,6 +9,7 @@ import anyio
 import msgspec
 import pytest
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 
 from learner import worker
 from learner.settings import LearnerSettings
@@ -28,6 +29,14 @@ async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
     policy_dir, ckpts = tmp_path / "policy", tmp_path / "checkpoints"
     make_policy(policy_dir)
     await ensure(js, RUN)
+
+    def counted(fate: str) -> float:  # the Prometheus counter of the learner's samples, by fate
+        value = REGISTRY.get_sample_value(
+            "rollstream_train_samples_total", {"run": RUN, "fate": fate, "source": "online"}
+        )
+        return value or 0.0
+
+    before = {fate: counted(fate) for fate in ("trained", "dropped")}
     pub = Publisher(js)
     async with anyio.create_task_group() as tg:
         learner = functools.partial(
@@ -45,6 +54,9 @@ async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
         invalid = ScoredTrajectory(traj=bad.traj, reward=0.0, valid=False, invalid_reason="sandbox died")
         await pub.publish(subject("scored", RUN), invalid, msg_id="s11")
         records = await read_train_log(js, RUN, 4, timeout_s=20)
+        with anyio.move_on_after(10):  # the counter moves once the records' publication is confirmed
+            while counted("dropped") - before["dropped"] < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
         tg.cancel_scope.cancel()
     fates = {r.traj_id.split(":")[1]: r for r in records}
     assert fates["t0"].fate == fates["t1"].fate == "trained"
@@ -55,6 +67,8 @@ async def test_stale_sample_is_dropped_and_logged_and_fresh_ones_train(
     assert "sandbox died" in fates["t11"].detail
     data = await policy.fetch_weights(js, latest)
     assert len(data) > 1000
+    assert counted("trained") - before["trained"] == 2
+    assert counted("dropped") - before["dropped"] == 2
 
 
 @pytest.mark.parametrize("policy", ["drop", "train", "negative"])
