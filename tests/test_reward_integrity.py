@@ -26,14 +26,13 @@ from ops.security import inbox_prefix, role_credentials, write_server_config
 from producers.families.files import builtin_tasks, solution_commands
 from sandboxd.client import SandboxClient
 from schemas.arrays import pack_logprobs, pack_tokens
-from schemas.codec import scored_decoder
 from schemas.task import Task, TaskSample
 from schemas.trajectory import Chunk, ScoredTrajectory, Trajectory
 from streams.bus import Publisher
 from streams.server import NatsServer
 from streams.tasks import lookup, publish_samples, register
-from streams.topology import TASKS_BUCKET, TRAJ, ensure, subject, task_key
-from tests.factories import running_sandboxd, settings_for_tests
+from streams.topology import TASKS_BUCKET, ensure, subject, task_key
+from tests.factories import read_scored, running_sandboxd, settings_for_tests
 
 RUN = "t1"
 PROBE = ProbeSettings(window_s=0.5)
@@ -80,19 +79,8 @@ async def run_in(sandbox: SandboxClient, sandbox_id: str, commands: list[str]) -
 
 
 async def scored_records(js: JetStreamContext, n: int) -> dict[str, ScoredTrajectory]:
-    sub = await js.pull_subscribe(subject("scored", RUN), stream=TRAJ.name)
-    out: dict[str, ScoredTrajectory] = {}
-    with anyio.move_on_after(90):
-        while len(out) < n:
-            try:
-                msgs = await sub.fetch(10, timeout=2)
-            except TimeoutError:
-                continue
-            for m in msgs:
-                record = scored_decoder.decode(m.data)
-                out[record.traj.traj_id] = record
-                await m.ack()
-    return out
+    """``n`` distinct scored trajectories of the run, by id."""
+    return {r.traj.traj_id: r for r in await read_scored(js, RUN, n, timeout_s=90, unique=True)}
 
 
 # --- a broker with per-role credentials ----------------------------------------------------------

@@ -140,7 +140,7 @@ async def test_workers_record_bad_tasks_and_hung_verifiers_and_keep_scoring_good
             )
         )
         await tg.start(functools.partial(reward.run, reward_settings, js, nc, run=run))
-        got = {s.traj.traj_id: s for s in await read_scored(js, run, len(samples), timeout_s=90)}
+        got = {s.traj.traj_id: s for s in await read_scored(js, run, len(samples), timeout_s=90, unique=True)}
         tg.cancel_scope.cancel()
     assert set(got) == {s.msg_id for s in samples}
     bad = got[samples[0].msg_id]

@@ -380,21 +380,27 @@ def write_lake(root: Path, records: Sequence[ScoredTrajectory], *, writer_id: st
     return root
 
 
-async def read_scored(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[ScoredTrajectory]:
+async def read_scored(
+    js: JetStreamContext, run: str, n: int, *, timeout_s: float, unique: bool = False
+) -> list[ScoredTrajectory]:
     """Up to ``n`` scored trajectories of ``run`` from its stream (pulled and acked), within
-    ``timeout_s``."""
+    ``timeout_s``; ``unique``: ``n`` distinct trajectories, the last record of each (a redelivered
+    or re-scored one replaces the earlier)."""
     sub = await js.pull_subscribe(subject("scored", run), stream=TRAJ.name)
-    out: list[ScoredTrajectory] = []
+    out: dict[str, ScoredTrajectory] = {}
+    seen: list[ScoredTrajectory] = []
     with anyio.move_on_after(timeout_s):
-        while len(out) < n:
+        while len(out if unique else seen) < n:
             try:
                 msgs = await sub.fetch(10, timeout=2)
             except TimeoutError:
                 continue
             for m in msgs:
-                out.append(scored_decoder.decode(m.data))
+                record = scored_decoder.decode(m.data)
+                seen.append(record)
+                out[record.traj.traj_id] = record
                 await m.ack()
-    return out
+    return list(out.values()) if unique else seen
 
 
 async def read_train_log(js: JetStreamContext, run: str, n: int, *, timeout_s: float) -> list[TrainRecord]:
