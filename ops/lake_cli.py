@@ -66,6 +66,22 @@ def _config(path: Path | None, overrides: list[str] | None) -> Config:
         raise _fail(str(exc)) from None
 
 
+def _run_config(
+    path: Path | None, overrides: list[str] | None, run: str | None, lake: Path | None
+) -> tuple[Config, Path]:
+    """The configuration (``--run`` applied) and the lake root (``--lake`` or the configured one)."""
+    cfg = _config(path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
+    return cfg, lake or cfg.lake_root
+
+
+def _count(root: Path, sql: str) -> int:
+    """How many trajectories ``sql`` selects; a bad query is a clean error exit."""
+    try:
+        return count_selected(root, sql)
+    except QueryError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -212,12 +228,8 @@ def replay_command(
     """Publish trajectories chosen by SQL over the lake to the learner as replay samples."""
     from producers.replay import replay
 
-    cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
-    root = lake or cfg.lake_root
-    try:
-        total = count_selected(root, sql)
-    except QueryError as exc:
-        raise _fail(str(exc)) from None
+    cfg, root = _run_config(config_path, overrides, run, lake)
+    total = _count(root, sql)
     if not total:
         out.print("the query selects no trajectories; nothing to replay")
         return
@@ -247,12 +259,8 @@ def resample_command(
     """Create tasks that restart chosen trajectories at chunk K (first K tool calls replayed)."""
     from producers.resample import resample
 
-    cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
-    root = lake or cfg.lake_root
-    try:
-        total = count_selected(root, sql)
-    except QueryError as exc:
-        raise _fail(str(exc)) from None
+    cfg, root = _run_config(config_path, overrides, run, lake)
+    total = _count(root, sql)
 
     async def work(_nc: Any, js: Any) -> Any:
         with _progress() as bar:
@@ -292,13 +300,9 @@ def filter_run_command(
     """Judge trajectories with one filter stage and write the verdicts to the lake."""
     from ops.filters import default_sql, run_stage
 
-    cfg = _config(config_path, [*(overrides or []), *([f'run="{run}"'] if run else [])])
-    root = lake or cfg.lake_root
+    cfg, root = _run_config(config_path, overrides, run, lake)
     query_sql = sql or default_sql(cfg.run)
-    try:
-        total = count_selected(root, query_sql)
-    except QueryError as exc:
-        raise _fail(str(exc)) from None
+    total = _count(root, query_sql)
 
     async def judge(sandbox: Any) -> Any:
         with _progress() as bar:
