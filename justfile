@@ -91,7 +91,7 @@ bench-engines:
 demo *args:
     {{py}} -m ops.demo "$@"
 
-# Learning demonstration on a GEM game (GuessTheNumber-easy): random floor, noisy expert, SFT warm start, online IPA (~20 min)
+# Learning demonstration on a GEM game (GuessTheNumber-easy): random floor, noisy expert, SFT warm start, online IPA (~45 min)
 demo-gem *args:
     {{py}} -m ops.demo_gem "$@"
 
