@@ -237,7 +237,8 @@ class Learner:
 
     async def publish_records(self, records: Sequence[TrainRecord], *, count: bool = True) -> None:
         """Publish train records (idempotent: the msg id is the record's identity) and count them in
-        ``rollstream_train_samples`` (``count=False``: a predecessor's records, counted by it)."""
+        ``rollstream_train_samples`` (``count=False``: a predecessor's records, which it may
+        already have counted before it died)."""
         for r in records:
             await self.pub.publish_async(
                 subject("train", self.run), r, msg_id=f"{r.traj_id}:{r.fate}:{r.step}:{r.source}"
