@@ -11,14 +11,14 @@ from pathlib import Path
 import anyio
 
 from ops.demo import ARMS, DemoPlan, run_demo
+from ops.demo import __doc__ as DEMO_DOC
 
 
 def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: str = "demo-out") -> None:
     """The command line of a demonstration whose defaults are ``plan``."""
-    from ops import demo
     from ops.logs import configure_logging
 
-    parser = argparse.ArgumentParser(description=(demo.__doc__ or "").split("\n\n", 1)[0])
+    parser = argparse.ArgumentParser(description=(DEMO_DOC or "").split("\n\n", 1)[0])
     parser.add_argument("--minutes", type=float, default=plan.minutes, help="total budget")
     parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
     parser.add_argument(
