@@ -16,7 +16,10 @@ game. Phases, here on the built-in ``files`` family (levels 1-2) in real sandbox
    from the lake (``consumers.lake.load_scored``), installed as version 1.
 3. **Online RL** from the same warm start, one run per arm of ``runs`` (``ARMS``: ``ipa``, the IPA
    loss; ``grpo``, token-level GRPO; ``ipa_nois``, the ablation of IPA without the chunk importance
-   ratio on failures), under a share of the time budget each. Each runs the real
+   ratio on failures), under a share of the time budget each, or until its learner trained
+   ``online_samples`` online samples (equal sample counts); with ``online_seeds``, every arm once
+   per seed (run ``<arm>-s<seed>``: the producer's task order, the sampling and the learner's seed),
+   all from the same warm start, and the table pools each arm's seeds. Each runs the real
    workers in-process (``ops.pipeline``: producer, rollout, reward, learner, lake writer) on the
    shared broker and lake.
 4. **Evaluation**: the same held-out tasks, the same temperature, for the warm-started policy and
@@ -107,8 +110,11 @@ class DemoPlan:
     temperature: float = 1.0
     group_size: int = 4
     concurrency: int = 8
-    runs: tuple[str, ...] = ("ipa", "grpo", "ipa_nois")  # online runs, each an arm of ``ARMS``
+    runs: tuple[str, ...] = ("ipa", "grpo", "ipa_nois")  # online arms, each a key of ``ARMS``
+    # one online run per arm and seed, all from the same warm start (empty: ``seed`` alone)
+    online_seeds: tuple[int, ...] = ()
     online_seconds: float = 0.0  # per run; 0: share what the budget leaves
+    online_samples: int = 0  # per run: stop once the learner trained this many online samples (0: time)
     min_online_s: float = 60.0  # each online run gets at least this long, whatever the budget left
     reward: str = "graded"  # producer.reward: "won" scores every task 1 iff won
     harness: dict[str, Any] = field(default_factory=dict)  # rollout.harness overrides
@@ -132,6 +138,14 @@ class DemoPlan:
     )
     seed: int = 0
 
+    def online(self) -> list[tuple[str, str, int]]:
+        """(run, arm, seed) of every online run, seed by seed; a run is named after its arm alone
+        when there is one seed, else ``<arm>-s<seed>``."""
+        seeds = self.online_seeds or (self.seed,)
+        if len(seeds) == 1:
+            return [(arm, arm, seeds[0]) for arm in self.runs]
+        return [(f"{arm}-s{sd}", arm, sd) for sd in seeds for arm in self.runs]
+
     @property
     def title(self) -> str:
         tasks = self.env_id or f"{self.family} levels {'-'.join(map(str, self.levels))}"
@@ -147,8 +161,9 @@ class DemoPlan:
 
 def demo_config(state: Path, port: int, run: str, plan: DemoPlan) -> Config:
     """The configuration of one run of the demo (shared state dir, broker and lake); an online
-    run takes its arm's loss and settings (``ARMS``)."""
-    loss, arm = ARMS.get(run, ("ipa", {}))
+    run takes its arm's loss and settings (``ARMS``) and its seed."""
+    arm_name, run_seed = next(((a, sd) for r, a, sd in plan.online() if r == run), (run, plan.seed))
+    loss, arm = ARMS.get(arm_name, ("ipa", {}))
     sets = [
         f'state_dir="{state}"',
         f"run={run}",
@@ -163,13 +178,13 @@ def demo_config(state: Path, port: int, run: str, plan: DemoPlan) -> Config:
         f"producer.note_extra={plan.note_extra}",
         f"producer.expert_shortcut={plan.expert_shortcut}",
         f"producer.group_size={plan.group_size}",
-        f"producer.seed={plan.seed}",
+        f"producer.seed={run_seed}",
         f"producer.max_inflight={plan.concurrency * 2}",
         f"rollout.concurrency={plan.concurrency}",
         f"rollout.harness.temperature={plan.temperature}",
         f"reward.concurrency={plan.concurrency}",
         f'learner.loss="{loss}"',
-        f"learner.seed={plan.seed}",
+        f"learner.seed={run_seed}",
         "lake.flush_interval_s=2.0",
     ]
     sets += [f"rollout.harness.{k}={_toml(v)}" for k, v in plan.harness.items()]
@@ -201,7 +216,7 @@ async def stack(state: Path, plan: DemoPlan) -> AsyncIterator[Stack]:
         nc = await nats.connect(server.url, max_reconnect_attempts=2)
         js = nc.jetstream(timeout=10)
         s = Stack(state, server.port, nc, js, plan)
-        for run in (SEED_RUN, *plan.runs):
+        for run in (SEED_RUN, *(r for r, _, _ in plan.online())):
             await ensure(js, run)
         async with anyio.create_task_group() as tg:
             await pipeline.start(tg, ["sandboxd"], s.config(SEED_RUN), js, nc)
@@ -324,22 +339,39 @@ async def evaluate(s: Stack, policy_dir: Path, samples: Sequence[TaskSample]) ->
     return await episodes(s, samples, lambda _: batcher)
 
 
-async def online_phase(s: Stack, run: str, warm: Path, seconds: float) -> Path:
-    """The real workers (``ops.pipeline``) for ``seconds`` from the warm start, with the settings of
-    the arm the run is named after; the final policy's checkpoint."""
+async def online_phase(s: Stack, run: str, warm: Path, seconds: float) -> tuple[Path, int]:
+    """The real workers (``ops.pipeline``) from the warm start, with the settings of the run's arm
+    and seed, for ``seconds`` or until the learner trained ``online_samples`` online samples; the
+    final policy's checkpoint and the online samples trained."""
     from agent_harness.torch_engine import TorchEngine
 
     cfg = s.config(run)
     ckpt_root = cfg.checkpoint_root
     if latest_checkpoint(ckpt_root) is None:  # the learner resumes from the warm start (version 1)
         shutil.copytree(warm, checkpoint_path(ckpt_root, 0))
-    engine = await anyio.to_thread.run_sync(lambda: TorchEngine(warm, seed=s.plan.seed, version=WARM_VERSION))
+    engine = await anyio.to_thread.run_sync(
+        lambda: TorchEngine(warm, seed=cfg.learner.seed, version=WARM_VERSION)
+    )
+    before = trained_online(run)
     with anyio.move_on_after(seconds):
         async with anyio.create_task_group() as tg:
             await pipeline.start(tg, ONLINE_WORKERS, cfg, s.js, s.nc, engine=engine)
+            while s.plan.online_samples:  # equal sample counts: every run stops at the same count
+                if trained_online(run) - before >= s.plan.online_samples:
+                    tg.cancel_scope.cancel()
+                    break
+                await anyio.sleep(0.5)
     final = latest_checkpoint(ckpt_root)
     assert final is not None
-    return final
+    return final, trained_online(run) - before
+
+
+def trained_online(run: str) -> int:
+    """Online samples this process's learners trained for ``run`` (``rollstream_train_samples``)."""
+    from prometheus_client import REGISTRY
+
+    labels = {"run": run, "fate": "trained", "source": "online"}
+    return int(REGISTRY.get_sample_value("rollstream_train_samples_total", labels) or 0)
 
 
 def online_curve(lake_root: Path, run: str, buckets: int = 4) -> Curve:
@@ -387,15 +419,24 @@ async def online_runs(
     """Each run of the plan from the warm start, sharing what is left until ``deadline`` (a
     ``time.monotonic()``), each share including its evaluation; then that evaluation."""
     eval_s = result.wall["warm"] - result.wall["sft"]
-    for i, run in enumerate(s.plan.runs):
-        share = (deadline - time.monotonic()) / (len(s.plan.runs) - i) - eval_s
+    online = s.plan.online()
+    for i, (run, arm, run_seed) in enumerate(online):
+        share = (deadline - time.monotonic()) / (len(online) - i) - eval_s
         t = time.monotonic()
-        final = await online_phase(s, run, warm, s.plan.online_seconds or max(s.plan.min_online_s, share))
+        seconds = s.plan.online_seconds or max(s.plan.min_online_s, share)
+        final, result.trained[run] = await online_phase(s, run, warm, seconds)
+        result.arms[run] = (arm, run_seed)
         result.versions[run] = read_state(final).version
         result.after[run] = await evaluate(s, final, tasks)
         result.wall[run] = time.monotonic() - t
         result.online[run] = online_curve(s.config(run).lake_root, run)
-        log.info("demo_online", run=run, success=str(result.after[run]), version=result.versions[run])
+        log.info(
+            "demo_online",
+            run=run,
+            success=str(result.after[run]),
+            version=result.versions[run],
+            trained=result.trained[run],
+        )
 
 
 async def run_demo(out: Path, plan: DemoPlan = DemoPlan()) -> DemoResult:

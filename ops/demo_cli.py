@@ -24,9 +24,23 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
     parser.add_argument(
         "--runs", default=",".join(plan.runs), help=f"online arms, comma-separated: {', '.join(ARMS)}"
     )
-    parser.add_argument("--levels", default=",".join(map(str, plan.levels)), help="task levels")
+    parser.add_argument(
+        "--online-seeds",
+        type=_ints,
+        default=",".join(map(str, plan.online_seeds)),
+        help="run every arm once per seed, all from the same warm start (default: --seed alone)",
+    )
+    parser.add_argument(
+        "--online-samples",
+        type=int,
+        default=plan.online_samples,
+        help="stop each online run once its learner trained this many online samples (0: time shares)",
+    )
+    parser.add_argument("--seed", type=int, default=plan.seed, help="model, expert, SFT and held-out tasks")
+    parser.add_argument("--levels", type=_ints, default=",".join(map(str, plan.levels)), help="task levels")
     parser.add_argument(
         "--expert-levels",
+        type=_ints,
         default=",".join(map(str, plan.expert_levels)),
         help="levels the expert demonstrates (default: all of --levels)",
     )
@@ -56,6 +70,8 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
         on = bool(plan.rl.get(key, False))
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=on, help=text)
     args = parser.parse_args(argv)
+    if args.online_samples < 0:
+        parser.error("--online-samples: give 0 (time shares) or a positive count")
     unknown = [r for r in args.runs.split(",") if r and r not in ARMS]
     if unknown:
         parser.error(f"--runs: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
@@ -64,8 +80,11 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
         plan,
         minutes=args.minutes,
         runs=tuple(r for r in args.runs.split(",") if r),
-        levels=_levels(args.levels) or plan.levels,
-        expert_levels=_levels(args.expert_levels),
+        online_seeds=args.online_seeds,
+        online_samples=args.online_samples,
+        seed=args.seed,
+        levels=args.levels or plan.levels,
+        expert_levels=args.expert_levels,
         note_extra=args.note_extra,
         expert_shortcut=args.expert_shortcut,
         seed_episodes=args.seed_episodes,
@@ -88,5 +107,12 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
     print(f"plots: {args.out}/demo.png, {args.out}/success_by_version.png")
 
 
-def _levels(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+def _ints(text: str) -> tuple[int, ...]:
+    """Comma-separated distinct non-negative integers (levels, seeds), for argparse."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v < 0 for v in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers")
+    return values

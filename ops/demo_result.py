@@ -52,6 +52,25 @@ class DemoResult:
     wall: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     sft_loss: list[float] = field(default_factory=list)
     demonstrations: int = 0  # successful expert episodes the warm start imitated
+    trained: dict[str, int] = field(default_factory=dict)  # run -> online samples its learner trained
+    arms: dict[str, tuple[str, int]] = field(default_factory=dict)  # run -> (arm, seed); default (run, 0)
+
+    def name(self, run: str) -> str:
+        """How the table names an online run: its arm, and its seed when the arm ran several."""
+        arm, seed = self.arms.get(run, (run, 0))
+        several = sum(a == arm for a, _ in self.arms.values()) > 1
+        return ARM_NAMES.get(arm, arm.upper()) + (f", seed {seed}" if several else "")
+
+    def pooled(self) -> dict[str, tuple[Rate, list[Rate]]]:
+        """Arms run with several seeds: their successes and episodes summed, and each seed's rate."""
+        by_arm: dict[str, list[Rate]] = {}
+        for run, rate in self.after.items():
+            by_arm.setdefault(self.arms.get(run, (run, 0))[0], []).append(rate)
+        return {
+            arm: (Rate(sum(r.wins for r in rates), sum(r.n for r in rates)), rates)
+            for arm, rates in by_arm.items()
+            if len(rates) > 1
+        }
 
     def rows(self) -> list[tuple[str, Rate, float]]:
         rows = [] if self.random is None else [("random player (floor)", self.random, self.wall["random"])]
@@ -60,7 +79,7 @@ class DemoResult:
             ("policy after SFT warm start", self.warm, self.wall.get("warm", 0.0)),
         ]
         for run, rate in self.after.items():
-            label = f"after online {ARM_NAMES.get(run, run.upper())} (v{self.versions.get(run, 0)})"
+            label = f"after online {self.name(run)} (v{self.versions.get(run, 0)})"
             rows.append((label, rate, self.wall.get(run, 0.0)))
         return rows
 
@@ -77,10 +96,30 @@ class DemoResult:
                 "ci95": list(rate.interval),
                 "wall_s": round(sec, 1),
                 **({"version": self.versions[key]} if key in self.versions else {}),
+                **({"trained": self.trained[key]} if key in self.trained else {}),
+                **({"method": self.arms[key][0], "seed": self.arms[key][1]} if key in self.arms else {}),
             }
             for key, (name, rate, sec) in zip(keys, self.rows(), strict=True)
         ]
-        doc = {"title": self.title, "arms": arms, "demonstrations": self.demonstrations, "wall_s": self.wall}
+        pooled = [
+            {
+                "method": arm,
+                "label": f"{ARM_NAMES.get(arm, arm.upper())}, {len(rates)} seeds pooled",
+                "successes": total.wins,
+                "episodes": total.n,
+                "rate": total.value,
+                "ci95": list(total.interval),
+                "seed_rates": [r.value for r in rates],
+            }
+            for arm, (total, rates) in self.pooled().items()
+        ]
+        doc = {
+            "title": self.title,
+            "arms": arms,
+            "pooled": pooled,
+            "demonstrations": self.demonstrations,
+            "wall_s": self.wall,
+        }
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     def table(self) -> str:
@@ -89,6 +128,12 @@ class DemoResult:
         lines = [f"{'policy':<{w}} {'success  [95% CI]  episodes':<32} {'wall s':>7}"]
         lines += [f"{name:<{w}} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in rows]
         lines.append(f"{'total':<{w}} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
+        for arm, (total, rates) in self.pooled().items():
+            name = f"{ARM_NAMES.get(arm, arm.upper())}, {len(rates)} seeds pooled"
+            seeds = ", ".join(f"{r.value:.1%}" for r in rates)
+            lines.append(f"{name:<{w}} {total!s:<32} seeds: {seeds}")
+        if self.trained:
+            lines.append("online samples trained: " + ", ".join(f"{r} {n}" for r, n in self.trained.items()))
         for run, curve in self.online.items():
             steps = ", ".join(f"v{v}: {w:.0%} of {n}" for v, n, w in curve)
             lines.append(f"{run} rollouts successful by policy version: {steps}")
@@ -100,7 +145,16 @@ class DemoResult:
         from matplotlib.figure import Figure
         from matplotlib.ticker import PercentFormatter
 
-        rows = self.rows()
+        rows, dots = self.rows(), {}
+        if self.pooled():  # one bar per arm, its seeds pooled, and each seed's rate as a dot
+            rows = rows[: len(rows) - len(self.after)]
+            for arm in dict.fromkeys(self.arms.get(r, (r, 0))[0] for r in self.after):
+                runs = [r for r in self.after if self.arms.get(r, (r, 0))[0] == arm]
+                rates = [self.after[r] for r in runs]
+                name = f"{ARM_NAMES.get(arm, arm.upper())}" + (f", {len(runs)} seeds" * (len(runs) > 1))
+                total = Rate(sum(r.wins for r in rates), sum(r.n for r in rates))
+                rows.append((name, total, sum(self.wall.get(r, 0.0) for r in runs)))
+                dots[len(rows) - 1] = [r.value for r in rates]
         fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(rows)), dpi=110, layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
@@ -117,6 +171,8 @@ class DemoResult:
             fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
         for y, (_, rate, sec) in zip(ys, rows, strict=True):
             ax.text(0.01, y, f" {rate.value:.1%} (n={rate.n}, {sec:.0f} s)", va="center", color="white")
+        for i, values in dots.items():
+            ax.plot(values, [ys[i]] * len(values), "o", color="black", ms=4, label=None)
         ax.set_yticks(ys, [name for name, _, _ in rows])
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))

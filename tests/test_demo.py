@@ -61,13 +61,15 @@ def test_a_measured_floor_leads_the_table_and_online_curves_follow_the_total(tmp
 
 
 @pytest.mark.docker
-async def test_a_tiny_demo_seeds_warm_starts_trains_every_arm_and_reports(tmp_path: Path) -> None:
+async def test_a_tiny_demo_seeds_warm_starts_trains_every_arm_and_seed_and_reports(tmp_path: Path) -> None:
     plan = replace(
         DemoPlan(),
         minutes=0.1,
         levels=(1, 2),
         expert_levels=(1,),  # level 2 is never demonstrated
         runs=("ipa", "grpo", "ipa_nois"),
+        online_seeds=(0, 1),
+        online_samples=4,  # every run stops after its first trained batch (or 12 s)
         seed_episodes=8,
         sft_steps=3,
         sft_batch=4,
@@ -80,22 +82,72 @@ async def test_a_tiny_demo_seeds_warm_starts_trains_every_arm_and_reports(tmp_pa
     )
     result = await run_demo(tmp_path, plan)
     state = tmp_path / "state"
+    runs = [f"{arm}-s{seed}" for seed in (0, 1) for arm in ("ipa", "grpo", "ipa_nois")]
     seeded = query(state / "lake", "SELECT count(*) AS n FROM trajectories WHERE run = 'seed'").to_pylist()
     assert seeded == [{"n": 8}]
     levels = query(
         state / "lake", "SELECT DISTINCT run, substr(task_id, -2) AS level FROM trajectories ORDER BY 1, 2"
     ).to_pylist()
     assert {r["level"] for r in levels if r["run"] == "seed"} == {"L1"}  # the expert shows level 1 only
-    assert {r["level"] for r in levels if r["run"] == "ipa"} <= {"L1", "L2"}
-    assert result.expert.n == 8 and result.warm.n == result.after["ipa"].n == result.after["grpo"].n == 4
-    for run in ("ipa", "grpo", "ipa_nois"):
+    assert {r["level"] for r in levels if r["run"] == "ipa-s0"} <= {"L1", "L2"}
+    assert result.expert.n == 8 and result.warm.n == 4
+    assert list(result.after) == runs and all(rate.n == 4 for rate in result.after.values())
+    assert result.arms["grpo-s1"] == ("grpo", 1)
+    for run in runs:
         final = latest_checkpoint(state / "checkpoints" / run)
         assert final is not None and read_state(final).version == result.versions[run] > WARM_VERSION
+        assert result.trained[run] >= 4  # the count, not only the 12 s, ends a run that reaches it
     assert (tmp_path / "demo.txt").read_text(encoding="utf-8") == result.table() + "\n"
-    arms = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))["arms"]
-    assert [a["arm"] for a in arms] == ["expert", "warm", "ipa", "grpo", "ipa_nois"]
-    assert all(a["episodes"] == 4 and 0 <= a["ci95"][0] <= a["rate"] <= a["ci95"][1] for a in arms[1:])
+    doc = json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))
+    assert [a["arm"] for a in doc["arms"]] == ["expert", "warm", *runs]
+    assert all(a["episodes"] == 4 and 0 <= a["ci95"][0] <= a["rate"] <= a["ci95"][1] for a in doc["arms"][1:])
+    assert [(p["method"], p["episodes"]) for p in doc["pooled"]] == [("ipa", 8), ("grpo", 8), ("ipa_nois", 8)]
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "success_by_version.png").is_file()
+
+
+def test_arms_run_with_several_seeds_are_pooled_in_the_table_the_json_and_the_plot(tmp_path: Path) -> None:
+    after = {"ipa-s0": Rate(240, 256), "ipa-s1": Rate(230, 256), "grpo-s0": Rate(200, 256)}
+    arms = {"ipa-s0": ("ipa", 0), "ipa-s1": ("ipa", 1), "grpo-s0": ("grpo", 0)}
+    result = DemoResult(
+        expert=Rate(116, 160),
+        warm=Rate(200, 256),
+        after=after,
+        arms=arms,
+        trained={"ipa-s0": 400, "ipa-s1": 416, "grpo-s0": 400},
+        versions={"ipa-s0": 26, "ipa-s1": 27, "grpo-s0": 26},
+        wall={"ipa-s0": 300.0, "ipa-s1": 310.0, "grpo-s0": 305.0, "total": 1000.0},
+    )
+    lines = result.table().splitlines()
+    assert any(x.startswith("after online IPA, seed 1 (v27) ") and "89.8%" in x for x in lines)
+    assert any(x.startswith("after online GRPO (v26) ") for x in lines)  # one seed: no seed in its name
+    pooled = next(x for x in lines if x.startswith("IPA, 2 seeds pooled"))
+    assert "91.8%" in pooled and "n=512" in pooled and pooled.endswith("seeds: 93.8%, 89.8%")
+    assert "online samples trained: ipa-s0 400, ipa-s1 416, grpo-s0 400" in lines
+    doc = json.loads(result.to_json())
+    row = next(a for a in doc["arms"] if a["arm"] == "ipa-s1")
+    assert (row["method"], row["seed"], row["trained"], row["successes"]) == ("ipa", 1, 416, 230)
+    [ipa] = doc["pooled"]  # GRPO ran one seed: nothing to pool
+    assert (ipa["method"], ipa["successes"], ipa["episodes"]) == ("ipa", 470, 512)
+    assert ipa["ci95"][0] < 470 / 512 < ipa["ci95"][1] and ipa["seed_rates"] == [240 / 256, 230 / 256]
+    assert result.plot(tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--online-seeds", "0,x"], "'0,x' is not a comma-separated list of integers"),
+        (["--online-seeds", "1,1"], "'1,1': give distinct non-negative integers"),
+        (["--online-samples", "-5"], "--online-samples: give 0 (time shares) or a positive count"),
+    ],
+)
+def test_the_demo_command_line_refuses_bad_seeds_and_sample_counts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ops.demo_cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_demo_command_line_refuses_an_unknown_arm_by_name(capsys: pytest.CaptureFixture[str]) -> None:
