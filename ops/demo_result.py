@@ -55,22 +55,28 @@ class DemoResult:
     trained: dict[str, int] = field(default_factory=dict)  # run -> online samples its learner trained
     arms: dict[str, tuple[str, int]] = field(default_factory=dict)  # run -> (arm, seed); default (run, 0)
 
+    def groups(self) -> dict[str, list[str]]:
+        """Online runs by arm, in the order they ran (a run without ``arms`` is its own arm)."""
+        out: dict[str, list[str]] = {}
+        for run in self.after:
+            out.setdefault(self.arms.get(run, (run, 0))[0], []).append(run)
+        return out
+
     def name(self, run: str) -> str:
         """How the table names an online run: its arm, and its seed when the arm ran several."""
         arm, seed = self.arms.get(run, (run, 0))
-        several = sum(a == arm for a, _ in self.arms.values()) > 1
+        several = len(self.groups().get(arm, ())) > 1
         return ARM_NAMES.get(arm, arm.upper()) + (f", seed {seed}" if several else "")
 
-    def pooled(self) -> dict[str, tuple[Rate, list[Rate]]]:
-        """Arms run with several seeds: their successes and episodes summed, and each seed's rate."""
-        by_arm: dict[str, list[Rate]] = {}
-        for run, rate in self.after.items():
-            by_arm.setdefault(self.arms.get(run, (run, 0))[0], []).append(rate)
-        return {
-            arm: (Rate(sum(r.wins for r in rates), sum(r.n for r in rates)), rates)
-            for arm, rates in by_arm.items()
-            if len(rates) > 1
-        }
+    def pooled(self, *, all_arms: bool = False) -> dict[str, tuple[Rate, list[Rate]]]:
+        """Arms run with several seeds (``all_arms``: every arm): successes and episodes summed
+        over their runs, and each run's rate."""
+        out = {}
+        for arm, runs in self.groups().items():
+            rates = [self.after[r] for r in runs]
+            if all_arms or len(rates) > 1:
+                out[arm] = (Rate(sum(r.wins for r in rates), sum(r.n for r in rates)), rates)
+        return out
 
     def rows(self) -> list[tuple[str, Rate, float]]:
         rows = [] if self.random is None else [("random player (floor)", self.random, self.wall["random"])]
@@ -148,12 +154,10 @@ class DemoResult:
         rows, dots = self.rows(), {}
         if self.pooled():  # one bar per arm, its seeds pooled, and each seed's rate as a dot
             rows = rows[: len(rows) - len(self.after)]
-            for arm in dict.fromkeys(self.arms.get(r, (r, 0))[0] for r in self.after):
-                runs = [r for r in self.after if self.arms.get(r, (r, 0))[0] == arm]
-                rates = [self.after[r] for r in runs]
-                name = f"{ARM_NAMES.get(arm, arm.upper())}" + (f", {len(runs)} seeds" * (len(runs) > 1))
-                total = Rate(sum(r.wins for r in rates), sum(r.n for r in rates))
-                rows.append((name, total, sum(self.wall.get(r, 0.0) for r in runs)))
+            groups = self.groups()
+            for arm, (total, rates) in self.pooled(all_arms=True).items():
+                name = ARM_NAMES.get(arm, arm.upper()) + (f", {len(rates)} seeds" if len(rates) > 1 else "")
+                rows.append((name, total, sum(self.wall.get(r, 0.0) for r in groups[arm])))
                 dots[len(rows) - 1] = [r.value for r in rates]
         fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(rows)), dpi=110, layout="constrained")
         FigureCanvasAgg(fig)
@@ -176,7 +180,8 @@ class DemoResult:
         ax.set_yticks(ys, [name for name, _, _ in rows])
         ax.set_xlim(0, 1)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set_xlabel("success rate on held-out tasks (bars: 95 % Wilson interval)")
+        seeds = "; dots: each seed's rate" if dots else ""
+        ax.set_xlabel(f"success rate on held-out tasks (bars: 95 % Wilson interval{seeds})")
         minutes = f"{self.wall.get('total', 0.0) / 60:.0f} min on this machine"
         ax.set_title(f"{self.title}\n{minutes}", fontsize=10)
         fig.savefig(path)
