@@ -91,9 +91,9 @@ bench-engines:
 demo *args:
     {{py}} -m ops.demo "$@"
 
-# The ablation of `just demo`: IPA, token-level GRPO and IPA w/o failure IS, three seeds each from one warm start, 640 trained samples per run (~85 min)
+# The ablation of `just demo`: IPA, token-level GRPO and IPA w/o failure IS, three seeds each from one warm start, 256 trained samples per run (~80 min)
 demo-ablation *args:
-    {{py}} -m ops.demo --online-seeds 0,1,2 --online-samples 640 --minutes 100 --out demo-ablation-out "$@"
+    {{py}} -m ops.demo --online-seeds 0,1,2 --online-samples 256 --minutes 88 --out demo-ablation-out "$@"
 
 # Learning demonstration on a GEM game (GuessTheNumber-easy): random floor, noisy expert, SFT warm start, online IPA (~45 min)
 demo-gem *args:
