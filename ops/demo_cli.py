@@ -25,25 +25,22 @@ def main(argv: Sequence[str] | None = None, plan: DemoPlan = DemoPlan(), out: st
         "--runs", default=",".join(plan.runs), help=f"online arms, comma-separated: {', '.join(ARMS)}"
     )
     parser.add_argument(
-        "--online-seeds",
-        type=_ints,
-        default=",".join(map(str, plan.online_seeds)),
-        help="run every arm once per seed, all from the same warm start (default: --seed alone)",
-    )
-    parser.add_argument(
         "--online-samples",
         type=int,
         default=plan.online_samples,
         help="stop each online run once its learner trained this many online samples (0: time shares)",
     )
     parser.add_argument("--seed", type=int, default=plan.seed, help="model, expert, SFT and held-out tasks")
-    parser.add_argument("--levels", type=_ints, default=",".join(map(str, plan.levels)), help="task levels")
-    parser.add_argument(
-        "--expert-levels",
-        type=_ints,
-        default=",".join(map(str, plan.expert_levels)),
-        help="levels the expert demonstrates (default: all of --levels)",
-    )
+    for flag, values, text in [  # comma-separated integers
+        (
+            "--online-seeds",
+            plan.online_seeds,
+            "run every arm once per seed, all from one warm start (default: --seed)",
+        ),
+        ("--levels", plan.levels, "task levels"),
+        ("--expert-levels", plan.expert_levels, "levels the expert demonstrates (default: all of --levels)"),
+    ]:
+        parser.add_argument(flag, type=_ints, default=",".join(map(str, values)), help=text)
     parser.add_argument(
         "--note-extra", type=float, default=plan.note_extra, help="level-2 notes with a second line"
     )

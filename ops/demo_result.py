@@ -12,6 +12,11 @@ from pathlib import Path
 ARM_NAMES = {"ipa": "IPA", "grpo": "GRPO", "ipa_nois": "IPA w/o failure IS"}
 
 
+def arm_label(arm: str, seeds: int = 1) -> str:
+    """An arm's name in tables and plots; ``seeds`` > 1: its runs pooled over that many seeds."""
+    return ARM_NAMES.get(arm, arm.upper()) + (f", {seeds} seeds pooled" if seeds > 1 else "")
+
+
 @dataclass(frozen=True)
 class Rate:
     """Successes out of valid episodes, with its 95 % Wilson interval."""
@@ -66,7 +71,7 @@ class DemoResult:
         """How the table names an online run: its arm, and its seed when the arm ran several."""
         arm, seed = self.arms.get(run, (run, 0))
         several = len(self.groups().get(arm, ())) > 1
-        return ARM_NAMES.get(arm, arm.upper()) + (f", seed {seed}" if several else "")
+        return arm_label(arm) + (f", seed {seed}" if several else "")
 
     def pooled(self, *, all_arms: bool = False) -> dict[str, tuple[Rate, list[Rate]]]:
         """Arms run with several seeds (``all_arms``: every arm): successes and episodes summed
@@ -110,7 +115,7 @@ class DemoResult:
         pooled = [
             {
                 "method": arm,
-                "label": f"{ARM_NAMES.get(arm, arm.upper())}, {len(rates)} seeds pooled",
+                "label": arm_label(arm, len(rates)),
                 "successes": total.wins,
                 "episodes": total.n,
                 "rate": total.value,
@@ -135,9 +140,8 @@ class DemoResult:
         lines += [f"{name:<{w}} {rate!s:<32} {sec:>7.0f}" for name, rate, sec in rows]
         lines.append(f"{'total':<{w}} {'':<32} {self.wall.get('total', 0.0):>7.0f}")
         for arm, (total, rates) in self.pooled().items():
-            name = f"{ARM_NAMES.get(arm, arm.upper())}, {len(rates)} seeds pooled"
             seeds = ", ".join(f"{r.value:.1%}" for r in rates)
-            lines.append(f"{name:<{w}} {total!s:<32} seeds: {seeds}")
+            lines.append(f"{arm_label(arm, len(rates)):<{w}} {total!s:<32} seeds: {seeds}")
         if self.trained:
             lines.append("online samples trained: " + ", ".join(f"{r} {n}" for r, n in self.trained.items()))
         for run, curve in self.online.items():
@@ -156,8 +160,9 @@ class DemoResult:
             rows = rows[: len(rows) - len(self.after)]
             groups = self.groups()
             for arm, (total, rates) in self.pooled(all_arms=True).items():
-                name = ARM_NAMES.get(arm, arm.upper()) + (f", {len(rates)} seeds" if len(rates) > 1 else "")
-                rows.append((name, total, sum(self.wall.get(r, 0.0) for r in groups[arm])))
+                rows.append(
+                    (arm_label(arm, len(rates)), total, sum(self.wall.get(r, 0.0) for r in groups[arm]))
+                )
                 dots[len(rows) - 1] = [r.value for r in rates]
         fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(rows)), dpi=110, layout="constrained")
         FigureCanvasAgg(fig)
