@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +43,27 @@ def read_state(directory: Path) -> CheckpointState:
     return msgspec.json.decode((directory / STATE_FILE).read_bytes(), type=CheckpointState)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint under ``root`` with the highest (step, version), if any.
+def complete_checkpoints(root: Path) -> Iterator[tuple[CheckpointState, Path]]:
+    """Every complete checkpoint under ``root`` with its state, in no particular order.
 
     Temporary directories start with a dot and are skipped; so is a directory whose ``state.json``
     is missing or unreadable.
     """
-    best: tuple[int, int, Path] | None = None
     if not root.is_dir():
-        return None
+        return
     for d in root.iterdir():
         if d.name.startswith(".") or not (d / STATE_FILE).is_file():
             continue
         try:
-            state = read_state(d)
+            yield read_state(d), d
         except (msgspec.DecodeError, OSError):
             continue
-        if best is None or (state.step, state.version) > best[:2]:
-            best = (state.step, state.version, d)
-    return None if best is None else best[2]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint under ``root`` with the highest (step, version), if any."""
+    found = [((state.step, state.version), d) for state, d in complete_checkpoints(root)]
+    return max(found, key=lambda item: item[0])[1] if found else None
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:

@@ -12,9 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
-from learner.checkpoint import STATE_FILE, read_state
+from learner.checkpoint import STATE_FILE, complete_checkpoints, read_state
 
 VERSION = re.compile(r"^v(\d+)$")
 
@@ -35,15 +33,7 @@ class Policy:
 def versions(checkpoints: Path) -> dict[int, Path]:
     """Each version with a complete checkpoint under ``checkpoints`` -> its earliest checkpoint."""
     found: dict[int, tuple[int, Path]] = {}
-    if not checkpoints.is_dir():
-        return {}
-    for d in checkpoints.iterdir():
-        if d.name.startswith(".") or not (d / STATE_FILE).is_file():
-            continue
-        try:
-            state = read_state(d)
-        except (msgspec.DecodeError, OSError):
-            continue
+    for state, d in complete_checkpoints(checkpoints):
         if state.version not in found or state.step < found[state.version][0]:
             found[state.version] = (state.step, d)
     return {v: d for v, (_, d) in sorted(found.items())}
