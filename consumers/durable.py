@@ -24,7 +24,7 @@ import anyio
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from agent_harness.loop import Resume
 from sandboxd.client import SandboxClient
@@ -36,7 +36,7 @@ from schemas.sandbox import Created
 from schemas.task import TaskSample
 from schemas.trajectory import Chunk, TrajStatus
 from streams.bus import Publisher
-from streams.policy import retrying
+from streams.kv import kv_delete, kv_get, kv_put
 from streams.topology import EPISODES_BUCKET, TRAJ, chunk_subject, episode_kv_key
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,9 @@ class EpisodeJournal:
             token=created.token,
             resumed=self.resumed,
         )
-        await _kv_put(self.js, episode_kv_key(self.sample.run, self.sample.msg_id), encode(entry))
+        await kv_put(
+            self.js, EPISODES_BUCKET, episode_kv_key(self.sample.run, self.sample.msg_id), encode(entry)
+        )
 
     async def chunk_made(
         self, chunk: Chunk, *, prompt: list[int], final: TrajStatus | None, abort_reason: str
@@ -149,7 +151,7 @@ class EpisodeJournal:
 
     async def forget(self) -> None:
         """The episode's trajectory is published: its sandbox entry (and token) can go."""
-        await _kv_delete(self.js, episode_kv_key(self.sample.run, self.sample.msg_id))
+        await kv_delete(self.js, EPISODES_BUCKET, episode_kv_key(self.sample.run, self.sample.msg_id))
 
 
 async def read_chunks(js: JetStreamContext, run: str, traj_id: str) -> list[ChunkRecord]:
@@ -208,32 +210,8 @@ async def load_resume(
     )
 
 
-async def _kv_put(js: JetStreamContext, key: str, value: bytes) -> None:
-    async def put() -> None:
-        kv = await js.key_value(EPISODES_BUCKET)
-        await kv.put(key, value)
-
-    await retrying(put)
-
-
-async def _kv_delete(js: JetStreamContext, key: str) -> None:
-    async def delete() -> None:
-        kv = await js.key_value(EPISODES_BUCKET)
-        await kv.delete(key)
-
-    await retrying(delete)
-
-
 async def _kv_get(js: JetStreamContext, key: str) -> EpisodeSandbox | None:
-    async def get() -> bytes | None:
-        kv = await js.key_value(EPISODES_BUCKET)
-        try:
-            entry = await kv.get(key)
-        except (KeyNotFoundError, NotFoundError):
-            return None
-        return entry.value
-
-    value = await retrying(get)
+    value = await kv_get(js, EPISODES_BUCKET, key)
     if not value:
         return None
     try:

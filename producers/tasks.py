@@ -26,7 +26,6 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from producers import families
 from producers.families.base import TaskSandbox
@@ -35,7 +34,7 @@ from producers.settings import ProducerSettings
 from sandboxd.client import SandboxClient
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher, backlog
-from streams.policy import retrying
+from streams.kv import kv_get, kv_put, retrying
 from streams.tasks import publish_samples
 from streams.topology import LEARNER, POLICY_BUCKET, REWARD, ROLLOUT, check_run
 
@@ -65,23 +64,16 @@ async def task_stream(
 
 
 async def _load_cursor(js: JetStreamContext, run: str) -> int:
-    async def get() -> int:
-        kv = await js.key_value(POLICY_BUCKET)
-        try:
-            entry = await kv.get(f"{check_run(run)}.producer_cursor")
-        except (KeyNotFoundError, NotFoundError):
-            return 0
-        return int(entry.value or b"0")
-
-    return await retrying(get, attempt_timeout_s=10.0)  # a broker fail-over is waited out
+    # a broker fail-over is waited out
+    value = await kv_get(js, POLICY_BUCKET, f"{check_run(run)}.producer_cursor", attempt_timeout_s=10.0)
+    return int(value or b"0")
 
 
 async def _save_cursor(js: JetStreamContext, run: str, cursor: int) -> None:
-    async def put() -> None:
-        kv = await js.key_value(POLICY_BUCKET)
-        await kv.put(f"{check_run(run)}.producer_cursor", str(cursor).encode())
-
-    await retrying(put, attempt_timeout_s=10.0)  # idempotent: the same cursor again
+    # idempotent: the same cursor again
+    await kv_put(
+        js, POLICY_BUCKET, f"{check_run(run)}.producer_cursor", str(cursor).encode(), attempt_timeout_s=10.0
+    )
 
 
 async def pipeline_inflight(js: JetStreamContext, run: str) -> tuple[int, int]:

@@ -15,19 +15,17 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-import stamina
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from schemas.codec import encode, policy_decoder
 from schemas.policy import PolicyVersion
-from streams.bus import RETRY_BUDGET_S, TRANSIENT
+from streams.bus import TRANSIENT
+from streams.kv import kv_get, kv_put, retrying
 from streams.topology import POLICY_BUCKET, WEIGHTS_BUCKET, policy_key, weights_object
 
 T = TypeVar("T")
@@ -35,15 +33,6 @@ T = TypeVar("T")
 
 class WeightsCorrupt(RuntimeError):
     """Weights read from the object store do not match the published checksum."""
-
-
-async def retrying(op: Callable[[], Awaitable[T]], *, attempt_timeout_s: float = 30.0) -> T:
-    """Run ``op`` until it succeeds, retrying what a broker fail-over throws (each try bounded)."""
-    async for attempt in stamina.retry_context(on=TRANSIENT, timeout=RETRY_BUDGET_S, wait_max=2.0):
-        with attempt:
-            with anyio.fail_after(attempt_timeout_s):
-                return await op()
-    raise AssertionError("unreachable")
 
 
 async def publish_weights(
@@ -65,26 +54,14 @@ async def publish_weights(
         time=time.time(),
     )
 
-    async def announce() -> None:
-        kv = await js.key_value(POLICY_BUCKET)
-        await kv.put(policy_key(run), encode(record))
-
-    await retrying(announce)
+    await kv_put(js, POLICY_BUCKET, policy_key(run), encode(record))
     return record
 
 
 async def latest(js: JetStreamContext, run: str) -> PolicyVersion | None:
     """The latest announced version of this run's policy, or None before the first publication."""
 
-    async def get() -> bytes | None:
-        kv: KeyValue = await js.key_value(POLICY_BUCKET)
-        try:
-            entry = await kv.get(policy_key(run))
-        except (KeyNotFoundError, NotFoundError):
-            return None
-        return entry.value
-
-    value = await retrying(get)
+    value = await kv_get(js, POLICY_BUCKET, policy_key(run))
     return None if value is None else policy_decoder.decode(value)
 
 

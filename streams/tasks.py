@@ -14,12 +14,11 @@ from collections.abc import Iterable
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from schemas.codec import encode, task_decoder
 from schemas.task import Task, TaskSample
 from streams.bus import Publisher
-from streams.policy import retrying
+from streams.kv import kv_get, kv_put
 from streams.topology import TASKS_BUCKET, subject, task_key
 
 
@@ -31,11 +30,7 @@ async def register(js: JetStreamContext, run: str, task: Task) -> None:
     """Record ``task`` as run ``run``'s authoritative copy (idempotent; a newer copy replaces it)."""
     key, data = task_key(run, task.task_id), encode(task)
 
-    async def put() -> None:
-        kv = await js.key_value(TASKS_BUCKET)
-        await kv.put(key, data)
-
-    await retrying(put)
+    await kv_put(js, TASKS_BUCKET, key, data)
 
 
 async def lookup(js: JetStreamContext, run: str, task_id: str) -> Task | None:
@@ -43,15 +38,7 @@ async def lookup(js: JetStreamContext, run: str, task_id: str) -> Task | None:
     the entry expired). Raises ``RegistryCorrupt`` for an entry that is not a task."""
     key = task_key(run, task_id)
 
-    async def get() -> bytes | None:
-        kv = await js.key_value(TASKS_BUCKET)
-        try:
-            entry = await kv.get(key)
-        except (KeyNotFoundError, NotFoundError):
-            return None
-        return entry.value
-
-    value = await retrying(get)
+    value = await kv_get(js, TASKS_BUCKET, key)
     if value is None:
         return None
     try:
