@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import nats
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
@@ -32,15 +29,12 @@ from transformers import AutoTokenizer
 from agent_harness.loop import run_episode
 from agent_harness.policy_init import create_tiny_policy
 from agent_harness.settings import HarnessSettings
+from ops.bench.rollout import sandbox_stack
 from producers.families.files import corpus
 from producers.families.gem import GemToolRegistry, GuessTheNumberExpert
 from producers.families.gem.tasks import gem_tasks
-from sandboxd import daemon
 from sandboxd.client import SandboxClient
-from sandboxd.envhub import ensure_image
-from sandboxd.settings import SandboxdSettings
 from schemas.task import TaskSample
-from streams.server import NatsServer
 
 ENV_ID = "game:GuessTheNumber-v0-hard"
 SETTINGS = HarnessSettings(max_new_tokens_per_turn=64, max_total_tokens=3000, max_observation_tokens=96)
@@ -56,27 +50,6 @@ class Episode:
     @property
     def total_s(self) -> float:
         return self.play_s + self.verify_s
-
-
-@contextlib.asynccontextmanager
-async def _infrastructure(tmp: Path) -> AsyncIterator[SandboxClient]:
-    """A private nats-server and an in-process sandboxd with a warm pool of ``gem`` sandboxes."""
-    await anyio.to_thread.run_sync(ensure_image, "gem")
-    server = NatsServer(store_dir=tmp / "js", log_file=tmp / "nats.log").start()
-    try:
-        nc = await nats.connect(server.url)
-        settings = SandboxdSettings(
-            max_sandboxes=8, scope=f"bench-gem-{server.port}", warm_pool=2, warm_environments=("gem",)
-        )
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(daemon.run, settings, nc)
-                yield SandboxClient(nc, request_timeout_s=60.0)
-                tg.cancel_scope.cancel()
-        finally:
-            await nc.close()
-    finally:
-        server.stop()
 
 
 PLAYERS = {"binary search": 0.0, "random": 1.0}  # player -> the expert's error rate
@@ -138,7 +111,9 @@ def _row(t: Table, player: str, eps: list[Episode]) -> None:
 async def run_benchmark(episodes: int, env_id: str = ENV_ID) -> dict[str, list[Episode]]:
     with tempfile.TemporaryDirectory(prefix="rs-bench-gem-") as tmp:
         policy = await anyio.to_thread.run_sync(create_tiny_policy, Path(tmp) / "policy", corpus())
-        async with _infrastructure(Path(tmp)) as client:
+        async with sandbox_stack(
+            Path(tmp), "gem", max_sandboxes=8, warm_pool=2, warm_environments=("gem",)
+        ) as client:
             return {
                 player: await play(client, policy, env_id, episodes, error_rate)
                 for player, error_rate in PLAYERS.items()

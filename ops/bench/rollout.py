@@ -215,16 +215,17 @@ def render(rows: list[Row]) -> Table:
 
 
 @contextlib.asynccontextmanager
-async def _infrastructure(tmp: Path, max_sandboxes: int) -> AsyncIterator[SandboxClient]:
-    """A private nats-server and an in-process sandboxd (its own reaper scope) for the run."""
-    await anyio.to_thread.run_sync(ensure_image, "base")
+async def sandbox_stack(tmp: Path, image: str = "base", **settings: Any) -> AsyncIterator[SandboxClient]:
+    """A private nats-server and an in-process sandboxd (its own reaper scope ``bench-<port>``) for
+    a benchmark; ``settings`` are ``SandboxdSettings`` fields, ``image`` is built first if missing."""
+    await anyio.to_thread.run_sync(ensure_image, image)
     server = NatsServer(store_dir=tmp / "js", log_file=tmp / "nats.log").start()
     try:
         nc = await nats.connect(server.url)
-        settings = SandboxdSettings(max_sandboxes=max_sandboxes, scope=f"bench-{server.port}")
+        config = SandboxdSettings(**{"scope": f"bench-{server.port}", **settings})
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(daemon.run, settings, nc)
+                await tg.start(daemon.run, config, nc)
                 yield SandboxClient(nc, request_timeout_s=60.0)
                 tg.cancel_scope.cancel()
         finally:
@@ -239,7 +240,7 @@ async def run_benchmark(
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rs-bench-rollout-") as tmp:
         policy = await anyio.to_thread.run_sync(create_tiny_policy, Path(tmp) / "policy", corpus())
-        async with _infrastructure(Path(tmp), max_sandboxes=max(concurrency) * 2 + 2) as client:
+        async with sandbox_stack(Path(tmp), max_sandboxes=max(concurrency) * 2 + 2) as client:
             await bench_level(policy, client, 1, 1, batched=True)  # warm-up (image, torch kernels)
             for c in concurrency:
                 episodes = max(4, c * episodes_per_slot)
