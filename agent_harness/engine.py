@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -16,6 +17,11 @@ class GenRequest:
     whose decoded continuation contains one of ``stop_strings``. ``session`` names the episode (or
     conversation) the request belongs to: engines with several servers send one session's requests
     to one server, whose prefix cache then holds the episode's context.
+
+    ``seed`` (``sampling_seed``) makes the request's sampling its own: the same weights, prompt and
+    seed give the same tokens whatever other requests share the batch and in whatever order they
+    came (up to float round-off of a padded batch). Without it the engine's own generator samples.
+    The torch engine honours it; server engines sample with their servers' generators.
     """
 
     prompt_tokens: list[int]
@@ -24,6 +30,14 @@ class GenRequest:
     stop_token_ids: list[int] | None = None
     stop_strings: list[str] | None = None
     session: str = ""
+    seed: int | None = None
+
+
+def sampling_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. the harness seed, an episode id and a turn), stable
+    across processes and Python versions (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import anyio
 import msgspec
 import structlog
 
-from agent_harness.engine import GenRequest, InferenceEngine
+from agent_harness.engine import GenRequest, InferenceEngine, sampling_seed
 from agent_harness.episode import (
     Episode,
     Journal,
@@ -243,6 +243,7 @@ async def _turns(
             settings.temperature,
             conv.stop_ids,
             session=sample.msg_id,
+            seed=sampling_seed(settings.seed, sample.msg_id, index),
         )
         t0 = time.perf_counter()
         [gen] = await engine.generate([request])

@@ -4,9 +4,10 @@ Served in front of any ``InferenceEngine``: ``POST /v1/chat/completions`` (with 
 calls come back in OpenAI's ``tool_calls`` shape, parsed from the policy's output in its tool-call
 format), the legacy ``POST /v1/completions``, and ``GET /v1/models``; whole or streamed
 (``stream: true``: server-sent ``chat.completion.chunk`` events, tool calls as deltas), with
-``n``, ``stop``, ``max_tokens``/``max_completion_tokens``, ``temperature``, ``seed`` (accepted, not
-reproducible across batches) and usage counts; anything refused gets an OpenAI-shaped error
-naming the parameter (``agent_harness.openai_wire``).
+``n``, ``stop``, ``max_tokens``/``max_completion_tokens``, ``temperature``, ``seed`` (with the torch
+engine, the same seed, messages and weights give the same choices whatever else shares the batch)
+and usage counts; anything refused gets an OpenAI-shaped error naming the parameter
+(``agent_harness.openai_wire``).
 
 Every call is recorded as a chunk of the conversation's one trajectory (tokens, behaviour
 log-probabilities, policy version); what the client sent between two calls becomes the previous
@@ -30,6 +31,7 @@ engine, and needs no ASGI server process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -44,7 +46,7 @@ import structlog
 from aiohttp import web
 
 from agent_harness.chat import ChatFormatError, assistant_key, chat_format, parse_reply, render, stop_ids
-from agent_harness.engine import Generation, GenRequest, InferenceEngine
+from agent_harness.engine import Generation, GenRequest, InferenceEngine, sampling_seed
 from agent_harness.openai_wire import (
     Params,
     WireError,
@@ -342,10 +344,15 @@ class ModelProxy:
     ) -> tuple[list[Generation], float]:
         limit = min(params.max_tokens or self.settings.max_new_tokens, self.settings.max_tokens_limit)
         request = GenRequest(list(fed), limit, params.temperature, stops, params.stop or None)
+        requests = [request] * params.n
+        if params.seed is not None:  # choice i of a seeded call draws from its own seed
+            requests = [
+                dataclasses.replace(request, seed=sampling_seed(params.seed, i)) for i in range(params.n)
+            ]
         if self.before_call is not None:
             await self.before_call()
         t0 = time.perf_counter()
-        gens = await self.engine.generate([request] * params.n)
+        gens = await self.engine.generate(requests)
         return gens, (time.perf_counter() - t0) * 1000
 
     def _candidate(self, fed: list[int], gen: Generation, gen_ms: float) -> dict[str, Any]:

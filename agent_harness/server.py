@@ -4,7 +4,8 @@ Unlike the proxy (``agent_harness/proxy.py``) it records nothing: it is an infer
 target of ``engine = "openai"`` rollout workers (and of anything else that speaks the API).
 
 - ``POST /v1/completions``: ``prompt`` as token ids (one list, or a list of lists), or text;
-  ``max_tokens``, ``temperature``, ``stop`` (strings), ``stop_token_ids``, ``logprobs``,
+  ``max_tokens``, ``temperature``, ``stop`` (strings), ``stop_token_ids``, ``logprobs``, ``seed``
+  (prompt i samples from its own seed derived from it: reproducible whatever shares the batch),
   ``return_tokens_as_token_ids`` (vLLM's extension: ``logprobs.tokens`` read ``"token_id:<id>"``).
   Every choice also carries ``token_ids``; the answer carries ``policy_version``, the version of
   the weights that generated it (also as ``system_fingerprint`` ``policy-v<N>``). Log-probabilities
@@ -33,7 +34,7 @@ import structlog
 from aiohttp import web
 
 from agent_harness import disk_weights
-from agent_harness.engine import Generation, GenRequest, InferenceEngine
+from agent_harness.engine import Generation, GenRequest, InferenceEngine, sampling_seed
 
 log = structlog.get_logger(__name__)
 
@@ -199,7 +200,20 @@ class PolicyServer:
         eos = self.engine.tokenizer.eos_token_id
         if eos is not None and not body.get("ignore_eos"):
             stop_ids.append(int(eos))
-        return [GenRequest(p, max_new, temperature, stop_ids or None, stops or None) for p in prompts]
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("seed must be an integer")
+        return [
+            GenRequest(
+                p,
+                max_new,
+                temperature,
+                stop_ids or None,
+                stops or None,
+                seed=None if seed is None else sampling_seed(seed, i),
+            )
+            for i, p in enumerate(prompts)
+        ]
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
         tok = self.engine.tokenizer

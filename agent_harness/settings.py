@@ -32,6 +32,14 @@ class HarnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             "leave them; when it cannot be, the episode ends as truncated (context_budget).",
         ),
     ] = 16
+    seed: Annotated[
+        int,
+        msgspec.Meta(
+            description="Mixed with the episode's id and the turn into each generation's sampling seed: "
+            "the same weights sample the same actions for the same episode whatever shares their batch "
+            "(reproducible evaluations; resumed under the same version, an episode redraws its lost turn).",
+        ),
+    ] = 0
     batch_max_wait_ms: Annotated[
         float,
         msgspec.Meta(

@@ -135,8 +135,9 @@ class TorchEngine:
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache)
         temps = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=self.device)
+        own = [self._generator(r.seed) for r in requests]
         while True:
-            tokens, logprobs = self._sample(logits, temps)
+            tokens, logprobs = self._sample(logits, temps, own)
             for i, row in enumerate(rows):
                 if row.finish is None:
                     self._append(row, int(tokens[i]), float(logprobs[i]))
@@ -163,11 +164,25 @@ class TorchEngine:
         logits: torch.Tensor = out.logits[:, -1, :].float()
         return logits
 
-    def _sample(self, logits: torch.Tensor, temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        """A request's own generator (its ``seed``), or None to sample from the engine's."""
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _sample(
+        self, logits: torch.Tensor, temps: torch.Tensor, own: list[torch.Generator | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         greedy = temps <= 0
         scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
         logp = torch.log_softmax(scaled, dim=-1)
-        sampled = torch.multinomial(logp.exp(), 1, generator=self._rng).squeeze(1)
+        probs = logp.exp()
+        if all(g is None for g in own):  # one draw for the batch from the engine's generator
+            sampled = torch.multinomial(probs, 1, generator=self._rng).squeeze(1)
+        else:  # a seeded row draws from its own generator only, so the batch cannot change its tokens
+            sampled = torch.cat(
+                [torch.multinomial(probs[i], 1, generator=g or self._rng) for i, g in enumerate(own)]
+            )
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
         return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -9,7 +13,7 @@ import safetensors.torch
 import torch
 
 from agent_harness.batcher import Batcher
-from agent_harness.engine import Generation, GenRequest, InferenceEngine
+from agent_harness.engine import Generation, GenRequest, InferenceEngine, sampling_seed
 from agent_harness.torch_engine import TorchEngine
 from tests.factories import reference_logprobs
 
@@ -126,3 +130,43 @@ async def test_an_engine_error_reaches_every_caller_of_its_batch_and_the_next_ba
     assert errors == ["engine fell over"] * 3
     [after] = await batcher.generate([GenRequest([5, 6, 7], 4)])
     assert len(after.tokens) == 4
+
+
+async def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(tiny_policy: Path) -> None:
+    engine = TorchEngine(tiny_policy, seed=11)
+    mine = GenRequest(list(range(30, 52)), 16, temperature=1.0, seed=sampling_seed(0, "episode-a", 3))
+    others = [GenRequest(list(range(5, 9 + 4 * i)), 8 + i, temperature=1.0) for i in range(3)]
+    [alone] = await engine.generate([mine])
+    in_front = (await engine.generate([mine, *others]))[0]
+    behind = (await engine.generate([*others, mine]))[-1]
+    seeded_others = [dataclasses.replace(r, seed=i) for i, r in enumerate(others)]
+    among_seeded = (await engine.generate([seeded_others[0], mine, *seeded_others[1:]]))[1]
+    batcher = Batcher(engine, max_batch=4, max_wait_s=0.05)
+    via_batcher = (await _concurrently(batcher, [*others[:2], mine, others[2]]))[2]
+    assert alone.tokens == in_front.tokens == behind.tokens == among_seeded.tokens == via_batcher.tokens
+    ref = reference_logprobs(engine, mine.prompt_tokens, alone.tokens, 1.0)
+    assert max(abs(a - b) for a, b in zip(ref, alone.logprobs, strict=True)) < 1e-4
+    # the seed is what fixes them: other seeds (and no seed) draw other tokens from the same prompt
+    redraws = [
+        (await engine.generate([dataclasses.replace(mine, seed=sampling_seed(0, "episode-a", turn))]))[
+            0
+        ].tokens
+        for turn in range(4, 8)
+    ]
+    unseeded = (await engine.generate([dataclasses.replace(mine, seed=None)]))[0].tokens
+    assert sum(tokens != alone.tokens for tokens in [*redraws, unseeded]) >= 4
+
+
+def test_sampling_seeds_are_stable_across_processes_and_tell_their_parts_apart() -> None:
+    here = sampling_seed(0, "run:t:0", 1)
+    code = "from agent_harness.engine import sampling_seed; print(sampling_seed(0, 'run:t:0', 1))"
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "7"},
+    )
+    assert int(there.stdout) == here and 0 <= here < 2**63
+    seeds = {sampling_seed(s, f"run:t:{i}", turn) for s in range(2) for i in range(20) for turn in range(10)}
+    assert len(seeds) == 400

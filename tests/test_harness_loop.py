@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from transformers import AutoTokenizer
 
+from agent_harness.batcher import Batcher
 from agent_harness.engine import Generation, GenRequest
 from agent_harness.loop import run_episode
 from agent_harness.prompt import encode
@@ -194,6 +195,38 @@ async def test_random_policy_episodes_account_exactly(
         assert all(c.tool_status in ("parse_error", "none") for c in traj.chunks)
         assert all((unpack_logprobs(c.action_logprobs) < 0).all() for c in traj.chunks)
     assert "truncated" in statuses
+
+
+@pytest.mark.docker
+async def test_an_episode_samples_the_same_actions_alone_and_in_a_shared_batch(
+    sandbox_client: SandboxClient,
+    tiny_policy: Path,
+) -> None:
+    """Each turn's sampling seed comes from the harness seed, the episode id and the turn: the same
+    weights replay an episode whatever else is in flight (reproducible evaluations)."""
+    settings = HarnessSettings(max_new_tokens_per_turn=24, max_total_tokens=260)
+    tasks = builtin_tasks(seed=1, count=3)
+    mine = TaskSample(run="seeded", task=tasks[0])
+
+    async def actions(sample: TaskSample, engine: Any, harness: HarnessSettings = settings) -> list[bytes]:
+        traj, _ = await verified_episode(sample, engine=engine, sandbox=sandbox_client, settings=harness)
+        assert traj.chunks and all(c.tool_status in ("parse_error", "none") for c in traj.chunks)
+        return [c.action_tokens for c in traj.chunks]
+
+    alone = await actions(mine, TorchEngine(tiny_policy, seed=1))
+    shared = Batcher(TorchEngine(tiny_policy, seed=2), max_batch=3, max_wait_s=0.05)
+    together = await run_concurrently(
+        [
+            lambda: actions(TaskSample(run="seeded", task=tasks[1]), shared),
+            lambda: actions(mine, shared),
+            lambda: actions(TaskSample(run="seeded", task=tasks[2]), shared),
+        ]
+    )
+    assert shared.stats.largest > 1  # the episodes did share batches
+    assert together[1] == alone
+    other_sample = await actions(msgspec.structs.replace(mine, sample_idx=1), shared)
+    other_seed = await actions(mine, shared, msgspec.structs.replace(settings, seed=1))
+    assert other_sample[0] != alone[0] and other_seed[0] != alone[0]
 
 
 @pytest.mark.docker

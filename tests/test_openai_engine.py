@@ -181,6 +181,28 @@ async def test_the_server_refuses_what_it_cannot_serve(servers: Servers, tiny_po
         assert models.json()["data"][0]["id"] == SETTINGS.model
 
 
+async def test_a_seeded_completion_is_the_same_again_and_each_prompt_draws_its_own(
+    servers: Servers, tiny_policy: Path
+) -> None:
+    await servers.add(tiny_policy)
+    prompts = [list(range(20, 40)), list(range(20, 40)), list(range(50, 60))]
+
+    async def tokens(http: httpx.AsyncClient, seed: Any, prompt: Any = prompts) -> list[list[int]]:
+        resp = await http.post(
+            "/completions", json={"prompt": prompt, "max_tokens": 10, "seed": seed, "ignore_eos": True}
+        )
+        assert resp.status_code == 200, resp.text
+        return [c["token_ids"] for c in sorted(resp.json()["choices"], key=lambda c: c["index"])]
+
+    async with httpx.AsyncClient(base_url=servers.urls[0]) as http:
+        first = await tokens(http, 7)
+        assert await tokens(http, 7) == first
+        assert first[0] != first[1]  # the same prompt twice in one call: two draws
+        assert await tokens(http, 8) != first
+        bad = await http.post("/completions", json={"prompt": prompts[0], "seed": "7"})
+        assert bad.status_code == 400 and "seed" in bad.json()["error"]["message"]
+
+
 def test_engine_openai_without_servers_is_a_one_line_config_error() -> None:
     with pytest.raises(ConfigError, match="openai_urls"):
         load_config(None, ['rollout.engine="openai"'])

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import openai
 import pytest
@@ -126,6 +127,32 @@ async def test_of_n_choices_only_the_one_the_client_continues_is_recorded(
         assert session.dropped_choices == 2 and session.segments == 1
         [traj_id] = await proxy.finish("n3", reward=None)
     assert traj_id == f"{RUN}:proxy:n3:0"
+
+
+async def test_a_seeded_call_gives_the_same_choices_again_and_its_n_choices_differ(
+    publisher: Publisher, tiny_policy: Path
+) -> None:
+    engine = Batcher(TorchEngine(tiny_policy, seed=6, version=1))
+    proxy = ModelProxy(engine, publisher, RUN, ProxySettings(port=0))
+    async with _client(proxy) as client:
+
+        async def contents(seed: int | None, user: str) -> list[str | None]:
+            resp = await client.chat.completions.create(
+                model="m", messages=TASK, n=3, max_tokens=12, seed=seed, user=user
+            )
+            return [c.message.content for c in resp.choices]
+
+        first = await contents(41, "a")
+        results: dict[str, list[str | None]] = {}
+
+        async def keep(user: str, seed: int | None) -> None:
+            results[user] = await contents(seed, user)
+
+        async with anyio.create_task_group() as tg:  # the same seed again, now beside other calls
+            for user, seed in (("b", None), ("c", 41), ("d", 42)):
+                tg.start_soon(keep, user, seed)
+        assert results["c"] == first and len(set(first)) == 3
+        assert results["d"] != first and results["b"] != first
 
 
 async def test_stop_strings_cut_the_reply_and_the_recording_keeps_every_generated_token(
